@@ -1,0 +1,61 @@
+"""Distributed coordinator for pausable strategy executions, on Redis.
+
+A session runs a strategy that asks questions (``await ctx.llm(...)``); each ask pauses it
+until the host answers by query id; ``SessionRegistry`` is the host's API.
+"""
+
+from .errors import (
+    AlreadyResponded,
+    BudgetExceeded,
+    CorruptState,
+    FencedOut,
+    InvalidInput,
+    InvalidTransition,
+    LockError,
+    LockOrderError,
+    LockTimeout,
+    NoPendingQuery,
+    NonDeterminism,
+    NotFound,
+    PayloadTooLarge,
+    SessionError,
+    StepTimeout,
+    UnknownQuery,
+    UnknownStrategy,
+    WaitTimeout,
+)
+from .models import Accepted, FeedResult, Finished, LlmQuery, Paused, PendingFilter, QueryId
+from .registry import SessionRegistry
+from .settings import Settings
+from .states import Phase
+
+__all__ = [
+    "Accepted",
+    "AlreadyResponded",
+    "BudgetExceeded",
+    "CorruptState",
+    "FeedResult",
+    "FencedOut",
+    "Finished",
+    "InvalidInput",
+    "InvalidTransition",
+    "LlmQuery",
+    "LockError",
+    "LockOrderError",
+    "LockTimeout",
+    "NoPendingQuery",
+    "NonDeterminism",
+    "NotFound",
+    "Paused",
+    "PayloadTooLarge",
+    "PendingFilter",
+    "Phase",
+    "QueryId",
+    "SessionError",
+    "SessionRegistry",
+    "Settings",
+    "StepTimeout",
+    "UnknownQuery",
+    "UnknownStrategy",
+    "WaitTimeout",
+]

@@ -1,0 +1,68 @@
+"""msgpack in, msgpack out, and the JSON-ability checks that guard what we store.
+
+msgpack (never pickle): nothing read from Redis can run code when decoded. Values are checked
+to be JSON-able on the way in, because hosts read them back as JSON.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from typing import Any
+
+import msgpack
+
+from .errors import CorruptState, InvalidInput, PayloadTooLarge
+
+_packer_opts: dict[str, Any] = {"use_bin_type": True}
+
+
+def pack(value: Any) -> bytes:
+    return msgpack.packb(value, **_packer_opts)  # type: ignore[no-any-return]
+
+
+def unpack(data: bytes, *, what: str = "value", session_id: str | None = None) -> Any:
+    try:
+        return msgpack.unpackb(data, raw=False, strict_map_key=False)
+    except Exception as exc:
+        raise CorruptState(
+            f"cannot decode the stored {what} ({exc.__class__.__name__}); "
+            "the key was not written by this coordinator or is corrupt",
+            session_id=session_id,
+        ) from exc
+
+
+def check_json_able(value: Any, *, what: str, limit: int | None = None) -> int:
+    """Reject what a JSON host could not read back; returns the encoded size in bytes."""
+    try:
+        text = json.dumps(value, allow_nan=False, ensure_ascii=False)
+    except (TypeError, ValueError) as exc:
+        raise InvalidInput(f"{what} must be JSON-able (str, int, float, bool, None, list, "
+                           f"dict with str keys): {exc}") from exc
+    size = len(text.encode("utf-8", "surrogatepass"))
+    if limit is not None and size > limit:
+        raise PayloadTooLarge(f"{what} is {size} bytes, over the limit of {limit} bytes")
+    return size
+
+
+def check_text(value: Any, *, what: str, limit: int) -> str:
+    """A response or prompt: str (or UTF-8 bytes), valid Unicode, within ``limit`` bytes."""
+    if isinstance(value, bytes | bytearray):
+        try:
+            value = bytes(value).decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise InvalidInput(f"{what} is not valid UTF-8: {exc}") from exc
+    if not isinstance(value, str):
+        raise InvalidInput(f"{what} must be a string, not {type(value).__name__}")
+    try:
+        size = len(value.encode("utf-8"))
+    except UnicodeEncodeError as exc:
+        raise InvalidInput(f"{what} holds a lone surrogate and is not valid Unicode") from exc
+    if size > limit:
+        raise PayloadTooLarge(f"{what} is {size} bytes, over the limit of {limit} bytes")
+    return value
+
+
+def estimate_tokens(chars: int) -> int:
+    """The engine's estimate when the host gives no usage: about four characters a token."""
+    return math.ceil(chars / 4)

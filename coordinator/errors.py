@@ -1,0 +1,127 @@
+"""One exception tree for everything a caller of the coordinator can catch.
+
+::
+
+    SessionError                      base: catch this to catch them all
+    ├── NotFound                      no such session (never existed, or its retention ran out)
+    ├── UnknownQuery                  query id not in the pending batch
+    ├── AlreadyResponded              query id answered already in this round
+    ├── NoPendingQuery                resolve_sole_pending_id with 0 or >1 pending queries
+    ├── InvalidTransition             the session is not in a state that allows the call
+    ├── WaitTimeout                   a bounded wait ran out; the session carries on
+    ├── InvalidInput                  caller data rejected before it reached Redis
+    │   └── PayloadTooLarge           over the configured byte limit
+    ├── UnknownStrategy               no strategy registered under that name
+    ├── NonDeterminism                a replay asked different questions than the journal
+    ├── BudgetExceeded                a strategy went over its calls / tokens / time budget
+    ├── StepTimeout                   a strategy step ran longer than the step timeout
+    ├── CorruptState                  bytes in Redis that do not decode as we wrote them
+    └── LockError                     lock trouble
+        ├── LockTimeout               the lock could not be had within its bounded wait
+        ├── LockOrderError            registry lock C requested while holding a session lock A
+        └── FencedOut                 a write carried a stale fencing token (lease lost)
+
+Every error carries the structured fields that apply (``session_id``, ``query_id``,
+``state``) so callers can act without parsing messages, and ``code``, a stable
+snake-case name that the JSON fronts put on the wire.
+"""
+
+from __future__ import annotations
+
+
+class SessionError(Exception):
+    """Base of every error the coordinator raises on purpose."""
+
+    code = "session_error"
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        session_id: str | None = None,
+        query_id: str | None = None,
+        state: str | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        self.session_id = session_id
+        self.query_id = query_id
+        self.state = state
+
+    def to_json(self) -> dict[str, object]:
+        out: dict[str, object] = {"status": "error", "error": self.message, "type": self.code}
+        if self.session_id is not None:
+            out["session_id"] = self.session_id
+        if self.query_id is not None:
+            out["query_id"] = self.query_id
+        if self.state is not None:
+            out["state"] = self.state
+        return out
+
+
+class NotFound(SessionError):
+    code = "not_found"
+
+
+class UnknownQuery(SessionError):
+    code = "unknown_query"
+
+
+class AlreadyResponded(SessionError):
+    code = "already_responded"
+
+
+class NoPendingQuery(SessionError):
+    code = "no_pending_query"
+
+
+class InvalidTransition(SessionError):
+    code = "invalid_transition"
+
+
+class WaitTimeout(SessionError):
+    code = "wait_timeout"
+
+
+class InvalidInput(SessionError):
+    code = "invalid_input"
+
+
+class PayloadTooLarge(InvalidInput):
+    code = "payload_too_large"
+
+
+class UnknownStrategy(SessionError):
+    code = "unknown_strategy"
+
+
+class NonDeterminism(SessionError):
+    code = "non_determinism"
+
+
+class BudgetExceeded(SessionError):
+    code = "budget_exceeded"
+
+
+class StepTimeout(SessionError):
+    code = "step_timeout"
+
+
+class CorruptState(SessionError):
+    code = "corrupt_state"
+
+
+class LockError(SessionError):
+    code = "lock_error"
+
+
+class LockTimeout(LockError):
+    code = "lock_timeout"
+
+
+class LockOrderError(LockError):
+    code = "lock_order"
+
+
+class FencedOut(LockError):
+    code = "fenced_out"

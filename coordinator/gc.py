@@ -1,0 +1,101 @@
+"""GC: expire sessions idle longer than their TTL, one sweeper at a time across all processes.
+
+The sweep is a change to the registry as a whole, so it runs under lock C; for each candidate
+it then takes that session's lock A (order C then A, as everywhere), so it never reaps a
+session in the middle of a step, and ``terminate.lua`` re-checks the idle deadline atomically,
+so a feed that just landed keeps the session alive. Redis key expiry is only the backstop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+
+from redis.asyncio import Redis
+
+from .errors import LockTimeout, NotFound
+from .keys import JOB_GROUP, Keys
+from .locks import LockFactory
+from .scripts import Scripts
+from .settings import Settings
+
+log = logging.getLogger(__name__)
+
+BATCH = 500
+
+
+class Sweeper:
+    def __init__(
+        self, client: Redis, keys: Keys, scripts: Scripts, locks: LockFactory, settings: Settings
+    ) -> None:
+        self._client = client
+        self._keys = keys
+        self._scripts = scripts
+        self._locks = locks
+        self._settings = settings
+        self.reaped_total = 0
+
+    async def sweep(self, now_ms: int | None = None) -> list[str]:
+        """Expire what is due; returns the ids expired. ``now_ms`` injects the clock (tests).
+        Returns [] at once when another process is sweeping."""
+        lock_c = self._locks.registry()
+        try:
+            await lock_c.acquire(blocking=False)
+        except LockTimeout:
+            return []
+        reaped: list[str] = []
+        try:
+            async with lock_c.kept_alive():
+                if now_ms is None:
+                    sec, usec = await self._client.time()
+                    limit = sec * 1000 + usec // 1000
+                else:
+                    limit = now_ms
+                due = await self._client.zrangebyscore(
+                    self._keys.deadlines, "-inf", limit, start=0, num=BATCH
+                )
+                for raw in due:
+                    sid = raw.decode()
+                    if await self._expire_one(sid, now_ms):
+                        reaped.append(sid)
+        finally:
+            with contextlib.suppress(Exception):
+                await lock_c.release()
+        self.reaped_total += len(reaped)
+        if reaped:
+            log.info("gc expired %d idle session(s)", len(reaped))
+        return reaped
+
+    async def _expire_one(self, sid: str, now_ms: int | None) -> bool:
+        lock_a = self._locks.session(sid, wait_s=min(self._settings.lock_wait_s, 2.0))
+        sk = self._keys.session(sid)
+        try:
+            await lock_a.acquire()
+        except LockTimeout:
+            return False  # mid-step: active by definition; the next sweep looks again
+        except NotFound:
+            await self._client.zrem(self._keys.deadlines, sid)
+            return False
+        try:
+            reply = await self._scripts.call(
+                "terminate",
+                [*sk.all_data(), *self._keys.namespace_keys()],
+                [sid, "expire", JOB_GROUP, sk.channel, self._settings.retention_ms,
+                 "" if now_ms is None else now_ms,
+                 "session expired: it was idle for longer than its ttl"],
+            )
+        finally:
+            with contextlib.suppress(Exception):
+                await lock_a.release()
+        return reply.code == "OK"
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Sweep every ``gc_interval_s`` until ``stop`` is set."""
+        while not stop.is_set():
+            try:
+                await self.sweep()
+            except Exception:
+                log.exception("gc sweep failed; retrying next interval")
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), self._settings.gc_interval_s)

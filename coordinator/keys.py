@@ -1,0 +1,144 @@
+"""Every Redis key and channel name, built here and nowhere else. This docstring is the schema.
+
+``ns`` is the namespace (default ``alc``); ``sid`` a session id. All keys of one session carry
+the Redis Cluster hash tag ``{sid}`` so they live in one slot and one script may touch them all.
+Values in hashes and lists are msgpack unless marked *plain* (plain values are read by Lua).
+
+Per session (tag ``{sid}``; TTL: idle ttl + retention while live, retention once finished)
+
+=============================  ======  =======================================================
+key                            type    holds
+=============================  ======  =======================================================
+``ns:{sid}``                   hash    the session: plain ``phase`` ``asked`` (rounds asked)
+                                       ``remaining`` ``fence`` ``holder`` ``holder_ch`` ``job``
+                                       ``started_at`` ``last_activity_at`` ``finished_at``
+                                       ``ttl_ms`` ``expected`` ``m:*`` counters; msgpack
+                                       ``strategy`` ``input`` ``budget`` ``qids`` ``result``
+                                       ``error`` ``progress``
+``ns:{sid}:pending``           hash    query id -> query of the current round
+``ns:{sid}:answers``           hash    query id -> answer of the current round
+``ns:{sid}:journal``           list    one entry per applied round: digest of its queries and
+                                       ``[query id, prompt, response]`` triples (replay source)
+``ns:{sid}:logs``              list    the last 20 strategy log entries
+``ns:{sid}:lock``              string  lock A: owner token, PX lease
+=============================  ======  =======================================================
+
+Per namespace (no TTL; small)
+
+=============================  ======  =======================================================
+``ns:registry``                zset    sessions held in the registry (paused), score = last
+                                       activity (ms)
+``ns:deadlines``               zset    live sessions, score = idle deadline (ms); GC reads it
+``ns:jobs``                    stream  start / resume jobs, consumer group ``workers``
+``ns:lock:registry``           string  lock C: owner token, PX lease
+``ns:lock:registry:fence``     string  lock C fencing counter
+``ns:strategies``              set     strategy names some worker registered (start checks it)
+``ns:workers``                 zset    worker id -> last heartbeat (ms), for status output
+``ns:worker:<id>``             string  worker heartbeat, PX = heartbeat ttl (alive while set)
+=============================  ======  =======================================================
+
+Channels (pub/sub only wakes; the keys above hold the truth)
+
+- ``ns:{sid}:events``: a session settled (paused / finished) or became ready to resume.
+- ``ns:worker:<id>:nudge``: "a session you hold is ready / cancelled" (payload: sid).
+- ``ns:jobs:wake``: a job was added to ``ns:jobs``.
+- ``<lock key>:released``: a lock (C or A) was released; waiters try again.
+- ``ns:proc:<id>``: keeps each process's pub/sub connection subscribed to at least one channel.
+
+Scripts touch one session's keys plus the namespace keys above, so a namespace must live on
+one Redis primary (a standalone server, or Sentinel); Redis Cluster is not supported yet.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+JOB_GROUP = "workers"
+
+
+@dataclass(frozen=True, slots=True)
+class SessionKeys:
+    session: str
+    pending: str
+    answers: str
+    journal: str
+    logs: str
+    lock: str
+    channel: str
+
+    def all_data(self) -> list[str]:
+        """The data keys, in the order the Lua scripts expect them as KEYS[1..5]."""
+        return [self.session, self.pending, self.answers, self.journal, self.logs]
+
+
+@dataclass(frozen=True, slots=True)
+class Keys:
+    namespace: str = "alc"
+
+    def __post_init__(self) -> None:
+        if not self.namespace or any(c in self.namespace for c in "{}: \t\n"):
+            raise ValueError(
+                f"namespace {self.namespace!r} must be non-empty and free of '{{', '}}', ':' "
+                "and whitespace"
+            )
+
+    def session(self, sid: str) -> SessionKeys:
+        base = f"{self.namespace}:{{{sid}}}"
+        return SessionKeys(
+            session=base,
+            pending=f"{base}:pending",
+            answers=f"{base}:answers",
+            journal=f"{base}:journal",
+            logs=f"{base}:logs",
+            lock=f"{base}:lock",
+            channel=f"{base}:events",
+        )
+
+    @property
+    def registry(self) -> str:
+        return f"{self.namespace}:registry"
+
+    @property
+    def deadlines(self) -> str:
+        return f"{self.namespace}:deadlines"
+
+    @property
+    def jobs(self) -> str:
+        return f"{self.namespace}:jobs"
+
+    @property
+    def jobs_wake(self) -> str:
+        return f"{self.namespace}:jobs:wake"
+
+    @property
+    def registry_lock(self) -> str:
+        return f"{self.namespace}:lock:registry"
+
+    @property
+    def registry_fence(self) -> str:
+        return f"{self.namespace}:lock:registry:fence"
+
+    @property
+    def strategies(self) -> str:
+        return f"{self.namespace}:strategies"
+
+    @property
+    def workers(self) -> str:
+        return f"{self.namespace}:workers"
+
+    def worker(self, worker_id: str) -> str:
+        return f"{self.namespace}:worker:{worker_id}"
+
+    def worker_nudge(self, worker_id: str) -> str:
+        return f"{self.namespace}:worker:{worker_id}:nudge"
+
+    @staticmethod
+    def lock_released(lock_key: str) -> str:
+        return f"{lock_key}:released"
+
+    def process_channel(self, proc_id: str) -> str:
+        return f"{self.namespace}:proc:{proc_id}"
+
+    def namespace_keys(self) -> list[str]:
+        """The shared keys the transition scripts take after a session's data keys."""
+        return [self.registry, self.deadlines, self.jobs]

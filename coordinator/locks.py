@@ -1,0 +1,220 @@
+"""The two locks of the original engine, made distributed: lock C (registry) and lock A (session).
+
+Both are redis-py ``Lock`` leases (owner token, compare-and-delete release, extend) with three
+additions:
+
+- a **fencing token**, handed out atomically with the lease (``lock_acquire.lua``): lock A's
+  lives in the session hash (field ``fence``), lock C's in its own counter. Every state-changing
+  write of a step carries it (``commit_step.lua``), so a holder whose lease ran out while it
+  was stalled cannot overwrite what the next holder wrote.
+- a **bounded wait without polling**: a waiter subscribes to the lock's "released" channel and
+  sleeps at most until the current lease would expire, then tries again; it gives up with
+  ``LockTimeout`` when its wait budget is spent.
+- a **lock-order guard**: the original never takes A then C, which makes deadlock impossible.
+  We keep the rule and enforce it: asking for C while this task holds any A raises
+  ``LockOrderError``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator
+from contextvars import ContextVar
+from enum import StrEnum
+from typing import Any
+
+from redis.asyncio import Redis
+from redis.asyncio.lock import Lock
+from redis.exceptions import LockNotOwnedError
+
+from .errors import LockOrderError, LockTimeout, NotFound
+from .keys import Keys
+from .pubsub import Multiplexer
+from .scripts import Scripts
+
+log = logging.getLogger(__name__)
+
+
+class LockKind(StrEnum):
+    REGISTRY = "C"
+    SESSION = "A"
+
+
+#: Locks held by the current task (context), for the order guard.
+_held: ContextVar[tuple[str, ...]] = ContextVar("alc_held_locks", default=())
+
+
+def held_locks() -> tuple[str, ...]:
+    return _held.get()
+
+
+class FencedLock(Lock):
+    """A redis-py ``Lock`` whose acquisition also yields a fencing token."""
+
+    def __init__(
+        self,
+        client: Redis,
+        name: str,
+        *,
+        kind: LockKind,
+        scripts: Scripts,
+        mux: Multiplexer,
+        released_channel: str,
+        fence_key: str,
+        fence_field: str = "",
+        lease_ms: int,
+        wait_s: float,
+        session_id: str | None = None,
+    ) -> None:
+        super().__init__(
+            client, name, timeout=lease_ms / 1000, blocking_timeout=wait_s, thread_local=False
+        )
+        self.kind = kind
+        self.fence: int | None = None
+        self.lease_ms = lease_ms
+        self.wait_s = wait_s
+        self.session_id = session_id
+        self._scripts = scripts
+        self._mux = mux
+        self._released_channel = released_channel
+        self._fence_key = fence_key
+        self._fence_field = fence_field
+        self._last_pttl = 0
+
+    def _check_order(self) -> None:
+        if self.kind is LockKind.REGISTRY and LockKind.SESSION.value in _held.get():
+            raise LockOrderError(
+                "lock order violated: registry lock C requested while this task holds a "
+                "session lock A; always take C first, then A",
+                session_id=self.session_id,
+            )
+
+    async def do_acquire(self, token: str | bytes) -> bool:
+        fence, pttl = await self._scripts.call_raw(
+            "lock_acquire",
+            [str(self.name), self._fence_key],
+            [token, self.lease_ms, self._fence_field],
+        )
+        if fence == -1:
+            raise NotFound(f"session {self.session_id} not found", session_id=self.session_id)
+        if fence > 0:
+            self.fence = int(fence)
+            return True
+        self._last_pttl = int(pttl)
+        return False
+
+    async def acquire(
+        self,
+        blocking: bool | None = None,
+        blocking_timeout: float | None = None,
+        token: str | bytes | None = None,
+    ) -> bool:
+        """Take the lease or raise ``LockTimeout`` within the wait budget."""
+        self._check_order()
+        token = token if token is not None else uuid.uuid4().hex
+        wait_s = self.wait_s if blocking_timeout is None else float(blocking_timeout)
+        if blocking is False:
+            wait_s = 0.0
+        if not await self.do_acquire(token):
+            await self._wait_and_acquire(token, wait_s)
+        self.local.token = token.encode() if isinstance(token, str) else token
+        _held.set((*_held.get(), self.kind.value))
+        return True
+
+    async def _wait_and_acquire(self, token: str | bytes, wait_s: float) -> None:
+        deadline = time.monotonic() + wait_s
+        async with await self._mux.subscribe(self._released_channel) as sub:
+            while True:
+                # Re-try right after subscribing: a release in between is not missed.
+                if await self.do_acquire(token):
+                    return
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise LockTimeout(
+                        f"lock {self.name} ({self.kind.value}) still held after {wait_s:.1f} s; "
+                        "its holder is busy or its lease has not run out yet",
+                        session_id=self.session_id,
+                    )
+                pttl_s = self._last_pttl / 1000 if self._last_pttl > 0 else left
+                await sub.get(min(left, pttl_s + 0.001))
+
+    async def do_release(self, expected_token: bytes) -> None:
+        released = await self._scripts.call_raw(
+            "lock_release", [str(self.name)], [expected_token, self._released_channel]
+        )
+        self._forget()
+        if not released:
+            raise LockNotOwnedError("Cannot release a lock that's no longer owned")
+
+    def mark_released(self) -> None:
+        """The lease was released by a script that also committed state (one round trip)."""
+        self.local.token = None
+        self._forget()
+
+    def _forget(self) -> None:
+        held = list(_held.get())
+        if self.kind.value in held:
+            held.remove(self.kind.value)
+            _held.set(tuple(held))
+
+    @contextlib.asynccontextmanager
+    async def kept_alive(self) -> AsyncIterator[None]:
+        """Extend the lease every third of its length while the body runs, so a long step
+        keeps it; if the lease is lost anyway, the fencing check rejects the stale write."""
+
+        async def renew() -> None:
+            while True:
+                await asyncio.sleep(self.lease_ms / 3000)
+                try:
+                    await self.extend(self.lease_ms / 1000, replace_ttl=True)
+                except Exception as exc:  # the write path's fence check is the real guard
+                    log.warning("lease on %s lost or not renewable: %s", self.name, exc)
+                    return
+
+        task = asyncio.create_task(renew())
+        try:
+            yield
+        finally:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+
+class LockFactory:
+    """Builds lock C and lock A with the right keys, fences, leases and waits."""
+
+    def __init__(
+        self, client: Redis, keys: Keys, scripts: Scripts, mux: Multiplexer, *,
+        lease_ms: int, wait_s: float,
+    ) -> None:
+        self._client = client
+        self._keys = keys
+        self._scripts = scripts
+        self._mux = mux
+        self.lease_ms = lease_ms
+        self.wait_s = wait_s
+
+    def registry(self, **overrides: Any) -> FencedLock:
+        name = self._keys.registry_lock
+        return FencedLock(
+            self._client, name, kind=LockKind.REGISTRY, scripts=self._scripts, mux=self._mux,
+            released_channel=self._keys.lock_released(name),
+            fence_key=self._keys.registry_fence,
+            lease_ms=overrides.get("lease_ms", self.lease_ms),
+            wait_s=overrides.get("wait_s", self.wait_s),
+        )
+
+    def session(self, sid: str, **overrides: Any) -> FencedLock:
+        sk = self._keys.session(sid)
+        return FencedLock(
+            self._client, sk.lock, kind=LockKind.SESSION, scripts=self._scripts, mux=self._mux,
+            released_channel=self._keys.lock_released(sk.lock),
+            fence_key=sk.session, fence_field="fence",
+            lease_ms=overrides.get("lease_ms", self.lease_ms),
+            wait_s=overrides.get("wait_s", self.wait_s),
+            session_id=sid,
+        )

@@ -1,0 +1,312 @@
+"""``SessionRegistry``: the host's side. Start sessions, feed answers, wait, observe, cancel.
+
+The registry never runs strategies; workers do (``workers.worker``). It talks to them only
+through Redis: a start or the last answer of a round queues a job on the stream, and the
+worker's commit publishes on the session's channel, which the registry awaits.
+
+Locks: a feed takes no lock at all. ``feed.lua`` is atomic, so feeds to different sessions
+never wait on each other and a feed never waits on an observer; lock A exists for the
+workers' steps and lock C for registry-wide sweeps (``coordinator.gc``).
+"""
+
+from __future__ import annotations
+
+import secrets
+import time
+from typing import Any
+
+from redis.asyncio import Redis
+
+from . import snapshot
+from .codec import check_json_able, check_text, estimate_tokens, pack
+from .errors import InvalidInput, NoPendingQuery, NotFound, UnknownStrategy, WaitTimeout
+from .gc import Sweeper
+from .keys import JOB_GROUP, Keys
+from .locks import LockFactory
+from .models import Accepted, FeedResult, Finished, PendingFilter, QueryId
+from .pubsub import Multiplexer, Subscription
+from .records import SessionRecord, settled_event
+from .scripts import Scripts, raise_for
+from .settings import Settings, connect
+
+
+def new_session_id() -> str:
+    """``s-<hex ms>-<32 hex>``: 128 random bits, so ids cannot be guessed."""
+    return f"s-{time.time_ns() // 1_000_000:x}-{secrets.token_hex(16)}"
+
+
+class SessionRegistry:
+    def __init__(
+        self,
+        client: Redis,
+        *,
+        namespace: str | None = None,
+        settings: Settings | None = None,
+        owns_client: bool = False,
+    ) -> None:
+        base = settings or Settings()
+        self.settings = base if namespace is None else base.with_(namespace=namespace)
+        self.keys = Keys(self.settings.namespace)
+        self.client = client
+        self.scripts = Scripts(client)
+        self.mux = Multiplexer(client, self.keys.process_channel(secrets.token_hex(8)))
+        self.locks = LockFactory(
+            client, self.keys, self.scripts, self.mux,
+            lease_ms=self.settings.lease_ms, wait_s=self.settings.lock_wait_s,
+        )
+        self.sweeper = Sweeper(self.client, self.keys, self.scripts, self.locks, self.settings)
+        self._owns_client = owns_client
+
+    @classmethod
+    def from_url(cls, url: str, namespace: str = "alc", **overrides: Any) -> SessionRegistry:
+        settings = Settings.from_url(url, namespace=namespace, **overrides)
+        return cls(connect(url), settings=settings, owns_client=True)
+
+    # -- starting -------------------------------------------------------------------------
+
+    async def start_execution(
+        self,
+        strategy: str,
+        input: dict[str, Any] | None = None,
+        *,
+        budget: dict[str, int] | None = None,
+        ttl: float | None = None,
+        timeout: float | None = None,
+    ) -> tuple[str, FeedResult]:
+        """Queue the session and return its first event (pause or finish)."""
+        sid = await self.submit(strategy, input, budget=budget, ttl=ttl)
+        return sid, await self.wait_event(sid, timeout=timeout)
+
+    async def submit(
+        self,
+        strategy: str,
+        input: dict[str, Any] | None = None,
+        *,
+        budget: dict[str, int] | None = None,
+        ttl: float | None = None,
+    ) -> str:
+        """Create the session and queue its start job without waiting for it."""
+        if not isinstance(strategy, str) or not strategy:
+            raise InvalidInput("strategy must be a non-empty string naming a registered strategy")
+        input = {} if input is None else input
+        if not isinstance(input, dict):
+            raise InvalidInput(f"input must be a JSON object (dict), not {type(input).__name__}")
+        check_json_able(input, what="input", limit=self.settings.max_input_bytes)
+        if budget is not None:
+            _check_budget(budget)
+        await self._check_strategy(strategy)
+        ttl_ms = int((self.settings.session_ttl_s if ttl is None else ttl) * 1000)
+        if ttl_ms <= 0:
+            raise InvalidInput(f"ttl must be positive, got {ttl!r}")
+        sid = new_session_id()
+        sk = self.keys.session(sid)
+        reply = await self.scripts.call(
+            "create",
+            [*sk.all_data(), *self.keys.namespace_keys()],
+            [sid, strategy, pack(input), pack(budget) if budget else "", ttl_ms,
+             self.settings.backstop_ms + ttl_ms, self.keys.jobs_wake],
+        )
+        raise_for(reply, session_id=sid)
+        return sid
+
+    async def _check_strategy(self, strategy: str) -> None:
+        known = await self.client.smembers(self.keys.strategies)
+        names = sorted(x.decode() for x in known)
+        if names and strategy not in names:
+            raise UnknownStrategy(
+                f"strategy {strategy!r} is not registered by any worker; known: "
+                f"{', '.join(names)} (start workers with --import MODULE to add more)"
+            )
+
+    # -- feeding --------------------------------------------------------------------------
+
+    async def feed_response(
+        self,
+        session_id: str,
+        query_id: str,
+        response: str,
+        usage: dict[str, int] | None = None,
+        *,
+        timeout: float | None = None,
+    ) -> FeedResult:
+        """Record one answer. ``Accepted(remaining)`` while the round is incomplete, else the
+        session's next event once a worker has applied the round."""
+        response = check_text(response, what="response", limit=self.settings.max_response_bytes)
+        if not isinstance(query_id, str) or not query_id:
+            raise InvalidInput("query_id must be a non-empty string such as 'q-0'")
+        tokens = estimate_tokens(len(response))
+        record: dict[str, Any] = {"r": response}
+        if usage is not None:
+            tokens = _usage_tokens(usage, tokens)
+            record["u"] = usage
+        sk = self.keys.session(session_id)
+        async with await self.mux.subscribe(sk.channel) as sub:
+            reply = await self.scripts.call(
+                "feed",
+                [*sk.all_data(), *self.keys.namespace_keys()],
+                [session_id, query_id, pack(record), len(response), tokens,
+                 self.settings.backstop_ms, self.keys.jobs_wake],
+            )
+            if reply.code == "ACCEPTED":
+                return Accepted(int(reply.args[0]))
+            if reply.code != "READY":
+                raise_for(reply, session_id=session_id, query_id=query_id)
+            return await self._await_settled(session_id, sub, timeout, check_first=False)
+
+    async def resolve_sole_pending_id(self, session_id: str) -> QueryId:
+        event = await self._read_event(session_id)
+        queries = getattr(event, "queries", ())
+        if len(queries) == 1:
+            return QueryId(queries[0].id)
+        if not queries:
+            raise NoPendingQuery(
+                f"session {session_id} has no pending query", session_id=session_id
+            )
+        raise NoPendingQuery(
+            f"{len(queries)} queries pending; specify query_id explicitly",
+            session_id=session_id,
+        )
+
+    # -- waiting --------------------------------------------------------------------------
+
+    async def wait_event(self, session_id: str, timeout: float | None = None) -> FeedResult:
+        """The session's current settled event: Paused with its unanswered queries, or
+        Finished; waits (at most ``timeout``) while it runs."""
+        async with await self.mux.subscribe(self.keys.session(session_id).channel) as sub:
+            return await self._await_settled(session_id, sub, timeout, check_first=True)
+
+    async def _await_settled(
+        self, sid: str, sub: Subscription, timeout: float | None, *, check_first: bool
+    ) -> FeedResult:
+        bound = self.settings.wait_timeout_s if timeout is None else timeout
+        deadline = time.monotonic() + bound
+        check = check_first
+        while True:
+            if check:
+                event = await self._read_event(sid)
+                if event is not None:
+                    return event
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise WaitTimeout(
+                    f"session {sid} did not reach its next event within {bound:g} s; it "
+                    "carries on: call wait_event (or `status`) again to re-attach",
+                    session_id=sid, state="running",
+                )
+            await sub.get(min(left, self.settings.wait_slice_s))
+            check = True
+
+    async def _read_event(self, sid: str) -> FeedResult | None:
+        sk = self.keys.session(sid)
+        pipe = self.client.pipeline(transaction=False)
+        pipe.hgetall(sk.session)
+        pipe.hgetall(sk.pending)
+        pipe.hkeys(sk.answers)
+        raw, pending, answered = await pipe.execute()
+        if not raw:
+            raise NotFound(
+                f"session {sid} not found: it never existed, or it finished and its "
+                "retention period ran out",
+                session_id=sid,
+            )
+        return settled_event(SessionRecord.from_hash(sid, raw), pending, set(answered))
+
+    # -- observing and ending -------------------------------------------------------------
+
+    async def list_snapshots(
+        self,
+        pending_filter: PendingFilter | str | None = None,
+        include_history: bool = False,
+    ) -> dict[str, dict[str, Any]]:
+        """Snapshots of the sessions held in the registry (paused). Takes no lock."""
+        pf = _filter(pending_filter)
+        sids = [s.decode() for s in await self.client.zrange(self.keys.registry, 0, -1)]
+        return await snapshot.read_many(
+            self.client, self.keys, sids, pending_filter=pf, include_history=include_history
+        )
+
+    async def status(
+        self,
+        session_id: str,
+        pending_filter: PendingFilter | str | None = None,
+        include_history: bool = False,
+    ) -> dict[str, Any]:
+        """One session's snapshot, live or finished (within retention), with its result."""
+        snaps = await snapshot.read_many(
+            self.client, self.keys, [session_id],
+            pending_filter=_filter(pending_filter), include_history=include_history,
+        )
+        if session_id not in snaps:
+            raise NotFound(f"session {session_id} not found", session_id=session_id)
+        snap = {"session_id": session_id, **snaps[session_id]}
+        if snap["state"] == "terminal" and snap["phase"] != "corrupt":
+            event = await self._read_event(session_id)
+            if isinstance(event, Finished):
+                snap["result"] = event.result
+                if event.error is not None:
+                    snap["error"] = event.error
+        return snap
+
+    async def cancel(self, session_id: str) -> Finished:
+        sk = self.keys.session(session_id)
+        reply = await self.scripts.call(
+            "terminate",
+            [*sk.all_data(), *self.keys.namespace_keys()],
+            [session_id, "cancel", JOB_GROUP, sk.channel, self.settings.retention_ms, "", ""],
+        )
+        raise_for(reply, session_id=session_id)
+        event = await self._read_event(session_id)
+        assert isinstance(event, Finished)
+        return event
+
+    async def workers(self) -> dict[str, int]:
+        """Worker id -> last heartbeat (Unix ms), from the heartbeat index."""
+        rows = await self.client.zrange(self.keys.workers, 0, -1, withscores=True)
+        return {k.decode(): int(v) for k, v in rows}
+
+    async def gc_sweep(self, now_ms: int | None = None) -> list[str]:
+        """Expire idle sessions now (workers also do this every ``gc_interval_s``)."""
+        return await self.sweeper.sweep(now_ms=now_ms)
+
+    async def aclose(self) -> None:
+        await self.mux.aclose()
+        if self._owns_client:
+            await self.client.aclose()
+
+    async def __aenter__(self) -> SessionRegistry:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+
+def _filter(value: PendingFilter | str | None) -> PendingFilter | None:
+    if value is None or isinstance(value, PendingFilter):
+        return value
+    try:
+        return PendingFilter(value)
+    except ValueError:
+        raise InvalidInput(
+            f"pending filter {value!r} is not one of: meta, preview, full"
+        ) from None
+
+
+def _check_budget(budget: dict[str, int]) -> None:
+    allowed = {"llm_calls", "tokens", "elapsed_ms"}
+    if not isinstance(budget, dict) or not budget:
+        raise InvalidInput(f"budget must be a non-empty dict with keys from {sorted(allowed)}")
+    for key, value in budget.items():
+        if key not in allowed:
+            raise InvalidInput(f"unknown budget key {key!r}; use {sorted(allowed)}")
+        if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+            raise InvalidInput(f"budget {key} must be a positive integer, got {value!r}")
+
+
+def _usage_tokens(usage: dict[str, int], fallback: int) -> int:
+    if not isinstance(usage, dict):
+        raise InvalidInput("usage must be a dict such as {'completion_tokens': 42}")
+    for key in ("completion_tokens", "response_tokens", "output_tokens"):
+        value = usage.get(key)
+        if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+            return value
+    return fallback

@@ -1,0 +1,99 @@
+"""The Lua scripts, loaded once from their ``.lua`` files and called by SHA.
+
+Each script's header comment documents its KEYS and ARGV. The wrappers here are the only
+callers: they put the keys in the order the header gives and turn the scripts' return codes
+into our exceptions, so no other module knows a script's calling convention.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from importlib import resources
+from typing import Any
+
+from redis.asyncio import Redis
+from redis.commands.core import AsyncScript
+
+from ..errors import (
+    AlreadyResponded,
+    InvalidTransition,
+    NotFound,
+    SessionError,
+    UnknownQuery,
+)
+
+_NAMES = ("create", "feed", "commit_step", "terminate", "lock_acquire", "lock_release")
+
+
+def source(name: str) -> str:
+    return resources.files(__package__).joinpath(f"{name}.lua").read_text(encoding="utf-8")
+
+
+@dataclass(frozen=True, slots=True)
+class Reply:
+    """A script's reply: a status code and its arguments, bytes decoded where textual."""
+
+    code: str
+    args: tuple[Any, ...]
+
+
+def parse(raw: Any) -> Reply:
+    code = raw[0].decode() if isinstance(raw[0], bytes) else str(raw[0])
+    return Reply(code, tuple(raw[1:]))
+
+
+def raise_for(reply: Reply, *, session_id: str, query_id: str | None = None) -> None:
+    """Map the error codes shared by the session scripts to the exception tree."""
+    code = reply.code
+    if code == "NOT_FOUND":
+        raise NotFound(
+            f"session {session_id} not found: it never existed, or it finished and its "
+            "retention period ran out",
+            session_id=session_id,
+        )
+    if code == "UNKNOWN_QUERY":
+        raise UnknownQuery(
+            f"query {query_id!r} is not pending in session {session_id}; "
+            "list the pending ids with `status --pending meta`",
+            session_id=session_id,
+            query_id=query_id,
+        )
+    if code == "ALREADY_RESPONDED":
+        raise AlreadyResponded(
+            f"query {query_id!r} of session {session_id} has an answer already",
+            session_id=session_id,
+            query_id=query_id,
+        )
+    if code == "INVALID_TRANSITION":
+        phase = _text(reply.args[0])
+        hint = {
+            "running": "it is running, not waiting for answers; wait for its next event",
+        }.get(phase, "it has finished")
+        raise InvalidTransition(
+            f"session {session_id} is {phase}: {hint}",
+            session_id=session_id,
+            query_id=query_id,
+            state=phase,
+        )
+    if code != "OK":
+        raise SessionError(f"unexpected script reply {code} for session {session_id}",
+                           session_id=session_id)
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+class Scripts:
+    """One client's registered scripts (redis-py reloads a script on NOSCRIPT by itself)."""
+
+    def __init__(self, client: Redis) -> None:
+        self._by_name: dict[str, AsyncScript] = {
+            name: client.register_script(source(name)) for name in _NAMES
+        }
+
+    async def call(self, name: str, keys: list[str], args: list[Any]) -> Reply:
+        return parse(await self._by_name[name](keys=keys, args=args))
+
+    async def call_raw(self, name: str, keys: list[str], args: list[Any]) -> Any:
+        return await self._by_name[name](keys=keys, args=args)

@@ -1,0 +1,89 @@
+-- commit_step.lua: apply one strategy step (pause, complete or fail) exactly once, fenced.
+-- A worker computed the step under lock A; this checks that its lease is still the newest
+-- (fence), that nobody applied this round already (asked), and that the session still runs.
+-- KEYS[1..5] session data keys (session, pending, answers, journal, logs)
+-- KEYS[6] registry zset   KEYS[7] deadlines zset   KEYS[8] jobs stream   KEYS[9] lock A
+-- ARGV[1] session id      ARGV[2] fence           ARGV[3] asked the step started from
+-- ARGV[4] lock token      ARGV[5] job group       ARGV[6] session events channel
+-- ARGV[7] lock released channel                   ARGV[8] holder worker id
+-- ARGV[9] holder nudge channel                    ARGV[10] backstop expiry ms
+-- ARGV[11] retention ms   ARGV[12] journal entry or ''   ARGV[13] packed progress or ''
+-- ARGV[14] llm calls      ARGV[15] prompt chars   ARGV[16] prompt tokens
+-- ARGV[17] outcome: 'pause' | 'complete' | 'fail'
+-- ARGV[18] number of log entries L, then L packed log entries, then by outcome:
+--   pause:    packed query id list, N, then N pairs (query id, packed query)
+--   complete: packed result
+--   fail:     error text
+-- Returns {'OK'} | {'NOT_FOUND'} | {'FENCED', fence} | {'STALE', asked}
+--       | {'INVALID_TRANSITION', phase}
+local phase = redis.call('HGET', KEYS[1], 'phase')
+if not phase then
+  return {'NOT_FOUND'}
+end
+local fence = redis.call('HGET', KEYS[1], 'fence')
+if fence ~= ARGV[2] then
+  return {'FENCED', fence}
+end
+if phase ~= 'running' then
+  return {'INVALID_TRANSITION', phase}
+end
+local asked = tonumber(redis.call('HGET', KEYS[1], 'asked'))
+if asked ~= tonumber(ARGV[3]) then
+  return {'STALE', asked}
+end
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+if ARGV[12] ~= '' then
+  redis.call('RPUSH', KEYS[4], ARGV[12])
+end
+redis.call('DEL', KEYS[2], KEYS[3])
+local nlogs = tonumber(ARGV[18])
+local i = 19
+if nlogs > 0 then
+  for j = i, i + nlogs - 1 do redis.call('RPUSH', KEYS[5], ARGV[j]) end
+  redis.call('LTRIM', KEYS[5], -20, -1)
+end
+i = i + nlogs
+if ARGV[13] ~= '' then
+  redis.call('HSET', KEYS[1], 'progress', ARGV[13])
+end
+redis.call('HINCRBY', KEYS[1], 'm:llm_calls', ARGV[14])
+redis.call('HINCRBY', KEYS[1], 'm:prompt_chars', ARGV[15])
+redis.call('HINCRBY', KEYS[1], 'm:prompt_tokens', ARGV[16])
+local job = redis.call('HGET', KEYS[1], 'job')
+if job then
+  redis.call('XACK', KEYS[8], ARGV[5], job)
+  redis.call('XDEL', KEYS[8], job)
+  redis.call('HDEL', KEYS[1], 'job')
+end
+redis.call('HSET', KEYS[1], 'last_activity_at', now, 'holder', ARGV[8], 'holder_ch', ARGV[9])
+local outcome = ARGV[17]
+if outcome == 'pause' then
+  local n = tonumber(ARGV[i + 1])
+  redis.call('HSET', KEYS[1], 'phase', 'paused', 'asked', asked + 1, 'remaining', n,
+    'expected', n, 'qids', ARGV[i], 'cq_tokens', ARGV[16])
+  redis.call('HINCRBY', KEYS[1], 'm:pauses', 1)
+  for j = i + 2, i + 1 + 2 * n, 2 do
+    redis.call('HSET', KEYS[2], ARGV[j], ARGV[j + 1])
+  end
+  local ttl = tonumber(redis.call('HGET', KEYS[1], 'ttl_ms'))
+  redis.call('ZADD', KEYS[6], now, ARGV[1])
+  redis.call('ZADD', KEYS[7], now + ttl, ARGV[1])
+  for k = 1, 5 do redis.call('PEXPIRE', KEYS[k], ARGV[10]) end
+else
+  if outcome == 'complete' then
+    redis.call('HSET', KEYS[1], 'phase', 'completed', 'result', ARGV[i])
+  else
+    redis.call('HSET', KEYS[1], 'phase', 'failed', 'error', ARGV[i])
+  end
+  redis.call('HSET', KEYS[1], 'finished_at', now, 'remaining', 0, 'cq_tokens', 0)
+  redis.call('ZREM', KEYS[6], ARGV[1])
+  redis.call('ZREM', KEYS[7], ARGV[1])
+  for k = 1, 5 do redis.call('PEXPIRE', KEYS[k], ARGV[11]) end
+end
+if redis.call('GET', KEYS[9]) == ARGV[4] then
+  redis.call('DEL', KEYS[9])
+  redis.call('PUBLISH', ARGV[7], '1')
+end
+redis.call('PUBLISH', ARGV[6], outcome)
+return {'OK'}

@@ -1,0 +1,25 @@
+-- create.lua: a new session, and the start job that will run it to its first event.
+-- KEYS[1..5] session data keys (session, pending, answers, journal, logs)
+-- KEYS[6] registry zset   KEYS[7] deadlines zset   KEYS[8] jobs stream
+-- ARGV[1] session id   ARGV[2] strategy name   ARGV[3] packed input   ARGV[4] packed budget or ''
+-- ARGV[5] idle ttl ms  ARGV[6] backstop expiry ms   ARGV[7] jobs wake channel
+-- Returns {'OK', job id} or {'EXISTS'}.
+if redis.call('EXISTS', KEYS[1]) == 1 then
+  return {'EXISTS'}
+end
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local ttl = tonumber(ARGV[5])
+redis.call('HSET', KEYS[1],
+  'phase', 'running', 'asked', 0, 'remaining', 0, 'fence', 0,
+  'strategy', ARGV[2], 'input', ARGV[3],
+  'started_at', now, 'last_activity_at', now, 'ttl_ms', ttl)
+if ARGV[4] ~= '' then
+  redis.call('HSET', KEYS[1], 'budget', ARGV[4])
+end
+local job = redis.call('XADD', KEYS[8], '*', 'k', 'start', 'sid', ARGV[1], 'a', 0)
+redis.call('HSET', KEYS[1], 'job', job)
+redis.call('ZADD', KEYS[7], now + ttl, ARGV[1])
+redis.call('PEXPIRE', KEYS[1], ARGV[6])
+redis.call('PUBLISH', ARGV[7], ARGV[1])
+return {'OK', job}

@@ -1,0 +1,18 @@
+-- lock_acquire.lua: take a lease and hand out the next fencing token in the same step.
+-- Same layout as redis-py's Lock (the value is the owner token, PX is the lease), so its
+-- release and extend scripts keep working on our locks.
+-- KEYS[1] lock key   KEYS[2] fence holder: a session hash (ARGV[3] names the field) or,
+--                    with ARGV[3] == '', a plain counter key
+-- ARGV[1] owner token   ARGV[2] lease ms   ARGV[3] fence field or ''
+-- Returns {fence, 0} when taken, {0, pttl} when held by another, {-1, 0} when the session
+-- hash is gone (nothing to lock).
+if ARGV[3] ~= '' and redis.call('EXISTS', KEYS[2]) == 0 then
+  return {-1, 0}
+end
+if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then
+  if ARGV[3] ~= '' then
+    return {redis.call('HINCRBY', KEYS[2], ARGV[3], 1), 0}
+  end
+  return {redis.call('INCR', KEYS[2]), 0}
+end
+return {0, redis.call('PTTL', KEYS[1])}

@@ -1,0 +1,78 @@
+"""All knobs in one place, with units in their names, and the Redis client they imply."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, replace
+from typing import Any
+
+from redis.asyncio import Redis
+from redis.asyncio.retry import Retry
+from redis.backoff import ExponentialBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+MIB = 1024 * 1024
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    url: str | None = None
+    namespace: str = "alc"
+    #: Lease of lock A and lock C; a stalled holder loses its lock after this.
+    lease_ms: int = 10_000
+    #: How long a caller waits for a lock before ``LockTimeout``.
+    lock_wait_s: float = 15.0
+    #: Default bound on waits for a session's next event (``WaitTimeout`` after it).
+    wait_timeout_s: float = 300.0
+    #: Longest a waiter trusts pub/sub before re-reading the state in Redis.
+    wait_slice_s: float = 1.0
+    #: Idle time after which GC expires a live session.
+    session_ttl_s: float = 3600.0
+    #: How long a finished session's result stays readable.
+    retention_s: float = 3600.0
+    max_response_bytes: int = MIB
+    max_input_bytes: int = MIB
+    #: GC sweep period (the original runs it every 60 s).
+    gc_interval_s: float = 60.0
+    #: Worker heartbeat key TTL; a worker whose key expired is dead for takeover purposes.
+    heartbeat_ttl_ms: int = 6_000
+    #: A job pending this long on a consumer is claimed by another worker.
+    claim_idle_ms: int = 5_000
+    #: Longest one strategy step (between two asks) may run.
+    step_timeout_s: float = 300.0
+    #: Most paused executions a worker keeps alive in memory; older ones are replayed if needed.
+    max_live_executions: int = 10_000
+
+    @classmethod
+    def from_url(cls, url: str | None = None, **overrides: Any) -> Settings:
+        """Settings for ``url`` (default: ``REDIS_URL``; None means embedded)."""
+        if url is None:
+            url = os.environ.get("REDIS_URL") or None
+        ns = overrides.pop("namespace", None) or os.environ.get("ALC_NAMESPACE") or "alc"
+        return cls(url=url, namespace=ns, **overrides)
+
+    def with_(self, **changes: Any) -> Settings:
+        return replace(self, **changes)
+
+    @property
+    def backstop_ms(self) -> int:
+        """Redis key expiry on live session keys: GC should act first; this catches leaks."""
+        return int((self.session_ttl_s + self.retention_s) * 1000) + self.lease_ms
+
+    @property
+    def retention_ms(self) -> int:
+        return int(self.retention_s * 1000)
+
+
+def connect(url: str, **kwargs: Any) -> Redis:
+    """A client that rides out restarts and dropped connections with capped backoff."""
+    retry = Retry(ExponentialBackoff(cap=1.0, base=0.02), retries=30)
+    return Redis.from_url(
+        url,
+        retry=retry,
+        retry_on_error=[RedisConnectionError, RedisTimeoutError, ConnectionResetError],
+        socket_connect_timeout=5,
+        health_check_interval=30,
+        **kwargs,
+    )

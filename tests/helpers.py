@@ -1,0 +1,65 @@
+"""Small test utilities shared by the test-suite.
+
+``assert_eventually`` is the single sanctioned polling loop in the tests: every
+other wait must be driven by an event (a future, a pub/sub message, a stream
+entry). Keeping polling in one place keeps its timeout and error message
+consistent and makes accidental sleep-based tests easy to grep for.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import socket
+from collections.abc import Awaitable, Callable
+
+__all__ = ["assert_eventually", "free_port"]
+
+
+def free_port() -> int:
+    """Return a TCP port on 127.0.0.1 that was free a moment ago.
+
+    The kernel picks the port (bind to 0), which avoids collisions between
+    parallel test processes far better than a random choice would. The port is
+    released before returning, so a small race remains; callers that can
+    retry on "address in use" should do so.
+    """
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+async def assert_eventually(
+    predicate: Callable[[], Awaitable[object] | object],
+    timeout: float = 10.0,  # noqa: ASYNC109 - a deadline on polling, not on I/O
+    interval: float = 0.02,
+    message: str = "",
+) -> None:
+    """Await until ``predicate()`` is truthy, or fail the test after ``timeout`` seconds.
+
+    The predicate may be sync or async so that tests can check either local
+    state or Redis state without wrapping. Exceptions raised by the predicate
+    propagate immediately: a crashing check is a bug in the test, not a
+    "not yet". The predicate is always evaluated once more at the deadline so
+    a slow event loop cannot turn a success into a spurious failure.
+    """
+    if timeout < 0:
+        raise ValueError("timeout must be >= 0")
+    if interval <= 0:
+        raise ValueError("interval must be > 0")
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while True:
+        result = predicate()
+        if inspect.isawaitable(result):
+            result = await result
+        if result:
+            return
+        remaining = deadline - loop.time()
+        if remaining <= 0:
+            detail = f": {message}" if message else ""
+            raise AssertionError(
+                f"condition not met within {timeout:.2f}s{detail} (last value: {result!r})"
+            )
+        await asyncio.sleep(min(interval, remaining))

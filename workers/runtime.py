@@ -1,0 +1,160 @@
+"""``Execution``: drives one strategy coroutine from one ask to the next.
+
+The strategy runs as an asyncio task. ``ctx.llm`` hands its queries to the driver through a
+future and suspends on another; ``step(answers)`` resolves that one and waits until the
+strategy asks again, returns, raises, or overruns the step timeout. A worker keeps a paused
+``Execution`` in memory (the live path) and, when it does not have one, rebuilds it by
+``replay`` from the session's journal (the replay path).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+from dataclasses import dataclass
+from typing import Any
+
+from coordinator.codec import check_json_able, pack
+from coordinator.errors import NonDeterminism, SessionError, StepTimeout
+from coordinator.models import LlmQuery
+
+from .catalog import StrategyFn
+from .context import Context
+
+
+@dataclass(frozen=True, slots=True)
+class Ask:
+    queries: list[LlmQuery]
+
+
+@dataclass(frozen=True, slots=True)
+class Done:
+    result: Any
+
+
+@dataclass(frozen=True, slots=True)
+class Crash:
+    error: str
+
+
+Outcome = Ask | Done | Crash
+
+
+def digest(queries: list[LlmQuery]) -> bytes:
+    """What a round asked, in 8 bytes: enough to notice a replay that asks otherwise."""
+    return hashlib.blake2b(pack([q.to_record() for q in queries]), digest_size=8).digest()
+
+
+@dataclass(frozen=True, slots=True)
+class JournalRound:
+    digest: bytes
+    answers: list[str]
+
+
+class Execution:
+    def __init__(
+        self,
+        fn: StrategyFn,
+        input: dict[str, Any],
+        *,
+        budget: dict[str, int] | None = None,
+        started_at_ms: int = 0,
+        max_result_bytes: int | None = None,
+    ) -> None:
+        self._fn = fn
+        self._input = input
+        self._max_result_bytes = max_result_bytes
+        self.ctx = Context(self._ask, budget=budget, started_at_ms=started_at_ms)
+        self._task: asyncio.Task[Any] | None = None
+        self._outbox: asyncio.Future[list[LlmQuery]] | None = None
+        self._inbox: asyncio.Future[list[str]] | None = None
+        #: Rounds asked so far; equals the session's ``asked`` while in step with it.
+        self.asked = 0
+        self.last_queries: list[LlmQuery] = []
+
+    async def _ask(self, queries: list[LlmQuery]) -> list[str]:
+        assert self._outbox is not None and not self._outbox.done()
+        self._inbox = asyncio.get_running_loop().create_future()
+        self._outbox.set_result(queries)
+        return await self._inbox
+
+    async def _main(self) -> Any:
+        return await self._fn(self.ctx, **self._input)
+
+    async def step(self, answers: list[str] | None, timeout_s: float) -> Outcome:
+        """Start the strategy (``answers`` None) or answer its pending ask, and run it to
+        its next ask or its end."""
+        loop = asyncio.get_running_loop()
+        outbox: asyncio.Future[list[LlmQuery]] = loop.create_future()
+        self._outbox = outbox
+        if self._task is None:
+            self._task = asyncio.create_task(self._main())
+        else:
+            assert self._inbox is not None and answers is not None
+            self._inbox.set_result(answers)
+        task = self._task
+        done, _ = await asyncio.wait({task, outbox}, timeout=timeout_s,
+                                     return_when=asyncio.FIRST_COMPLETED)
+        if outbox in done:
+            self.asked += 1
+            self.last_queries = outbox.result()
+            return Ask(self.last_queries)
+        if task in done:
+            return self._finish(task)
+        self.close()
+        return Crash(str(StepTimeout(
+            f"step timeout: the strategy neither asked nor returned within {timeout_s:g} s"
+        )))
+
+    def _finish(self, task: asyncio.Task[Any]) -> Outcome:
+        if task.cancelled():
+            return Crash("the strategy was cancelled")
+        exc = task.exception()
+        if exc is not None:
+            if isinstance(exc, SessionError):
+                return Crash(exc.message)
+            return Crash(f"{type(exc).__name__}: {exc}")
+        result = task.result()
+        try:
+            check_json_able(result, what="the strategy's result", limit=self._max_result_bytes)
+        except SessionError as err:
+            return Crash(err.message)
+        return Done(result)
+
+    async def replay(self, journal: list[JournalRound], timeout_s: float) -> Outcome:
+        """Re-run the strategy through its answered rounds; returns the outcome after the
+        last journaled round, which is the ask still pending (or an end)."""
+        self.ctx.replaying = True
+        try:
+            out = await self.step(None, timeout_s)
+            for n, entry in enumerate(journal, start=1):
+                if not isinstance(out, Ask) or digest(out.queries) != entry.digest:
+                    raise NonDeterminism(
+                        f"non-determinism: on replay, round {n} asked "
+                        f"{_describe(out)} instead of what the journal recorded; strategies "
+                        "must ask the same questions given the same answers"
+                    )
+                out = await self.step(entry.answers, timeout_s)
+            return out
+        finally:
+            self.ctx.replaying = False
+            self.ctx.logs.clear()
+            self.ctx.last_progress = None
+
+    def close(self) -> None:
+        if self._task is not None and not self._task.done():
+            self._task.cancel()
+        if self._inbox is not None and not self._inbox.done():
+            self._inbox.cancel()
+        if self._task is not None and self._task.done():
+            with contextlib.suppress(BaseException):
+                self._task.exception()
+
+
+def _describe(out: Outcome) -> str:
+    if isinstance(out, Ask):
+        return f"{len(out.queries)} different question(s)"
+    if isinstance(out, Done):
+        return "nothing (it returned)"
+    return f"nothing (it failed: {out.error})"

@@ -1,0 +1,476 @@
+"""The worker process: takes start and resume jobs from the stream and steps strategies.
+
+Where a step's work comes from:
+
+- the **stream** ``ns:jobs`` (consumer group ``workers``): every start and every completed
+  round is a job there, acknowledged by the commit that applies it (``commit_step.lua`` XACKs
+  the session's current job), so a job whose worker died stays pending and is claimed by
+  another worker after ``claim_idle_ms`` (XAUTOCLAIM).
+- a **nudge** on this worker's channel: the feed that completes a round of a session this
+  worker holds live tells it at once, so the live path needs no hop through the stream.
+  If another worker reads that round's job from the stream first, it leaves it pending for
+  the live holder while the holder's heartbeat says it is alive.
+
+A step runs under the session's lock A, and its commit carries the lock's fencing token and
+the round it started from, so it applies at most once and never over newer state.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import secrets
+import socket
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Any
+
+from redis.asyncio import Redis
+from redis.exceptions import ResponseError
+
+from coordinator.codec import estimate_tokens, pack, unpack
+from coordinator.errors import CorruptState, LockTimeout, NotFound, SessionError
+from coordinator.gc import Sweeper
+from coordinator.keys import JOB_GROUP, Keys
+from coordinator.locks import FencedLock, LockFactory
+from coordinator.models import LlmQuery
+from coordinator.pubsub import Multiplexer
+from coordinator.records import SessionRecord, decode_queries, now_ms
+from coordinator.scripts import Scripts
+from coordinator.settings import Settings
+from coordinator.states import Phase
+
+from . import catalog
+from .runtime import Ask, Crash, Done, Execution, JournalRound, Outcome, digest
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(slots=True)
+class WorkerStats:
+    steps: int = 0
+    live_resumes: int = 0
+    replays: int = 0
+    deferred: int = 0
+    claimed: int = 0
+    fenced_rejections: int = 0
+    stale_skips: int = 0
+
+
+@dataclass(slots=True)
+class _Loaded:
+    rec: SessionRecord
+    pending: dict[bytes, bytes]
+    answers: dict[bytes, bytes]
+    journal: list[bytes] | None = field(default=None)
+
+
+class Worker:
+    def __init__(
+        self,
+        client: Redis,
+        settings: Settings | None = None,
+        *,
+        concurrency: int = 8,
+        worker_id: str | None = None,
+    ) -> None:
+        self.settings = settings or Settings()
+        self.keys = Keys(self.settings.namespace)
+        self.client = client
+        self.concurrency = max(1, concurrency)
+        self.id = worker_id or f"{socket.gethostname()}-{secrets.token_hex(4)}"
+        self.scripts = Scripts(client)
+        self.mux = Multiplexer(client, self.keys.process_channel(self.id))
+        self.locks = LockFactory(client, self.keys, self.scripts, self.mux,
+                                 lease_ms=self.settings.lease_ms, wait_s=self.settings.lock_wait_s)
+        self.sweeper = Sweeper(client, self.keys, self.scripts, self.locks, self.settings)
+        self.stats = WorkerStats()
+        self._nudge_channel = self.keys.worker_nudge(self.id)
+        self._live: OrderedDict[str, Execution] = OrderedDict()
+        self._busy: set[str] = set()
+        self._slots = asyncio.Semaphore(self.concurrency)
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._loops: list[asyncio.Task[None]] = []
+        self._stop = asyncio.Event()
+
+    # -- lifecycle -----------------------------------------------------------------------
+
+    async def start(self) -> None:
+        await self._ensure_group()
+        await self.client.sadd(self.keys.strategies, *catalog.names())
+        await self._beat()
+        await self.mux.start()
+        wake = await self.mux.subscribe(self.keys.jobs_wake)
+        nudge = await self.mux.subscribe(self._nudge_channel)
+        self._loops = [
+            asyncio.create_task(self._job_loop(wake), name="jobs"),
+            asyncio.create_task(self._nudge_loop(nudge), name="nudges"),
+            asyncio.create_task(self._heartbeat_loop(), name="heartbeat"),
+            asyncio.create_task(self._claim_loop(), name="autoclaim"),
+            asyncio.create_task(self.sweeper.run(self._stop), name="gc"),
+        ]
+        log.info("worker %s started (concurrency %d, strategies: %s)",
+                 self.id, self.concurrency, ", ".join(catalog.names()))
+
+    async def run(self) -> None:
+        """Start, then serve until ``stop()`` (or a signal handler that calls it)."""
+        await self.start()
+        await self._stop.wait()
+        await self.shutdown()
+
+    def stop(self) -> None:
+        """Ask the worker to stop; safe to call from a signal handler."""
+        self._stop.set()
+
+    async def shutdown(self, grace_s: float = 10.0) -> None:
+        """Stop taking work, let in-flight steps finish within ``grace_s``, then leave.
+        Steps cut short keep their jobs pending, so another worker claims them."""
+        self._stop.set()
+        for task in self._loops:
+            task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await asyncio.gather(*self._loops, return_exceptions=True)
+        if self._tasks:
+            _, late = await asyncio.wait(set(self._tasks), timeout=grace_s)
+            for task in late:
+                task.cancel()
+            await asyncio.gather(*late, return_exceptions=True)
+        for ex in self._live.values():
+            ex.close()
+        self._live.clear()
+        with contextlib.suppress(Exception):
+            await self.client.delete(self.keys.worker(self.id))
+            await self.client.zrem(self.keys.workers, self.id)
+        await self.mux.aclose()
+
+    async def _ensure_group(self) -> None:
+        try:
+            await self.client.xgroup_create(self.keys.jobs, JOB_GROUP, id="0", mkstream=True)
+        except ResponseError as exc:
+            if "BUSYGROUP" not in str(exc):
+                raise
+
+    async def _beat(self) -> None:
+        pipe = self.client.pipeline(transaction=False)
+        pipe.set(self.keys.worker(self.id), now_ms(), px=self.settings.heartbeat_ttl_ms)
+        pipe.zadd(self.keys.workers, {self.id: now_ms()})
+        await pipe.execute()
+
+    async def _heartbeat_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.settings.heartbeat_ttl_ms / 3000)
+            try:
+                await self._beat()
+            except Exception as exc:
+                log.warning("heartbeat failed: %s", exc)
+
+    # -- where work comes from -----------------------------------------------------------
+
+    async def _job_loop(self, wake: Any) -> None:
+        """Read new jobs while there are free slots; otherwise await a wake-up (bounded)."""
+        while not self._stop.is_set():
+            try:
+                got = await self.run_once()
+            except Exception as exc:
+                log.warning("reading jobs failed (%s); retrying", exc)
+                got = 0
+                await asyncio.sleep(0.1)
+            if got == 0:
+                await wake.get(self.settings.wait_slice_s)
+
+    async def run_once(self) -> int:
+        """Read the jobs this worker has room for and start them; returns how many."""
+        while len(self._tasks) >= self.concurrency:
+            await asyncio.wait(set(self._tasks), return_when=asyncio.FIRST_COMPLETED)
+        free = self.concurrency - len(self._tasks)
+        try:
+            reply = await self.client.xreadgroup(
+                JOB_GROUP, self.id, {self.keys.jobs: ">"}, count=max(1, free)
+            )
+        except ResponseError as exc:
+            if "NOGROUP" not in str(exc):
+                raise
+            await self._ensure_group()
+            return 0
+        entries = reply[0][1] if reply else []
+        for entry_id, fields in entries:
+            self._spawn(self._job(entry_id.decode(), fields, defer=True))
+        return len(entries)
+
+    async def _claim_loop(self) -> None:
+        """Take over jobs left pending too long by a dead or stalled worker."""
+        while True:
+            await asyncio.sleep(self.settings.claim_idle_ms / 2000)
+            try:
+                await self.claim_once()
+            except Exception as exc:
+                log.warning("autoclaim failed: %s", exc)
+
+    async def claim_once(self) -> int:
+        reply = await self.client.xautoclaim(
+            self.keys.jobs, JOB_GROUP, self.id,
+            min_idle_time=self.settings.claim_idle_ms, start_id="0-0", count=100,
+        )
+        entries = [e for e in reply[1] if e and e[1]]
+        for entry_id, fields in entries:
+            self.stats.claimed += 1
+            self._spawn(self._job(entry_id.decode(), fields, defer=False))
+        return len(entries)
+
+    async def _nudge_loop(self, nudge: Any) -> None:
+        while True:
+            msg = await nudge.get(self.settings.wait_slice_s)
+            if isinstance(msg, bytes):
+                self._spawn(self._step(msg.decode(), entry_id=None, defer=False))
+            elif msg is not None:  # RESYNC: nudges may have been lost; the stream has them
+                await self.claim_once()
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.create_task(self._slotted(coro))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _slotted(self, coro: Any) -> None:
+        async with self._slots:
+            try:
+                await coro
+            except Exception:
+                log.exception("step failed unexpectedly; its job stays pending for a retry")
+
+    async def _job(self, entry_id: str, fields: dict[bytes, bytes], *, defer: bool) -> None:
+        kind = fields.get(b"k", b"").decode(errors="replace")
+        sid = fields.get(b"sid", b"").decode(errors="replace")
+        if kind not in ("start", "resume") or not sid:
+            log.error("job %s has unknown kind %r; dropping it", entry_id, kind)
+            await self._drop_entry(entry_id)
+            return
+        await self._step(sid, entry_id=entry_id, defer=defer)
+
+    async def _drop_entry(self, entry_id: str) -> None:
+        pipe = self.client.pipeline(transaction=False)
+        pipe.xack(self.keys.jobs, JOB_GROUP, entry_id)
+        pipe.xdel(self.keys.jobs, entry_id)
+        await pipe.execute()
+
+    # -- one step ------------------------------------------------------------------------
+
+    async def _step(self, sid: str, *, entry_id: str | None, defer: bool) -> None:
+        """Step ``sid`` once. ``defer``: a first delivery from the stream, which the live
+        holder (if another worker) should take instead."""
+        if sid in self._busy:
+            return  # this worker is on it already; that step's commit acks the job
+        self._busy.add(sid)
+        try:
+            if defer and await self._defer_to_holder(sid):
+                self.stats.deferred += 1
+                return
+            await self._locked_step(sid, entry_id)
+        finally:
+            self._busy.discard(sid)
+
+    async def _defer_to_holder(self, sid: str) -> bool:
+        """A new resume job for a session another live worker holds is that worker's."""
+        if sid in self._live:
+            return False
+        holder = await self.client.hget(self.keys.session(sid).session, "holder")
+        if not holder or holder.decode() == self.id:
+            return False
+        return bool(await self.client.exists(self.keys.worker(holder.decode())))
+
+    async def _locked_step(self, sid: str, entry_id: str | None) -> None:
+        lock = self.locks.session(sid)
+        try:
+            await lock.acquire()
+        except LockTimeout:
+            return  # someone is stepping it; the job stays pending if it still matters
+        except NotFound:
+            self._forget(sid)
+            if entry_id:
+                await self._drop_entry(entry_id)
+            return
+        committed = False
+        try:
+            async with lock.kept_alive():
+                committed = await self._step_under_lock(sid, lock, entry_id)
+        finally:
+            if not committed:
+                with contextlib.suppress(Exception):
+                    await lock.release()
+
+    async def _step_under_lock(self, sid: str, lock: FencedLock, entry_id: str | None) -> bool:
+        live = self._live.get(sid)
+        try:
+            data = await self._load(sid, with_journal=live is None)
+        except CorruptState as exc:
+            await self._fail_corrupt(sid, exc)
+            return False
+        rec = data.rec
+        if entry_id is not None and rec.job != entry_id:
+            await self._drop_entry(entry_id)  # an old job of this session: applied already
+            self.stats.stale_skips += 1
+            return False
+        if rec.phase is not Phase.RUNNING:
+            self._forget(sid)
+            if entry_id:
+                await self._drop_entry(entry_id)  # applied already (or ended): nothing to do
+            self.stats.stale_skips += 1
+            return False
+        if live is not None and live.asked != rec.asked:
+            self._forget(sid)
+            live = None
+        if live is None and data.journal is None:
+            data = await self._load(sid, with_journal=True)
+        try:
+            answers, entry = self._round_answers(data)
+        except CorruptState as exc:
+            await self._fail_corrupt(sid, exc)
+            return False
+        if live is not None:
+            self.stats.live_resumes += 1
+            ex, outcome = live, await live.step(answers, self.settings.step_timeout_s)
+        else:
+            ex, outcome = await self._rebuild(data, answers)
+        if not isinstance(outcome, Ask):
+            self._forget(sid)
+        await self._commit(sid, lock, asked_from=rec.asked, outcome=outcome,
+                           journal_entry=entry, ex=ex)
+        return True
+
+    async def _load(self, sid: str, *, with_journal: bool) -> _Loaded:
+        sk = self.keys.session(sid)
+        pipe = self.client.pipeline(transaction=False)
+        pipe.hgetall(sk.session)
+        pipe.hgetall(sk.pending)
+        pipe.hgetall(sk.answers)
+        if with_journal:
+            pipe.lrange(sk.journal, 0, -1)
+        replies = await pipe.execute()
+        if not replies[0]:
+            raise NotFound(f"session {sid} vanished", session_id=sid)
+        rec = SessionRecord.from_hash(sid, replies[0])
+        return _Loaded(rec, replies[1], replies[2], replies[3] if with_journal else None)
+
+    def _round_answers(self, data: _Loaded) -> tuple[list[str] | None, bytes]:
+        """The answered round in query order, and its journal entry (none for a start)."""
+        rec = data.rec
+        if rec.asked == 0:
+            return None, b""
+        queries = decode_queries(rec, data.pending)
+        answers = []
+        for q in queries:
+            raw = data.answers.get(q.id.encode())
+            if raw is None:
+                raise CorruptState(f"session {rec.sid} is running round {rec.asked} but "
+                                   f"query {q.id} has no answer", session_id=rec.sid)
+            answers.append(str(unpack(raw, what="answer", session_id=rec.sid)["r"]))
+        entry = pack([digest(queries), [[q.id, q.prompt, a] for q, a in zip(queries, answers,
+                                                                             strict=True)]])
+        return answers, entry
+
+    async def _rebuild(
+        self, data: _Loaded, answers: list[str] | None
+    ) -> tuple[Execution | None, Outcome]:
+        rec = data.rec
+        try:
+            fn = catalog.get(rec.strategy)
+        except SessionError as exc:
+            return None, Crash(exc.message)
+        ex = Execution(fn, rec.input or {}, budget=rec.budget, started_at_ms=rec.started_at,
+                       max_result_bytes=self.settings.max_input_bytes)
+        if rec.asked == 0:
+            return ex, await ex.step(None, self.settings.step_timeout_s)
+        self.stats.replays += 1
+        journal = []
+        for raw in data.journal or []:
+            d, triples = unpack(raw, what="journal entry", session_id=rec.sid)
+            journal.append(JournalRound(d, [t[2] for t in triples]))
+        try:
+            out = await ex.replay(journal, self.settings.step_timeout_s)
+            current = decode_queries(rec, data.pending)
+            if not isinstance(out, Ask) or digest(out.queries) != digest(current):
+                ex.close()
+                return None, Crash(
+                    f"non-determinism: on replay, round {rec.asked} did not ask the questions "
+                    "that were answered; strategies must ask the same questions given the "
+                    "same answers"
+                )
+            return ex, await ex.step(answers, self.settings.step_timeout_s)
+        except SessionError as exc:
+            ex.close()
+            return None, Crash(exc.message)
+
+    async def _commit(
+        self,
+        sid: str,
+        lock: FencedLock,
+        *,
+        asked_from: int,
+        outcome: Outcome,
+        journal_entry: bytes,
+        ex: Execution | None,
+    ) -> None:
+        sk = self.keys.session(sid)
+        ctx = ex.ctx if ex is not None else None
+        logs = [pack(x) for x in ctx.logs] if ctx else []
+        progress = pack(ctx.last_progress) if ctx and ctx.last_progress else b""
+        queries: list[LlmQuery] = outcome.queries if isinstance(outcome, Ask) else []
+        args: list[Any] = [
+            sid, lock.fence, asked_from, lock.local.token,
+            JOB_GROUP, sk.channel, self.keys.lock_released(sk.lock), self.id,
+            self._nudge_channel, self.settings.backstop_ms, self.settings.retention_ms,
+            journal_entry, progress, len(queries), sum(len(q.prompt) for q in queries),
+            sum(estimate_tokens(len(q.prompt)) for q in queries),
+        ]
+        if isinstance(outcome, Ask):
+            args += ["pause", len(logs), *logs, pack([q.id for q in queries]), len(queries)]
+            for q in queries:
+                args += [q.id, pack(q.to_record())]
+        elif isinstance(outcome, Done):
+            args += ["complete", len(logs), *logs, pack(outcome.result)]
+        else:
+            args += ["fail", len(logs), *logs, outcome.error]
+        reply = await self.scripts.call(
+            "commit_step", [*sk.all_data(), *self.keys.namespace_keys(), sk.lock], args
+        )
+        if ctx is not None:
+            ctx.logs.clear()
+            ctx.last_progress = None
+        self.stats.steps += 1
+        if reply.code == "OK":
+            lock.mark_released()
+            if isinstance(outcome, Ask) and ex is not None:
+                self._keep_live(sid, ex)
+            return
+        self._forget(sid)
+        if reply.code == "FENCED":
+            self.stats.fenced_rejections += 1
+            log.warning(
+                "stale write rejected for session %s: this worker's lease (fence %s) was "
+                "taken over (fence now %s) while it was stalled; dropping its step",
+                sid, lock.fence, reply.args[0].decode() if reply.args else "?",
+            )
+        else:
+            log.info("commit for session %s skipped: %s", sid, reply.code)
+
+    async def _fail_corrupt(self, sid: str, exc: CorruptState) -> None:
+        """Fail one unreadable session clearly; the worker goes on serving the others."""
+        log.error("%s; failing the session", exc.message)
+        self._forget(sid)
+        sk = self.keys.session(sid)
+        await self.scripts.call(
+            "terminate", [*sk.all_data(), *self.keys.namespace_keys()],
+            [sid, "fail", JOB_GROUP, sk.channel, self.settings.retention_ms, "", exc.message],
+        )
+
+    def _keep_live(self, sid: str, ex: Execution) -> None:
+        self._live[sid] = ex
+        self._live.move_to_end(sid)
+        while len(self._live) > self.settings.max_live_executions:
+            _, old = self._live.popitem(last=False)
+            old.close()
+
+    def _forget(self, sid: str) -> None:
+        ex = self._live.pop(sid, None)
+        if ex is not None:
+            ex.close()
