@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
 from typing import Any
 
 from redis.asyncio import Redis
@@ -46,11 +46,20 @@ class Settings:
 
     @classmethod
     def from_url(cls, url: str | None = None, **overrides: Any) -> Settings:
-        """Settings for ``url`` (default: ``REDIS_URL``; None means embedded)."""
-        if url is None:
-            url = os.environ.get("REDIS_URL") or None
-        ns = overrides.pop("namespace", None) or os.environ.get("ALC_NAMESPACE") or "alc"
-        return cls(url=url, namespace=ns, **overrides)
+        """Settings for ``url`` (default: ``REDIS_URL``; None means embedded).
+
+        Every field can also be set from the environment as ``ALC_<FIELD>`` (for example
+        ``ALC_NAMESPACE``, ``ALC_LEASE_MS``), so a deployment configures workers without
+        flags; explicit ``overrides`` (None values ignored) win over the environment.
+        """
+        values: dict[str, Any] = {}
+        for f in fields(cls):
+            env = os.environ.get(f"ALC_{f.name.upper()}")
+            if env is not None and f.name != "url":
+                values[f.name] = _convert(f.name, env, type(getattr(cls(), f.name)))
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        values["url"] = url if url is not None else (os.environ.get("REDIS_URL") or None)
+        return cls(**values)
 
     def with_(self, **changes: Any) -> Settings:
         return replace(self, **changes)
@@ -63,6 +72,13 @@ class Settings:
     @property
     def retention_ms(self) -> int:
         return int(self.retention_s * 1000)
+
+
+def _convert(name: str, raw: str, kind: type) -> Any:
+    try:
+        return kind(raw)
+    except ValueError:
+        raise ValueError(f"ALC_{name.upper()}={raw!r} is not a valid {kind.__name__}") from None
 
 
 def connect(url: str, **kwargs: Any) -> Redis:

@@ -54,7 +54,8 @@ def build(
     if not rec.phase.terminal:
         snap["pending_queries"] = rec.remaining if rec.phase.value == "paused" else 0
     if pending_filter is not None:
-        snap["pending"] = [pending_filter.project(q) for q in decode_queries(rec, pending, answered)]
+        queries = decode_queries(rec, pending, answered)
+        snap["pending"] = [pending_filter.project(q) for q in queries]
     if journal_tail is not None:
         snap["conversation_history"] = history(rec.sid, journal_tail)
     return snap

@@ -32,7 +32,7 @@ def free_port() -> int:
 
 async def assert_eventually(
     predicate: Callable[[], Awaitable[object] | object],
-    timeout: float = 10.0,  # noqa: ASYNC109 - a deadline on polling, not on I/O
+    timeout: float = 10.0,
     interval: float = 0.02,
     message: str = "",
 ) -> None:

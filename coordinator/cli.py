@@ -1,0 +1,293 @@
+"""``coordinator``: run workers, drive sessions as a host, observe them.
+
+JSON goes to stdout where a program reads it (``start``, ``continue``, ``cancel``, ``status
+SESSION``, ``status --json``); people get tables and progress lines (``status``, ``run``).
+The Redis URL comes from ``--redis`` or ``REDIS_URL``; with neither, only ``run`` works, on
+the embedded default.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import signal
+import sys
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+from .errors import InvalidInput, SessionError
+from .models import Finished, Paused, PendingFilter
+from .registry import SessionRegistry
+from .responders import Responder, make_responder
+from .settings import Settings, connect
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="coordinator",
+        description="Distributed coordinator for pausable strategy sessions, on Redis.",
+    )
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def common(sp: argparse.ArgumentParser) -> None:
+        sp.add_argument("--redis", default=None,
+                        help="Redis URL (default: $REDIS_URL; `run` falls back to embedded)")
+        sp.add_argument("--namespace", default=None, help="key namespace (default: alc)")
+
+    w = sub.add_parser("worker", help="run a worker process")
+    common(w)
+    w.add_argument("--import", dest="modules", action="append", default=[],
+                   metavar="MODULE", help="import MODULE to register its strategies (repeatable)")
+    w.add_argument("--concurrency", type=int,
+                   default=int(os.environ.get("ALC_CONCURRENCY", "8")),
+                   help="strategy steps run at once (default 8)")
+    w.add_argument("--log-level", default="INFO")
+
+    def session_inputs(sp: argparse.ArgumentParser) -> None:
+        sp.add_argument("strategy")
+        sp.add_argument("--task", default=None, help="shorthand for --input '{\"task\": TEXT}'")
+        sp.add_argument("--input", default=None, help="strategy input as a JSON object")
+        sp.add_argument("--budget", default=None,
+                        help='JSON, e.g. {"llm_calls": 10, "tokens": 5000, "elapsed_ms": 60000}')
+        sp.add_argument("--timeout", type=float, default=None, help="seconds to wait per event")
+
+    r = sub.add_parser("run", help="start a session and drive it to its end as the host")
+    common(r)
+    session_inputs(r)
+    r.add_argument("--responder", default="terminal",
+                   help="terminal (default), echo, or 'cmd:SHELL COMMAND' (prompt on stdin)")
+    r.add_argument("--import", dest="modules", action="append", default=[], metavar="MODULE",
+                   help="embedded mode: import MODULE for its strategies (repeatable)")
+    r.add_argument("--json", action="store_true", help="print only the final JSON")
+
+    s = sub.add_parser("start", help="start a session; prints its first event as JSON")
+    common(s)
+    session_inputs(s)
+
+    c = sub.add_parser("continue", help="answer a pending query; prints the result as JSON")
+    common(c)
+    c.add_argument("session_id")
+    c.add_argument("response")
+    c.add_argument("--query-id", default=None, help="needed when several queries are pending")
+    c.add_argument("--timeout", type=float, default=None)
+
+    st = sub.add_parser("status", help="list paused sessions, or show one session")
+    common(st)
+    st.add_argument("session_id", nargs="?")
+    st.add_argument("--pending", choices=[f.value for f in PendingFilter], default=None)
+    st.add_argument("--history", action="store_true")
+    st.add_argument("--json", action="store_true", help="JSON instead of a table")
+
+    x = sub.add_parser("cancel", help="cancel a session")
+    common(x)
+    x.add_argument("session_id")
+    return p
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = _parser().parse_args(argv)
+    handler = {
+        "worker": _worker, "run": _run, "start": _start, "continue": _continue,
+        "status": _status, "cancel": _cancel,
+    }[args.command]
+    try:
+        code = asyncio.run(handler(args))
+    except SessionError as exc:
+        print(json.dumps(exc.to_json()), file=sys.stdout if args.command != "run" else sys.stderr)
+        code = 2
+    except KeyboardInterrupt:
+        code = 130
+    sys.exit(code)
+
+
+def _settings(args: argparse.Namespace) -> Settings:
+    return Settings.from_url(args.redis, namespace=args.namespace)
+
+
+@contextlib.asynccontextmanager
+async def _registry(args: argparse.Namespace) -> AsyncIterator[SessionRegistry]:
+    settings = _settings(args)
+    if settings.url is None:
+        raise InvalidInput("no Redis URL: pass --redis URL or set REDIS_URL "
+                           "(only `coordinator run` has an embedded default)")
+    async with SessionRegistry(connect(settings.url), settings=settings,
+                               owns_client=True) as reg:
+        yield reg
+
+
+def _session_input(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, int] | None]:
+    data: dict[str, Any] = {}
+    if args.input:
+        try:
+            data = json.loads(args.input)
+        except json.JSONDecodeError as exc:
+            raise InvalidInput(f"--input is not valid JSON: {exc}") from None
+        if not isinstance(data, dict):
+            raise InvalidInput("--input must be a JSON object")
+    if args.task is not None:
+        data["task"] = args.task
+    budget = None
+    if args.budget:
+        try:
+            budget = json.loads(args.budget)
+        except json.JSONDecodeError as exc:
+            raise InvalidInput(f"--budget is not valid JSON: {exc}") from None
+    return data, budget
+
+
+def _emit(obj: Any) -> None:
+    print(json.dumps(obj, ensure_ascii=False, indent=2))
+
+
+# -- worker ------------------------------------------------------------------------------
+
+async def _worker(args: argparse.Namespace) -> int:
+    from workers import catalog
+    from workers.worker import Worker
+
+    logging.basicConfig(level=args.log_level.upper(),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    settings = _settings(args)
+    if settings.url is None:
+        raise InvalidInput("a worker needs Redis: pass --redis URL or set REDIS_URL")
+    catalog.load(args.modules)
+    client = connect(settings.url)
+    worker = Worker(client, settings, concurrency=args.concurrency)
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, worker.stop)
+    try:
+        await worker.run()
+    finally:
+        await client.aclose()
+    return 0
+
+
+# -- host commands -----------------------------------------------------------------------
+
+async def _start(args: argparse.Namespace) -> int:
+    data, budget = _session_input(args)
+    async with _registry(args) as reg:
+        sid, res = await reg.start_execution(args.strategy, data, budget=budget,
+                                             timeout=args.timeout)
+        _emit({"session_id": sid, **res.to_json(sid)})
+    return 0
+
+
+async def _continue(args: argparse.Namespace) -> int:
+    async with _registry(args) as reg:
+        qid = args.query_id or await reg.resolve_sole_pending_id(args.session_id)
+        res = await reg.feed_response(args.session_id, qid, args.response, timeout=args.timeout)
+        _emit(res.to_json(args.session_id))
+    return 0
+
+
+async def _cancel(args: argparse.Namespace) -> int:
+    async with _registry(args) as reg:
+        res = await reg.cancel(args.session_id)
+        _emit(res.to_json(args.session_id))
+    return 0
+
+
+async def _status(args: argparse.Namespace) -> int:
+    async with _registry(args) as reg:
+        if args.session_id:
+            _emit(await reg.status(args.session_id, args.pending, args.history))
+            return 0
+        snaps = await reg.list_snapshots(args.pending, args.history)
+        if args.json:
+            _emit(snaps)
+            return 0
+        print(_table(snaps))
+        workers = await reg.workers()
+        now = time.time() * 1000
+        print(f"\nworkers: {len(workers)}")
+        for wid, beat in sorted(workers.items()):
+            print(f"  {wid}  last heartbeat {max(0.0, now - beat) / 1000:.1f} s ago")
+    return 0
+
+
+def _table(snaps: dict[str, dict[str, Any]]) -> str:
+    if not snaps:
+        return "no paused sessions"
+    now = time.time() * 1000
+    rows = [("SESSION", "STRATEGY", "PHASE", "PENDING", "ROUNDS", "CALLS", "IDLE")]
+    for sid, s in sorted(snaps.items(), key=lambda kv: kv[1].get("last_activity_at", 0)):
+        m = s.get("metrics", {})
+        rows.append((sid, str(s.get("strategy", "?")), str(s.get("phase")),
+                     str(s.get("pending_queries", "-")), str(m.get("rounds", "-")),
+                     str(m.get("llm_calls", "-")),
+                     f"{max(0.0, now - s.get('last_activity_at', now)) / 1000:.0f}s"))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip()
+                     for r in rows)
+
+
+# -- run: the host loop --------------------------------------------------------------------
+
+async def _run(args: argparse.Namespace) -> int:
+    data, budget = _session_input(args)
+    responder = make_responder(args.responder)
+    settings = _settings(args)
+    say = (lambda _msg: None) if args.json else (lambda msg: print(msg, file=sys.stderr))
+    if settings.url is None:
+        from .embedded import embedded
+
+        say("no Redis URL given: using the embedded in-process Redis with 2 workers")
+        async with embedded(settings, modules=args.modules) as reg:
+            return await _drive(reg, args, data, budget, responder, say)
+    async with _registry(args) as reg:
+        return await _drive(reg, args, data, budget, responder, say)
+
+
+async def _drive(
+    reg: SessionRegistry, args: argparse.Namespace, data: dict[str, Any],
+    budget: dict[str, int] | None, responder: Responder, say: Any,
+) -> int:
+    sid, res = await reg.start_execution(args.strategy, data, budget=budget,
+                                         timeout=args.timeout)
+    say(f"session {sid} ({args.strategy})")
+    seen = _Seen()
+    while isinstance(res, Paused):
+        await _show_progress(reg, sid, seen, say)
+        for q in res.queries:
+            say(f"\n[{q.id}] {_clip(q.prompt)}")
+            answer = await responder(q)
+            say(f"  -> {_clip(answer)}")
+            res = await reg.feed_response(sid, q.id, answer, timeout=args.timeout)
+    await _show_progress(reg, sid, seen, say)
+    assert isinstance(res, Finished)
+    _emit({"session_id": sid, **res.to_json(sid)})
+    return 0 if res.state.value == "completed" else 1
+
+
+class _Seen:
+    """What the run loop has shown already, so each log line and progress step shows once."""
+
+    def __init__(self) -> None:
+        self.logs: set[tuple[int, str]] = set()
+        self.progress: dict[str, Any] | None = None
+
+
+async def _show_progress(reg: SessionRegistry, sid: str, seen: _Seen, say: Any) -> None:
+    metrics = (await reg.status(sid)).get("metrics", {})
+    for entry in metrics.get("recent_logs", []):
+        key = (int(entry.get("ts", 0)), str(entry.get("msg")))
+        if key not in seen.logs:
+            seen.logs.add(key)
+            say(f"  log [{entry.get('level')}] {entry.get('msg')}")
+    prog = metrics.get("progress")
+    if prog and prog != seen.progress:
+        seen.progress = prog
+        msg = f" {prog['message']}" if prog.get("message") else ""
+        say(f"  progress {prog['step']}/{prog['total']}{msg}")
+
+
+def _clip(text: str, limit: int = 300) -> str:
+    one = text.replace("\n", " / ")
+    return one if len(one) <= limit else one[: limit - 1] + "…"
