@@ -234,7 +234,11 @@ async def _run(args: argparse.Namespace) -> int:
     data, budget = _session_input(args)
     responder = make_responder(args.responder)
     settings = _settings(args)
-    say = (lambda _msg: None) if args.json else (lambda msg: print(msg, file=sys.stderr))
+
+    def say(msg: str) -> None:
+        if not args.json:
+            print(msg, file=sys.stderr)
+
     if settings.url is None:
         from .embedded import embedded
 

@@ -63,6 +63,11 @@ def check_text(value: Any, *, what: str, limit: int) -> str:
     return value
 
 
+def text(value: Any) -> str:
+    """A Redis reply (bytes with this client) as str."""
+    return value.decode() if isinstance(value, bytes | bytearray) else str(value)
+
+
 def estimate_tokens(chars: int) -> int:
     """The engine's estimate when the host gives no usage: about four characters a token."""
     return math.ceil(chars / 4)

@@ -1,4 +1,5 @@
-"""GC: expire sessions idle longer than their TTL, one sweeper at a time across all processes.
+"""GC: expire sessions idle longer than their TTL, and forget dead workers; one sweeper at a
+time across all processes.
 
 The sweep is a change to the registry as a whole, so it runs under lock C; for each candidate
 it then takes that session's lock A (order C then A, as everywhere), so it never reaps a
@@ -11,9 +12,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from typing import Any
 
 from redis.asyncio import Redis
 
+from .codec import text
 from .errors import LockTimeout, NotFound
 from .keys import JOB_GROUP, Keys
 from .locks import LockFactory
@@ -52,13 +55,14 @@ class Sweeper:
                     limit = sec * 1000 + usec // 1000
                 else:
                     limit = now_ms
-                due = await self._client.zrangebyscore(
+                due: list[Any] = await self._client.zrangebyscore(
                     self._keys.deadlines, "-inf", limit, start=0, num=BATCH
                 )
                 for raw in due:
-                    sid = raw.decode()
+                    sid = text(raw)
                     if await self._expire_one(sid, now_ms):
                         reaped.append(sid)
+                await self._forget_dead_workers()
         finally:
             with contextlib.suppress(Exception):
                 await lock_c.release()
@@ -66,6 +70,19 @@ class Sweeper:
         if reaped:
             log.info("gc expired %d idle session(s)", len(reaped))
         return reaped
+
+    async def _forget_dead_workers(self) -> None:
+        """Membership sweep: drop workers whose heartbeat key has expired from the index."""
+        ids = [text(x) for x in await self._client.zrange(self._keys.workers, 0, -1)]
+        if not ids:
+            return
+        pipe = self._client.pipeline(transaction=False)
+        for wid in ids:
+            pipe.exists(self._keys.worker(wid))
+        alive = await pipe.execute()
+        dead = [wid for wid, ok in zip(ids, alive, strict=True) if not ok]
+        if dead:
+            await self._client.zrem(self._keys.workers, *dead)
 
     async def _expire_one(self, sid: str, now_ms: int | None) -> bool:
         lock_a = self._locks.session(sid, wait_s=min(self._settings.lock_wait_s, 2.0))

@@ -84,6 +84,7 @@ class FencedLock(Lock):
         self._fence_key = fence_key
         self._fence_field = fence_field
         self._last_pttl = 0
+        self.label = name
 
     def _check_order(self) -> None:
         if self.kind is LockKind.REGISTRY and LockKind.SESSION.value in _held.get():
@@ -135,7 +136,7 @@ class FencedLock(Lock):
                 left = deadline - time.monotonic()
                 if left <= 0:
                     raise LockTimeout(
-                        f"lock {self.name} ({self.kind.value}) still held after {wait_s:.1f} s; "
+                        f"lock {self.label} ({self.kind.value}) still held after {wait_s:.1f} s; "
                         "its holder is busy or its lease has not run out yet",
                         session_id=self.session_id,
                     )

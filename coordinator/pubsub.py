@@ -212,5 +212,5 @@ class Multiplexer:
                 await self._reader
         if self._ps is not None:
             with contextlib.suppress(Exception):
-                await self._ps.aclose()
+                await self._ps.aclose()  # type: ignore[no-untyped-call]
         self._ps = None

@@ -18,12 +18,12 @@ from typing import Any
 from redis.asyncio import Redis
 
 from . import snapshot
-from .codec import check_json_able, check_text, estimate_tokens, pack
+from .codec import check_json_able, check_text, estimate_tokens, pack, text
 from .errors import InvalidInput, NoPendingQuery, NotFound, UnknownStrategy, WaitTimeout
 from .gc import Sweeper
 from .keys import JOB_GROUP, Keys
 from .locks import LockFactory
-from .models import Accepted, FeedResult, Finished, PendingFilter, QueryId
+from .models import Accepted, FeedResult, Finished, Paused, PendingFilter, QueryId
 from .pubsub import Multiplexer, Subscription
 from .records import SessionRecord, settled_event
 from .scripts import Scripts, raise_for
@@ -56,6 +56,7 @@ class SessionRegistry:
         )
         self.sweeper = Sweeper(self.client, self.keys, self.scripts, self.locks, self.settings)
         self._owns_client = owns_client
+        self._known_strategies: set[str] = set()
 
     @classmethod
     def from_url(cls, url: str, namespace: str = "alc", **overrides: Any) -> SessionRegistry:
@@ -110,8 +111,11 @@ class SessionRegistry:
         return sid
 
     async def _check_strategy(self, strategy: str) -> None:
+        if strategy in self._known_strategies:
+            return  # names are only ever added, so a positive answer stays true
         known = await self.client.smembers(self.keys.strategies)
-        names = sorted(x.decode() for x in known)
+        names = sorted(text(x) for x in known)
+        self._known_strategies.update(names)
         if names and strategy not in names:
             raise UnknownStrategy(
                 f"strategy {strategy!r} is not registered by any worker; known: "
@@ -155,7 +159,7 @@ class SessionRegistry:
 
     async def resolve_sole_pending_id(self, session_id: str) -> QueryId:
         event = await self._read_event(session_id)
-        queries = getattr(event, "queries", ())
+        queries = event.queries if isinstance(event, Paused) else ()
         if len(queries) == 1:
             return QueryId(queries[0].id)
         if not queries:
@@ -220,7 +224,7 @@ class SessionRegistry:
     ) -> dict[str, dict[str, Any]]:
         """Snapshots of the sessions held in the registry (paused). Takes no lock."""
         pf = _filter(pending_filter)
-        sids = [s.decode() for s in await self.client.zrange(self.keys.registry, 0, -1)]
+        sids = [text(s) for s in await self.client.zrange(self.keys.registry, 0, -1)]
         return await snapshot.read_many(
             self.client, self.keys, sids, pending_filter=pf, include_history=include_history
         )
@@ -261,8 +265,8 @@ class SessionRegistry:
 
     async def workers(self) -> dict[str, int]:
         """Worker id -> last heartbeat (Unix ms), from the heartbeat index."""
-        rows = await self.client.zrange(self.keys.workers, 0, -1, withscores=True)
-        return {k.decode(): int(v) for k, v in rows}
+        rows: Any = await self.client.zrange(self.keys.workers, 0, -1, withscores=True)
+        return {text(k): int(v) for k, v in rows}
 
     async def gc_sweep(self, now_ms: int | None = None) -> list[str]:
         """Expire idle sessions now (workers also do this every ``gc_interval_s``)."""

@@ -29,7 +29,7 @@ from typing import Any
 from redis.asyncio import Redis
 from redis.exceptions import ResponseError
 
-from coordinator.codec import estimate_tokens, pack, unpack
+from coordinator.codec import estimate_tokens, pack, text, unpack
 from coordinator.errors import CorruptState, LockTimeout, NotFound, SessionError
 from coordinator.gc import Sweeper
 from coordinator.keys import JOB_GROUP, Keys
@@ -184,6 +184,7 @@ class Worker:
         while len(self._tasks) >= self.concurrency:
             await asyncio.wait(set(self._tasks), return_when=asyncio.FIRST_COMPLETED)
         free = self.concurrency - len(self._tasks)
+        reply: Any
         try:
             reply = await self.client.xreadgroup(
                 JOB_GROUP, self.id, {self.keys.jobs: ">"}, count=max(1, free)
@@ -208,7 +209,7 @@ class Worker:
                 log.warning("autoclaim failed: %s", exc)
 
     async def claim_once(self) -> int:
-        reply = await self.client.xautoclaim(
+        reply: Any = await self.client.xautoclaim(
             self.keys.jobs, JOB_GROUP, self.id,
             min_idle_time=self.settings.claim_idle_ms, start_id="0-0", count=100,
         )
@@ -273,10 +274,10 @@ class Worker:
         """A new resume job for a session another live worker holds is that worker's."""
         if sid in self._live:
             return False
-        holder = await self.client.hget(self.keys.session(sid).session, "holder")
-        if not holder or holder.decode() == self.id:
+        raw = await self.client.hget(self.keys.session(sid).session, "holder")
+        if not raw or text(raw) == self.id:
             return False
-        return bool(await self.client.exists(self.keys.worker(holder.decode())))
+        return bool(await self.client.exists(self.keys.worker(text(raw))))
 
     async def _locked_step(self, sid: str, entry_id: str | None) -> None:
         lock = self.locks.session(sid)
@@ -289,16 +290,17 @@ class Worker:
             if entry_id:
                 await self._drop_entry(entry_id)
             return
-        committed = False
+        released = False
         try:
             async with lock.kept_alive():
-                committed = await self._step_under_lock(sid, lock, entry_id)
+                released = await self._step_under_lock(sid, lock, entry_id)
         finally:
-            if not committed:
+            if not released:
                 with contextlib.suppress(Exception):
                     await lock.release()
 
     async def _step_under_lock(self, sid: str, lock: FencedLock, entry_id: str | None) -> bool:
+        """One step; True when its commit applied and released the lock in the same call."""
         live = self._live.get(sid)
         try:
             data = await self._load(sid, with_journal=live is None)
@@ -326,6 +328,7 @@ class Worker:
         except CorruptState as exc:
             await self._fail_corrupt(sid, exc)
             return False
+        ex: Execution | None
         if live is not None:
             self.stats.live_resumes += 1
             ex, outcome = live, await live.step(answers, self.settings.step_timeout_s)
@@ -333,9 +336,8 @@ class Worker:
             ex, outcome = await self._rebuild(data, answers)
         if not isinstance(outcome, Ask):
             self._forget(sid)
-        await self._commit(sid, lock, asked_from=rec.asked, outcome=outcome,
-                           journal_entry=entry, ex=ex)
-        return True
+        return await self._commit(sid, lock, asked_from=rec.asked, outcome=outcome,
+                                  journal_entry=entry, ex=ex)
 
     async def _load(self, sid: str, *, with_journal: bool) -> _Loaded:
         sk = self.keys.session(sid)
@@ -409,7 +411,7 @@ class Worker:
         outcome: Outcome,
         journal_entry: bytes,
         ex: Execution | None,
-    ) -> None:
+    ) -> bool:
         sk = self.keys.session(sid)
         ctx = ex.ctx if ex is not None else None
         logs = [pack(x) for x in ctx.logs] if ctx else []
@@ -441,7 +443,7 @@ class Worker:
             lock.mark_released()
             if isinstance(outcome, Ask) and ex is not None:
                 self._keep_live(sid, ex)
-            return
+            return True
         self._forget(sid)
         if reply.code == "FENCED":
             self.stats.fenced_rejections += 1
@@ -452,6 +454,7 @@ class Worker:
             )
         else:
             log.info("commit for session %s skipped: %s", sid, reply.code)
+        return False
 
     async def _fail_corrupt(self, sid: str, exc: CorruptState) -> None:
         """Fail one unreadable session clearly; the worker goes on serving the others."""
