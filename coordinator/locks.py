@@ -94,12 +94,28 @@ class FencedLock(Lock):
                 session_id=self.session_id,
             )
 
+    def _acquire_call(self, token: str | bytes) -> tuple[list[str], list[Any]]:
+        return [str(self.name), self._fence_key], [token, self.lease_ms, self._fence_field]
+
     async def do_acquire(self, token: str | bytes) -> bool:
-        fence, pttl = await self._scripts.call_raw(
-            "lock_acquire",
-            [str(self.name), self._fence_key],
-            [token, self.lease_ms, self._fence_field],
-        )
+        reply = await self._scripts.call_raw("lock_acquire", *self._acquire_call(token))
+        return self._accept(reply)
+
+    async def try_in(self, pipe: Any, token: str) -> None:
+        """Queue one acquisition attempt on ``pipe``, so the reads that follow it in the same
+        pipeline cost no extra round trip; ``took(reply, token)`` says if it worked."""
+        self._check_order()
+        await self._scripts.queue(pipe, "lock_acquire", *self._acquire_call(token))
+
+    def took(self, reply: Any, token: str) -> bool:
+        if not self._accept(reply):
+            return False
+        self.local.token = token.encode()
+        _held.set((*_held.get(), self.kind.value))
+        return True
+
+    def _accept(self, reply: Any) -> bool:
+        fence, pttl = reply
         if fence == -1:
             raise NotFound(f"session {self.session_id} not found", session_id=self.session_id)
         if fence > 0:

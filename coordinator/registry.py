@@ -20,6 +20,7 @@ from redis.asyncio import Redis
 from . import snapshot
 from .codec import check_json_able, check_text, estimate_tokens, pack, text
 from .errors import InvalidInput, NoPendingQuery, NotFound, UnknownStrategy, WaitTimeout
+from .events import parse_pause
 from .gc import Sweeper
 from .keys import JOB_GROUP, Keys
 from .locks import LockFactory
@@ -155,10 +156,11 @@ class SessionRegistry:
                 return Accepted(int(reply.args[0]))
             if reply.code != "READY":
                 raise_for(reply, session_id=session_id, query_id=query_id)
-            return await self._await_settled(session_id, sub, timeout, check_first=False)
+            return await self._await_settled(session_id, sub, timeout,
+                                             after_asked=int(reply.args[0]))
 
     async def resolve_sole_pending_id(self, session_id: str) -> QueryId:
-        event = await self._read_event(session_id)
+        event, _ = await self._read_event(session_id)
         queries = event.queries if isinstance(event, Paused) else ()
         if len(queries) == 1:
             return QueryId(queries[0].id)
@@ -177,17 +179,19 @@ class SessionRegistry:
         """The session's current settled event: Paused with its unanswered queries, or
         Finished; waits (at most ``timeout``) while it runs."""
         async with await self.mux.subscribe(self.keys.session(session_id).channel) as sub:
-            return await self._await_settled(session_id, sub, timeout, check_first=True)
+            return await self._await_settled(session_id, sub, timeout, after_asked=None)
 
     async def _await_settled(
-        self, sid: str, sub: Subscription, timeout: float | None, *, check_first: bool
+        self, sid: str, sub: Subscription, timeout: float | None, *, after_asked: int | None
     ) -> FeedResult:
+        """Wait for the session to pause after round ``after_asked`` or to finish.
+        ``after_asked`` None: first read the state (and take its round from it)."""
         bound = self.settings.wait_timeout_s if timeout is None else timeout
         deadline = time.monotonic() + bound
-        check = check_first
+        check = after_asked is None
         while True:
             if check:
-                event = await self._read_event(sid)
+                event, after_asked = await self._read_event(sid)
                 if event is not None:
                     return event
             left = deadline - time.monotonic()
@@ -197,10 +201,15 @@ class SessionRegistry:
                     "carries on: call wait_event (or `status`) again to re-attach",
                     session_id=sid, state="running",
                 )
-            await sub.get(min(left, self.settings.wait_slice_s))
+            msg = await sub.get(min(left, self.settings.wait_slice_s))
+            if isinstance(msg, bytes):
+                paused = parse_pause(msg, after_asked or 0)
+                if paused is not None:
+                    return paused
             check = True
 
-    async def _read_event(self, sid: str) -> FeedResult | None:
+    async def _read_event(self, sid: str) -> tuple[FeedResult | None, int]:
+        """The settled event now (None while running) and the round the session is in."""
         sk = self.keys.session(sid)
         pipe = self.client.pipeline(transaction=False)
         pipe.hgetall(sk.session)
@@ -213,7 +222,8 @@ class SessionRegistry:
                 "retention period ran out",
                 session_id=sid,
             )
-        return settled_event(SessionRecord.from_hash(sid, raw), pending, set(answered))
+        rec = SessionRecord.from_hash(sid, raw)
+        return settled_event(rec, pending, set(answered)), rec.asked
 
     # -- observing and ending -------------------------------------------------------------
 
@@ -244,7 +254,7 @@ class SessionRegistry:
             raise NotFound(f"session {session_id} not found", session_id=session_id)
         snap = {"session_id": session_id, **snaps[session_id]}
         if snap["state"] == "terminal" and snap["phase"] != "corrupt":
-            event = await self._read_event(session_id)
+            event, _ = await self._read_event(session_id)
             if isinstance(event, Finished):
                 snap["result"] = event.result
                 if event.error is not None:
@@ -259,7 +269,7 @@ class SessionRegistry:
             [session_id, "cancel", JOB_GROUP, sk.channel, self.settings.retention_ms, "", ""],
         )
         raise_for(reply, session_id=session_id)
-        event = await self._read_event(session_id)
+        event, _ = await self._read_event(session_id)
         assert isinstance(event, Finished)
         return event
 

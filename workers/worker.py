@@ -22,6 +22,7 @@ import contextlib
 import logging
 import secrets
 import socket
+import uuid
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any
@@ -31,6 +32,7 @@ from redis.exceptions import ResponseError
 
 from coordinator.codec import estimate_tokens, pack, text, unpack
 from coordinator.errors import CorruptState, LockTimeout, NotFound, SessionError
+from coordinator.events import pause_event
 from coordinator.gc import Sweeper
 from coordinator.keys import JOB_GROUP, Keys
 from coordinator.locks import FencedLock, LockFactory
@@ -281,8 +283,21 @@ class Worker:
 
     async def _locked_step(self, sid: str, entry_id: str | None) -> None:
         lock = self.locks.session(sid)
+        with_journal = sid not in self._live
+        token = uuid.uuid4().hex
+        # Try the lock and read the session in one round trip; the reads are only used
+        # when the lock was taken (then nothing else can change a running session).
+        pipe = self.client.pipeline(transaction=False)
+        await lock.try_in(pipe, token)
+        self._queue_load(pipe, sid, with_journal)
+        replies = await pipe.execute(raise_on_error=False)
+        prefetched: list[Any] | None = replies[1:]
         try:
-            await lock.acquire()
+            if isinstance(replies[0], Exception):
+                raise replies[0]
+            if not lock.took(replies[0], token):
+                prefetched = None
+                await lock.acquire()
         except LockTimeout:
             return  # someone is stepping it; the job stays pending if it still matters
         except NotFound:
@@ -293,17 +308,22 @@ class Worker:
         released = False
         try:
             async with lock.kept_alive():
-                released = await self._step_under_lock(sid, lock, entry_id)
+                released = await self._step_under_lock(sid, lock, entry_id, prefetched)
         finally:
             if not released:
                 with contextlib.suppress(Exception):
                     await lock.release()
 
-    async def _step_under_lock(self, sid: str, lock: FencedLock, entry_id: str | None) -> bool:
+    async def _step_under_lock(
+        self, sid: str, lock: FencedLock, entry_id: str | None, prefetched: list[Any] | None
+    ) -> bool:
         """One step; True when its commit applied and released the lock in the same call."""
         live = self._live.get(sid)
         try:
-            data = await self._load(sid, with_journal=live is None)
+            if prefetched is not None and (live is not None or len(prefetched) == 4):
+                data = self._parse_load(sid, prefetched)
+            else:
+                data = await self._load(sid, with_journal=live is None)
         except CorruptState as exc:
             await self._fail_corrupt(sid, exc)
             return False
@@ -339,19 +359,27 @@ class Worker:
         return await self._commit(sid, lock, asked_from=rec.asked, outcome=outcome,
                                   journal_entry=entry, ex=ex)
 
-    async def _load(self, sid: str, *, with_journal: bool) -> _Loaded:
+    def _queue_load(self, pipe: Any, sid: str, with_journal: bool) -> None:
         sk = self.keys.session(sid)
-        pipe = self.client.pipeline(transaction=False)
         pipe.hgetall(sk.session)
         pipe.hgetall(sk.pending)
         pipe.hgetall(sk.answers)
         if with_journal:
             pipe.lrange(sk.journal, 0, -1)
-        replies = await pipe.execute()
+
+    async def _load(self, sid: str, *, with_journal: bool) -> _Loaded:
+        pipe = self.client.pipeline(transaction=False)
+        self._queue_load(pipe, sid, with_journal)
+        return self._parse_load(sid, await pipe.execute())
+
+    def _parse_load(self, sid: str, replies: list[Any]) -> _Loaded:
+        for reply in replies:
+            if isinstance(reply, Exception):
+                raise reply
         if not replies[0]:
             raise NotFound(f"session {sid} vanished", session_id=sid)
         rec = SessionRecord.from_hash(sid, replies[0])
-        return _Loaded(rec, replies[1], replies[2], replies[3] if with_journal else None)
+        return _Loaded(rec, replies[1], replies[2], replies[3] if len(replies) > 3 else None)
 
     def _round_answers(self, data: _Loaded) -> tuple[list[str] | None, bytes]:
         """The answered round in query order, and its journal entry (none for a start)."""
@@ -425,13 +453,16 @@ class Worker:
             sum(estimate_tokens(len(q.prompt)) for q in queries),
         ]
         if isinstance(outcome, Ask):
-            args += ["pause", len(logs), *logs, pack([q.id for q in queries]), len(queries)]
-            for q in queries:
-                args += [q.id, pack(q.to_record())]
+            records = [q.to_record() for q in queries]
+            event = pause_event(asked_from + 1, records)
+            args += ["pause", event, len(logs), *logs, pack([q.id for q in queries]),
+                     len(queries)]
+            for q, rec in zip(queries, records, strict=True):
+                args += [q.id, pack(rec)]
         elif isinstance(outcome, Done):
-            args += ["complete", len(logs), *logs, pack(outcome.result)]
+            args += ["complete", b"complete", len(logs), *logs, pack(outcome.result)]
         else:
-            args += ["fail", len(logs), *logs, outcome.error]
+            args += ["fail", b"fail", len(logs), *logs, outcome.error]
         reply = await self.scripts.call(
             "commit_step", [*sk.all_data(), *self.keys.namespace_keys(), sk.lock], args
         )

@@ -97,3 +97,7 @@ class Scripts:
 
     async def call_raw(self, name: str, keys: list[str], args: list[Any]) -> Any:
         return await self._by_name[name](keys=keys, args=args)
+
+    async def queue(self, pipe: Any, name: str, keys: list[str], args: list[Any]) -> None:
+        """Add a call to ``pipe`` (redis-py loads missing scripts before the pipeline runs)."""
+        await self._by_name[name](keys=keys, args=args, client=pipe)

@@ -10,7 +10,9 @@
 -- ARGV[11] retention ms   ARGV[12] journal entry or ''   ARGV[13] packed progress or ''
 -- ARGV[14] llm calls      ARGV[15] prompt chars   ARGV[16] prompt tokens
 -- ARGV[17] outcome: 'pause' | 'complete' | 'fail'
--- ARGV[18] number of log entries L, then L packed log entries, then by outcome:
+-- ARGV[18] event message for the session channel (a pause carries its queries, so waiters
+--          need not read them back)
+-- ARGV[19] number of log entries L, then L packed log entries, then by outcome:
 --   pause:    packed query id list, N, then N pairs (query id, packed query)
 --   complete: packed result
 --   fail:     error text
@@ -37,8 +39,8 @@ if ARGV[12] ~= '' then
   redis.call('RPUSH', KEYS[4], ARGV[12])
 end
 redis.call('DEL', KEYS[2], KEYS[3])
-local nlogs = tonumber(ARGV[18])
-local i = 19
+local nlogs = tonumber(ARGV[19])
+local i = 20
 if nlogs > 0 then
   for j = i, i + nlogs - 1 do redis.call('RPUSH', KEYS[5], ARGV[j]) end
   redis.call('LTRIM', KEYS[5], -20, -1)
@@ -85,5 +87,5 @@ if redis.call('GET', KEYS[9]) == ARGV[4] then
   redis.call('DEL', KEYS[9])
   redis.call('PUBLISH', ARGV[7], '1')
 end
-redis.call('PUBLISH', ARGV[6], outcome)
+redis.call('PUBLISH', ARGV[6], ARGV[18])
 return {'OK'}

@@ -39,9 +39,12 @@ redis.call('ZREM', KEYS[6], ARGV[1])
 local asked = redis.call('HGET', KEYS[1], 'asked')
 local job = redis.call('XADD', KEYS[8], '*', 'k', 'resume', 'sid', ARGV[1], 'a', asked)
 redis.call('HSET', KEYS[1], 'job', job)
+-- The live holder is told directly; other workers are woken only when there is none (the
+-- job is in the stream either way, and a worker polls it within a wait slice).
 local nudge = redis.call('HGET', KEYS[1], 'holder_ch')
 if nudge then
   redis.call('PUBLISH', nudge, ARGV[1])
+else
+  redis.call('PUBLISH', ARGV[7], ARGV[1])
 end
-redis.call('PUBLISH', ARGV[7], ARGV[1])
 return {'READY', tonumber(asked)}
