@@ -34,6 +34,7 @@ def unpack(data: bytes, *, what: str = "value", session_id: str | None = None) -
 
 def check_json_able(value: Any, *, what: str, limit: int | None = None) -> int:
     """Reject what a JSON host could not read back; returns the encoded size in bytes."""
+    _check_keys(value, what)
     try:
         text = json.dumps(value, allow_nan=False, ensure_ascii=False)
     except (TypeError, ValueError) as exc:
@@ -43,6 +44,28 @@ def check_json_able(value: Any, *, what: str, limit: int | None = None) -> int:
     if limit is not None and size > limit:
         raise PayloadTooLarge(f"{what} is {size} bytes, over the limit of {limit} bytes")
     return size
+
+
+_INT_MIN, _INT_MAX = -(2**63), 2**64 - 1  # what msgpack can carry
+
+
+def _check_keys(value: Any, what: str) -> None:
+    """A value must survive the round trip: json.dumps would turn key 1 into "1" silently,
+    and msgpack cannot carry integers beyond 64 bits."""
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, int) and not _INT_MIN <= item <= _INT_MAX:
+            raise InvalidInput(f"{what} holds an integer too large to store ({item:.3g}); "
+                               "send it as a string")
+        if isinstance(item, dict):
+            for key, inner in item.items():
+                if not isinstance(key, str):
+                    raise InvalidInput(f"{what} has a non-string key {key!r}; JSON object keys "
+                                       "must be strings")
+                stack.append(inner)
+        elif isinstance(item, list | tuple):
+            stack.extend(item)
 
 
 def check_text(value: Any, *, what: str, limit: int) -> str:

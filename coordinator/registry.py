@@ -142,6 +142,7 @@ class SessionRegistry:
         tokens = estimate_tokens(len(response))
         record: dict[str, Any] = {"r": response}
         if usage is not None:
+            check_json_able(usage, what="usage", limit=64 * 1024)
             tokens = _usage_tokens(usage, tokens)
             record["u"] = usage
         sk = self.keys.session(session_id)
@@ -321,6 +322,8 @@ def _usage_tokens(usage: dict[str, int], fallback: int) -> int:
         raise InvalidInput("usage must be a dict such as {'completion_tokens': 42}")
     for key in ("completion_tokens", "response_tokens", "output_tokens"):
         value = usage.get(key)
-        if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+        if isinstance(value, int) and not isinstance(value, bool):
+            if not 0 <= value < 2**31:
+                raise InvalidInput(f"usage {key} must be between 0 and 2**31, got {value}")
             return value
     return fallback

@@ -68,6 +68,11 @@ class Context:
         return answers
 
     def _query(self, index: int, item: str | dict[str, Any]) -> LlmQuery:
+        if not isinstance(item, str | dict):
+            raise InvalidInput(
+                f"llm_batch item {index} must be a prompt string or a dict with 'prompt', "
+                f"not {type(item).__name__}"
+            )
         spec: dict[str, Any] = {"prompt": item} if isinstance(item, str) else dict(item)
         unknown = set(spec) - {"prompt", "system", "max_tokens", "grounded", "underspecified"}
         if unknown:

@@ -94,8 +94,12 @@ class Execution:
             assert self._inbox is not None and answers is not None
             self._inbox.set_result(answers)
         task = self._task
-        done, _ = await asyncio.wait({task, outbox}, timeout=timeout_s,
-                                     return_when=asyncio.FIRST_COMPLETED)
+        try:
+            done, _ = await asyncio.wait({task, outbox}, timeout=timeout_s,
+                                         return_when=asyncio.FIRST_COMPLETED)
+        except asyncio.CancelledError:
+            self.close()  # a step cut short must not leave the strategy running on its own
+            raise
         if outbox in done:
             self.asked += 1
             self.last_queries = outbox.result()
