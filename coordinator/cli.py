@@ -86,6 +86,20 @@ def _parser() -> argparse.ArgumentParser:
     x = sub.add_parser("cancel", help="cancel a session")
     common(x)
     x.add_argument("session_id")
+
+    sv = sub.add_parser("serve", help="serve the HTTP API (needs the [api] extra)")
+    common(sv)
+    sv.add_argument("--host", default="127.0.0.1",
+                    help="bind address (default 127.0.0.1; any other needs a token)")
+    sv.add_argument("--port", type=int, default=8000)
+    sv.add_argument("--token", default=os.environ.get("ALC_API_TOKEN") or None,
+                    help="bearer token clients must send (default: $ALC_API_TOKEN)")
+    sv.add_argument("--log-level", default="info")
+
+    m = sub.add_parser("mcp", help="MCP server on stdio for LLM hosts (needs the [api] extra)")
+    common(m)
+    m.add_argument("--import", dest="modules", action="append", default=[], metavar="MODULE",
+                   help="embedded mode: import MODULE for its strategies (repeatable)")
     return p
 
 
@@ -93,7 +107,7 @@ def main(argv: list[str] | None = None) -> None:
     args = _parser().parse_args(argv)
     handler = {
         "worker": _worker, "run": _run, "start": _start, "continue": _continue,
-        "status": _status, "cancel": _cancel,
+        "status": _status, "cancel": _cancel, "serve": _serve, "mcp": _mcp,
     }[args.command]
     try:
         code = asyncio.run(handler(args))
@@ -165,6 +179,24 @@ async def _worker(args: argparse.Namespace) -> int:
         await worker.run()
     finally:
         await client.aclose()
+    return 0
+
+
+# -- fronts: HTTP API and MCP server -------------------------------------------------------
+
+async def _serve(args: argparse.Namespace) -> int:
+    from .http_api import serve
+
+    logging.basicConfig(level=args.log_level.upper(),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    await serve(_settings(args), args.host, args.port, args.token, log_level=args.log_level)
+    return 0
+
+
+async def _mcp(args: argparse.Namespace) -> int:
+    from .mcp_server import run_stdio
+
+    await run_stdio(_settings(args), modules=args.modules)
     return 0
 
 
@@ -295,3 +327,7 @@ async def _show_progress(reg: SessionRegistry, sid: str, seen: _Seen, say: Any) 
 def _clip(text: str, limit: int = 300) -> str:
     one = text.replace("\n", " / ")
     return one if len(one) <= limit else one[: limit - 1] + "…"
+
+
+if __name__ == "__main__":
+    main()

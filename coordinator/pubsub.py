@@ -92,11 +92,15 @@ class Multiplexer:
         self.reconnects = 0
 
     async def start(self) -> None:
-        if self._ps is not None:
-            return
-        self._ps = self._client.pubsub()
-        await self._ps.subscribe(self._home)
-        self._reader = asyncio.create_task(self._read_loop(), name=f"pubsub:{self._home}")
+        # Under the lock, and _ps set only once connected: two first subscribes racing here
+        # would otherwise each open a connection and one SUBSCRIBE would go unread.
+        async with self._lock:
+            if self._ps is not None:
+                return
+            ps = self._client.pubsub()
+            await ps.subscribe(self._home)
+            self._ps = ps
+            self._reader = asyncio.create_task(self._read_loop(), name=f"pubsub:{self._home}")
 
     async def subscribe(self, channel: str) -> Subscription:
         """A subscription whose channel Redis has confirmed: nothing published after
@@ -120,6 +124,7 @@ class Multiplexer:
         try:
             await asyncio.wait_for(event.wait(), self._confirm_timeout_s)
         except TimeoutError:
+            self._requested.discard(channel)  # so the next subscribe sends SUBSCRIBE again
             self._release(sub)
             raise WaitTimeout(
                 f"redis did not confirm the subscription to {channel} within "
@@ -147,6 +152,7 @@ class Multiplexer:
                 return
             self._subs.pop(channel, None)
             self._confirmed.discard(channel)
+            self._requested.discard(channel)
             self._confirm_waiters.pop(channel, None)
             with contextlib.suppress(RedisConnectionError, RedisTimeoutError, OSError):
                 await self._ps.unsubscribe(channel)
