@@ -34,12 +34,14 @@ def unpack(data: bytes, *, what: str = "value", session_id: str | None = None) -
 
 def check_json_able(value: Any, *, what: str, limit: int | None = None) -> int:
     """Reject what a JSON host could not read back; returns the encoded size in bytes."""
-    _check_keys(value, what)
     try:
         text = json.dumps(value, allow_nan=False, ensure_ascii=False)
+    except RecursionError:
+        raise InvalidInput(f"{what} is nested too deeply to encode as JSON") from None
     except (TypeError, ValueError) as exc:
         raise InvalidInput(f"{what} must be JSON-able (str, int, float, bool, None, list, "
                            f"dict with str keys): {exc}") from exc
+    _check_keys(value, what)  # after dumps, which has ruled out cycles
     size = len(text.encode("utf-8", "surrogatepass"))
     if limit is not None and size > limit:
         raise PayloadTooLarge(f"{what} is {size} bytes, over the limit of {limit} bytes")
@@ -47,14 +49,17 @@ def check_json_able(value: Any, *, what: str, limit: int | None = None) -> int:
 
 
 _INT_MIN, _INT_MAX = -(2**63), 2**64 - 1  # what msgpack can carry
+MAX_DEPTH = 256  # msgpack refuses deeper nesting; say so before it does
 
 
 def _check_keys(value: Any, what: str) -> None:
     """A value must survive the round trip: json.dumps would turn key 1 into "1" silently,
     and msgpack cannot carry integers beyond 64 bits."""
-    stack = [value]
+    stack = [(value, 0)]
     while stack:
-        item = stack.pop()
+        item, depth = stack.pop()
+        if depth > MAX_DEPTH:
+            raise InvalidInput(f"{what} is nested deeper than {MAX_DEPTH} levels")
         if isinstance(item, int) and not _INT_MIN <= item <= _INT_MAX:
             raise InvalidInput(f"{what} holds an integer too large to store ({item:.3g}); "
                                "send it as a string")
@@ -63,9 +68,9 @@ def _check_keys(value: Any, what: str) -> None:
                 if not isinstance(key, str):
                     raise InvalidInput(f"{what} has a non-string key {key!r}; JSON object keys "
                                        "must be strings")
-                stack.append(inner)
+                stack.append((inner, depth + 1))
         elif isinstance(item, list | tuple):
-            stack.extend(item)
+            stack.extend((inner, depth + 1) for inner in item)
 
 
 def check_text(value: Any, *, what: str, limit: int) -> str:

@@ -97,10 +97,10 @@ class Sweeper:
         try:
             reply = await self._scripts.call(
                 "terminate",
-                [*sk.all_data(), *self._keys.namespace_keys()],
+                self._keys.script_keys(sid),
                 [sid, "expire", JOB_GROUP, sk.channel, self._settings.retention_ms,
                  "" if now_ms is None else now_ms,
-                 "session expired: it was idle for longer than its ttl"],
+                 "session expired: it was idle for longer than its ttl", ""],
             )
         finally:
             with contextlib.suppress(Exception):

@@ -39,7 +39,8 @@ log = logging.getLogger(__name__)
 RegistryFactory = Callable[[], SessionRegistry]
 SessionId = Annotated[str, Path(pattern=r"^[A-Za-z0-9._-]{1,128}$",
                                 description="a session id from POST /sessions")]
-#: Bounded waits: a client may shorten the registry's default wait, never hang a worker.
+#: A client may pick its wait (default: the registry's ``wait_timeout_s``), within bounds:
+#: at least 1 s, so a 504 means a slow session rather than an impatient client.
 Timeout = Annotated[float | None, Query(ge=1.0, le=3600.0,
                                         description="seconds to wait for the next event")]
 PositiveCount = Annotated[StrictInt, Field(gt=0, le=10**15)]

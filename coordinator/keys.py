@@ -30,6 +30,8 @@ Per namespace (no TTL; small)
                                        activity (ms)
 ``ns:deadlines``               zset    live sessions, score = idle deadline (ms); GC reads it
 ``ns:jobs``                    stream  start / resume jobs, consumer group ``workers``
+``ns:dead``                    stream  dead letters: jobs that failed ``max_attempts`` times in a
+                                       row, or that no worker understands (capped ~10 000)
 ``ns:lock:registry``           string  lock C: owner token, PX lease
 ``ns:lock:registry:fence``     string  lock C fencing counter
 ``ns:strategies``              set     strategy names some worker registered (start checks it)
@@ -139,6 +141,12 @@ class Keys:
     def process_channel(self, proc_id: str) -> str:
         return f"{self.namespace}:proc:{proc_id}"
 
-    def namespace_keys(self) -> list[str]:
-        """The shared keys the transition scripts take after a session's data keys."""
-        return [self.registry, self.deadlines, self.jobs]
+    @property
+    def dead_letters(self) -> str:
+        return f"{self.namespace}:dead"
+
+    def script_keys(self, sid: str) -> list[str]:
+        """KEYS[1..9] of every session transition script: the session's five data keys, then
+        the registry, deadlines, jobs and dead-letter keys (commit_step adds lock A as 10)."""
+        sk = self.session(sid)
+        return [*sk.all_data(), self.registry, self.deadlines, self.jobs, self.dead_letters]

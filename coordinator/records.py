@@ -38,6 +38,8 @@ class SessionRecord:
     ttl_ms: int
     holder: str | None = None
     job: str | None = None
+    cfence: int = 0
+    last_error: str | None = None
     finished_at: int | None = None
     input: Any = None
     budget: dict[str, Any] | None = None
@@ -65,6 +67,8 @@ class SessionRecord:
                 ttl_ms=int(h["ttl_ms"]),
                 holder=h["holder"].decode() if "holder" in h else None,
                 job=h["job"].decode() if "job" in h else None,
+                cfence=int(h.get("cfence", b"0")),
+                last_error=h["last_error"].decode() if "last_error" in h else None,
                 finished_at=int(h["finished_at"]) if "finished_at" in h else None,
                 error=h["error"].decode() if "error" in h else None,
                 current_query_tokens=int(h.get("cq_tokens", b"0")),

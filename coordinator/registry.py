@@ -101,10 +101,9 @@ class SessionRegistry:
         if ttl_ms <= 0:
             raise InvalidInput(f"ttl must be positive, got {ttl!r}")
         sid = new_session_id()
-        sk = self.keys.session(sid)
         reply = await self.scripts.call(
             "create",
-            [*sk.all_data(), *self.keys.namespace_keys()],
+            self.keys.script_keys(sid),
             [sid, strategy, pack(input), pack(budget) if budget else "", ttl_ms,
              self.settings.backstop_ms + ttl_ms, self.keys.jobs_wake],
         )
@@ -149,7 +148,7 @@ class SessionRegistry:
         async with await self.mux.subscribe(sk.channel) as sub:
             reply = await self.scripts.call(
                 "feed",
-                [*sk.all_data(), *self.keys.namespace_keys()],
+                self.keys.script_keys(session_id),
                 [session_id, query_id, pack(record), len(response), tokens,
                  self.settings.backstop_ms, self.keys.jobs_wake],
             )
@@ -266,8 +265,8 @@ class SessionRegistry:
         sk = self.keys.session(session_id)
         reply = await self.scripts.call(
             "terminate",
-            [*sk.all_data(), *self.keys.namespace_keys()],
-            [session_id, "cancel", JOB_GROUP, sk.channel, self.settings.retention_ms, "", ""],
+            self.keys.script_keys(session_id),
+            [session_id, "cancel", JOB_GROUP, sk.channel, self.settings.retention_ms, "", "", ""],
         )
         raise_for(reply, session_id=session_id)
         event, _ = await self._read_event(session_id)

@@ -41,6 +41,9 @@ class Settings:
     claim_idle_ms: int = 5_000
     #: Longest one strategy step (between two asks) may run.
     step_timeout_s: float = 300.0
+    #: A step that fails (or whose worker dies) this many times in a row is dead-lettered and
+    #: its session failed, so a poison job cannot loop forever.
+    max_attempts: int = 5
     #: Most paused executions a worker keeps alive in memory; older ones are replayed if needed.
     max_live_executions: int = 10_000
 

@@ -58,6 +58,8 @@ class WorkerStats:
     claimed: int = 0
     fenced_rejections: int = 0
     stale_skips: int = 0
+    dead_letters: int = 0
+    step_errors: int = 0
 
 
 @dataclass(slots=True)
@@ -245,8 +247,16 @@ class Worker:
         kind = fields.get(b"k", b"").decode(errors="replace")
         sid = fields.get(b"sid", b"").decode(errors="replace")
         if kind not in ("start", "resume") or not sid:
-            log.error("job %s has unknown kind %r; dropping it", entry_id, kind)
-            await self._drop_entry(entry_id)
+            log.error("job %s has unknown kind %r; moving it to the dead letters", entry_id, kind)
+            self.stats.dead_letters += 1
+            pipe = self.client.pipeline(transaction=False)
+            pipe.xadd(self.keys.dead_letters, {"sid": sid, "job": entry_id,
+                                               "reason": f"unknown job kind {kind!r}",
+                                               "error": "", "at": now_ms()},
+                      maxlen=10_000, approximate=True)
+            pipe.xack(self.keys.jobs, JOB_GROUP, entry_id)
+            pipe.xdel(self.keys.jobs, entry_id)
+            await pipe.execute()
             return
         await self._step(sid, entry_id=entry_id, defer=defer)
 
@@ -269,6 +279,14 @@ class Worker:
                 self.stats.deferred += 1
                 return
             await self._locked_step(sid, entry_id)
+        except Exception as exc:
+            # Left pending, the job is retried (claimed again) until max_attempts; keep the
+            # error so the dead letter can say what kept failing.
+            self.stats.step_errors += 1
+            log.exception("step of session %s failed; it will be retried", sid)
+            with contextlib.suppress(Exception):
+                await self.client.hset(self.keys.session(sid).session, "last_error",
+                                       f"{type(exc).__name__}: {exc}"[:2000])
         finally:
             self._busy.discard(sid)
 
@@ -337,6 +355,17 @@ class Worker:
             if entry_id:
                 await self._drop_entry(entry_id)  # applied already (or ended): nothing to do
             self.stats.stale_skips += 1
+            return False
+        # Each acquisition of lock A bumps the fence and each commit records it, so the gap
+        # counts the attempts at this step since it last succeeded (crashes included).
+        attempts = (lock.fence or 0) - rec.cfence
+        if attempts > self.settings.max_attempts:
+            self.stats.dead_letters += 1
+            reason = f"failed {attempts - 1} times in a row"
+            log.error("session %s: step %s; dead-lettering it", sid, reason)
+            await self._fail(sid, f"job {reason} (max_attempts {self.settings.max_attempts}); "
+                             f"last error: {rec.last_error or 'the worker died mid-step'}",
+                             dead_letter=reason)
             return False
         if live is not None and live.asked != rec.asked:
             self._forget(sid)
@@ -464,7 +493,7 @@ class Worker:
         else:
             args += ["fail", b"fail", len(logs), *logs, outcome.error]
         reply = await self.scripts.call(
-            "commit_step", [*sk.all_data(), *self.keys.namespace_keys(), sk.lock], args
+            "commit_step", [*self.keys.script_keys(sid), sk.lock], args
         )
         if ctx is not None:
             ctx.logs.clear()
@@ -490,11 +519,15 @@ class Worker:
     async def _fail_corrupt(self, sid: str, exc: CorruptState) -> None:
         """Fail one unreadable session clearly; the worker goes on serving the others."""
         log.error("%s; failing the session", exc.message)
+        await self._fail(sid, exc.message, dead_letter="corrupt state")
+
+    async def _fail(self, sid: str, error: str, *, dead_letter: str) -> None:
         self._forget(sid)
         sk = self.keys.session(sid)
         await self.scripts.call(
-            "terminate", [*sk.all_data(), *self.keys.namespace_keys()],
-            [sid, "fail", JOB_GROUP, sk.channel, self.settings.retention_ms, "", exc.message],
+            "terminate", self.keys.script_keys(sid),
+            [sid, "fail", JOB_GROUP, sk.channel, self.settings.retention_ms, "", error,
+             dead_letter],
         )
 
     def _keep_live(self, sid: str, ex: Execution) -> None:

@@ -2,7 +2,8 @@
 -- A worker computed the step under lock A; this checks that its lease is still the newest
 -- (fence), that nobody applied this round already (asked), and that the session still runs.
 -- KEYS[1..5] session data keys (session, pending, answers, journal, logs)
--- KEYS[6] registry zset   KEYS[7] deadlines zset   KEYS[8] jobs stream   KEYS[9] lock A
+-- KEYS[6] registry zset   KEYS[7] deadlines zset   KEYS[8] jobs stream   KEYS[9] dead letters
+-- KEYS[10] lock A
 -- ARGV[1] session id      ARGV[2] fence           ARGV[3] asked the step started from
 -- ARGV[4] lock token      ARGV[5] job group       ARGV[6] session events channel
 -- ARGV[7] lock released channel                   ARGV[8] holder worker id
@@ -58,7 +59,9 @@ if job then
   redis.call('XDEL', KEYS[8], job)
   redis.call('HDEL', KEYS[1], 'job')
 end
-redis.call('HSET', KEYS[1], 'last_activity_at', now, 'holder', ARGV[8], 'holder_ch', ARGV[9])
+redis.call('HSET', KEYS[1], 'last_activity_at', now, 'holder', ARGV[8], 'holder_ch', ARGV[9],
+  'cfence', ARGV[2])
+redis.call('HDEL', KEYS[1], 'last_error')
 local outcome = ARGV[17]
 if outcome == 'pause' then
   local n = tonumber(ARGV[i + 1])
@@ -83,8 +86,8 @@ else
   redis.call('ZREM', KEYS[7], ARGV[1])
   for k = 1, 5 do redis.call('PEXPIRE', KEYS[k], ARGV[11]) end
 end
-if redis.call('GET', KEYS[9]) == ARGV[4] then
-  redis.call('DEL', KEYS[9])
+if redis.call('GET', KEYS[10]) == ARGV[4] then
+  redis.call('DEL', KEYS[10])
   redis.call('PUBLISH', ARGV[7], '1')
 end
 redis.call('PUBLISH', ARGV[6], ARGV[18])

@@ -1,6 +1,6 @@
 -- create.lua: a new session, and the start job that will run it to its first event.
 -- KEYS[1..5] session data keys (session, pending, answers, journal, logs)
--- KEYS[6] registry zset   KEYS[7] deadlines zset   KEYS[8] jobs stream
+-- KEYS[6] registry zset   KEYS[7] deadlines zset   KEYS[8] jobs stream   KEYS[9] dead letters
 -- ARGV[1] session id   ARGV[2] strategy name   ARGV[3] packed input   ARGV[4] packed budget or ''
 -- ARGV[5] idle ttl ms  ARGV[6] backstop expiry ms   ARGV[7] jobs wake channel
 -- Returns {'OK', job id} or {'EXISTS'}.

@@ -1,6 +1,6 @@
 -- feed.lua: record one answer of the current round; on the last one, queue the resume job.
 -- KEYS[1..5] session data keys (session, pending, answers, journal, logs)
--- KEYS[6] registry zset   KEYS[7] deadlines zset   KEYS[8] jobs stream
+-- KEYS[6] registry zset   KEYS[7] deadlines zset   KEYS[8] jobs stream   KEYS[9] dead letters
 -- ARGV[1] session id   ARGV[2] query id   ARGV[3] packed answer
 -- ARGV[4] response chars   ARGV[5] response tokens   ARGV[6] backstop expiry ms
 -- ARGV[7] jobs wake channel

@@ -1,10 +1,11 @@
 -- terminate.lua: end a live session from outside its strategy: cancel it, expire it when
--- idle, or fail it (a worker found its state unreadable).
+-- idle, or fail it (its state is unreadable, or its job failed too many times in a row).
 -- KEYS[1..5] session data keys (session, pending, answers, journal, logs)
--- KEYS[6] registry zset   KEYS[7] deadlines zset   KEYS[8] jobs stream
+-- KEYS[6] registry zset   KEYS[7] deadlines zset   KEYS[8] jobs stream   KEYS[9] dead letters
 -- ARGV[1] session id   ARGV[2] mode: 'cancel' | 'expire' | 'fail'   ARGV[3] job group
 -- ARGV[4] session events channel   ARGV[5] retention ms
 -- ARGV[6] now ms for 'expire' ('' = server time)   ARGV[7] error text ('expire', 'fail')
+-- ARGV[8] for 'fail': '' or the reason to record the session's job as a dead letter
 -- Returns {'OK'} | {'NOT_FOUND'} | {'INVALID_TRANSITION', phase} | {'ALIVE', deadline}
 local phase = redis.call('HGET', KEYS[1], 'phase')
 if not phase then
@@ -36,6 +37,10 @@ end
 redis.call('HSET', KEYS[1], 'finished_at', now, 'remaining', 0)
 redis.call('DEL', KEYS[2], KEYS[3])
 local job = redis.call('HGET', KEYS[1], 'job')
+if ARGV[2] == 'fail' and ARGV[8] ~= '' then
+  redis.call('XADD', KEYS[9], 'MAXLEN', '~', 10000, '*', 'sid', ARGV[1], 'job', job or '',
+    'reason', ARGV[8], 'error', ARGV[7], 'at', now)
+end
 if job then
   redis.call('XACK', KEYS[8], ARGV[3], job)
   redis.call('XDEL', KEYS[8], job)
