@@ -241,6 +241,10 @@ async def _status(args: argparse.Namespace) -> int:
         print(f"\nworkers: {len(workers)}")
         for wid, beat in sorted(workers.items()):
             print(f"  {wid}  last heartbeat {max(0.0, now - beat) / 1000:.1f} s ago")
+        total, dead = await reg.dead_letters(5)
+        print(f"\ndead letters: {total}")
+        for d in dead:
+            print(f"  {d.get('sid') or '-'}  {d.get('reason')}: {d.get('error', '')[:120]}")
     return 0
 
 

@@ -278,6 +278,15 @@ class SessionRegistry:
         rows: Any = await self.client.zrange(self.keys.workers, 0, -1, withscores=True)
         return {text(k): int(v) for k, v in rows}
 
+    async def dead_letters(self, count: int = 20) -> tuple[int, list[dict[str, str]]]:
+        """How many jobs were dead-lettered, and the newest ``count`` of them."""
+        pipe = self.client.pipeline(transaction=False)
+        pipe.xlen(self.keys.dead_letters)
+        pipe.xrevrange(self.keys.dead_letters, "+", "-", count=count)
+        total, rows = await pipe.execute()
+        entries = [{"id": text(i), **{text(k): text(v) for k, v in f.items()}} for i, f in rows]
+        return int(total), entries
+
     async def gc_sweep(self, now_ms: int | None = None) -> list[str]:
         """Expire idle sessions now (workers also do this every ``gc_interval_s``)."""
         return await self.sweeper.sweep(now_ms=now_ms)
