@@ -13,7 +13,7 @@ box without Redis fails loudly instead of silently testing nothing.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
 
 import pytest
@@ -95,3 +95,97 @@ def redis_url(shared_redis: RedisProcess) -> str:
 # fresh namespace, and worker-pool helpers) will go here once the
 # ``coordinator`` and ``workers`` packages exist. They are deliberately not
 # imported yet so this conftest keeps working while those are being written.
+
+
+# -- in-process coordinator fixtures on fakeredis -------------------------------------------
+# One FakeServer per test; every registry and worker gets its own client on it, as separate
+# processes would. Imports are local so the real-redis fixtures above never depend on them.
+
+
+class FakeCluster:
+    """A fakeredis server, a fresh namespace, and the registries / workers a test made on it
+    (all closed at teardown, workers first)."""
+
+    def __init__(self, settings: Any) -> None:
+        import fakeredis
+
+        self.server = fakeredis.FakeServer()
+        self.settings = settings
+        self._clients: list[Any] = []
+        self._registries: list[Any] = []
+        self._workers: list[Any] = []
+
+    def client(self) -> Any:
+        import fakeredis
+
+        client = fakeredis.FakeAsyncRedis(server=self.server)
+        self._clients.append(client)
+        return client
+
+    def registry(self, **overrides: Any) -> Any:
+        from coordinator.registry import SessionRegistry
+
+        reg = SessionRegistry(self.client(), settings=self.settings.with_(**overrides))
+        self._registries.append(reg)
+        return reg
+
+    async def worker(self, *, start: bool = True, concurrency: int = 4, **overrides: Any) -> Any:
+        from workers import catalog
+        from workers.worker import Worker
+
+        catalog.load([])
+        worker = Worker(self.client(), self.settings.with_(**overrides), concurrency=concurrency)
+        self._workers.append(worker)
+        if start:
+            await worker.start()
+        return worker
+
+    async def stop_worker(self, worker: Any, grace_s: float = 1.0) -> None:
+        """Shut ``worker`` down now (it is then left alone at teardown)."""
+        self._workers.remove(worker)
+        await worker.shutdown(grace_s=grace_s)
+
+    async def aclose(self) -> None:
+        for worker in reversed(self._workers):
+            await worker.shutdown(grace_s=1.0)
+        self._workers.clear()
+        for reg in self._registries:
+            await reg.aclose()
+        for client in self._clients:
+            await client.aclose()
+
+
+@pytest.fixture
+def fake_settings() -> Any:
+    """Settings for in-process tests: a unique namespace and short waits."""
+    import secrets
+
+    from coordinator.settings import Settings
+
+    return Settings(
+        namespace=f"t{secrets.token_hex(4)}",
+        wait_slice_s=0.05,
+        lock_wait_s=2.0,
+        wait_timeout_s=10.0,
+    )
+
+
+@pytest.fixture
+async def fake_cluster(fake_settings: Any) -> AsyncIterator[FakeCluster]:
+    cluster = FakeCluster(fake_settings)
+    try:
+        yield cluster
+    finally:
+        await cluster.aclose()
+
+
+@pytest.fixture
+def registry(fake_cluster: FakeCluster) -> Any:
+    """A ``SessionRegistry`` on the fake server."""
+    return fake_cluster.registry()
+
+
+@pytest.fixture
+async def worker(fake_cluster: FakeCluster) -> Any:
+    """One started in-process ``Worker`` (built-ins and every test strategy registered)."""
+    return await fake_cluster.worker()

@@ -1,0 +1,379 @@
+"""Lock C (registry) and lock A (session): order guard, fencing tokens, bounded waits woken by
+release, lease lapse, renewal, and the fence check that rejects a stale holder's commit."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+import pytest
+from redis.exceptions import LockNotOwnedError
+
+from coordinator import LockOrderError, LockTimeout, NotFound, SessionRegistry
+from coordinator.keys import JOB_GROUP
+from coordinator.locks import FencedLock, held_locks
+from coordinator.scripts import Reply
+from tests.conftest import FakeCluster
+from tests.helpers import assert_eventually
+from workers.runtime import Crash, Done
+from workers.worker import Worker
+
+# The sessions here never run (no worker in these tests), so any name will do.
+STRATEGY = "tlock-never-run"
+
+
+@pytest.fixture
+def reg(fake_cluster: FakeCluster) -> SessionRegistry:
+    return fake_cluster.registry()
+
+
+@pytest.fixture
+async def sid(reg: SessionRegistry) -> str:
+    """A live session (running: its start job waits for a worker) to take lock A on."""
+    return await reg.submit(STRATEGY, {})
+
+
+async def key_exists(reg: SessionRegistry, key: str) -> bool:
+    return bool(await reg.client.exists(key))
+
+
+async def someone_waits_on(reg: SessionRegistry, lock: FencedLock) -> None:
+    """Poll until a waiter is subscribed to ``lock``'s released channel (so it is blocked)."""
+    channel = reg.keys.lock_released(str(lock.name))
+
+    async def subscribed() -> bool:
+        [(_, n)] = await reg.client.pubsub_numsub(channel)
+        return n >= 1
+
+    await assert_eventually(subscribed, timeout=5, message=f"no waiter on {channel}")
+
+
+# -- order guard ------------------------------------------------------------------------------
+
+
+async def test_c_while_holding_a_is_a_lock_order_error(reg: SessionRegistry, sid: str) -> None:
+    lock_a = reg.locks.session(sid)
+    await lock_a.acquire()
+    assert held_locks() == ("A",)
+    lock_c = reg.locks.registry()
+    with pytest.raises(LockOrderError) as info:
+        await lock_c.acquire()
+    assert info.value.code == "lock_order"
+    with pytest.raises(LockOrderError):
+        await lock_c.acquire(blocking=False)
+    with pytest.raises(LockOrderError):
+        await lock_c.try_in(reg.client.pipeline(transaction=False), "token")
+    assert not await key_exists(reg, reg.keys.registry_lock)  # refused before touching Redis
+    assert lock_c.fence is None
+    await lock_a.release()
+    assert held_locks() == ()
+    await lock_c.acquire()  # fine once A is released
+    await lock_c.release()
+
+
+async def test_c_then_a_is_allowed(reg: SessionRegistry, sid: str) -> None:
+    lock_c = reg.locks.registry()
+    lock_a = reg.locks.session(sid)
+    await lock_c.acquire()
+    await lock_a.acquire()
+    assert held_locks() == ("C", "A")
+    assert lock_c.fence and lock_a.fence
+    assert await key_exists(reg, reg.keys.registry_lock)
+    assert await key_exists(reg, reg.keys.session(sid).lock)
+    await lock_a.release()
+    await lock_c.release()
+    assert held_locks() == ()
+    assert not await key_exists(reg, reg.keys.registry_lock)
+    assert not await key_exists(reg, reg.keys.session(sid).lock)
+
+
+async def test_the_order_guard_is_per_task(reg: SessionRegistry, sid: str) -> None:
+    go = asyncio.Event()
+
+    async def other_task() -> int:
+        await go.wait()
+        lock_c = reg.locks.registry()
+        await lock_c.acquire()
+        await lock_c.release()
+        assert lock_c.fence is not None
+        return lock_c.fence
+
+    task = asyncio.create_task(other_task())  # its context was copied before A was taken
+    lock_a = reg.locks.session(sid)
+    await lock_a.acquire()
+    go.set()
+    assert await asyncio.wait_for(task, 5) >= 1  # another task holding no A may take C
+    await lock_a.release()
+
+
+async def test_async_with_takes_and_releases(reg: SessionRegistry, sid: str) -> None:
+    lock_a = reg.locks.session(sid)
+    async with lock_a:
+        assert held_locks() == ("A",)
+        assert await key_exists(reg, str(lock_a.name))
+    assert held_locks() == ()
+    assert not await key_exists(reg, str(lock_a.name))
+
+
+async def test_lock_a_of_a_missing_session_is_not_found(reg: SessionRegistry) -> None:
+    with pytest.raises(NotFound):
+        await reg.locks.session("s-0-missing").acquire()
+    assert held_locks() == ()
+    assert not await key_exists(reg, reg.keys.session("s-0-missing").lock)
+
+
+# -- fencing tokens ---------------------------------------------------------------------------
+
+
+async def test_session_fences_increase_on_each_acquisition(reg: SessionRegistry,
+                                                           sid: str) -> None:
+    fences = []
+    for _ in range(4):
+        lock_a = reg.locks.session(sid)
+        await lock_a.acquire()
+        assert lock_a.fence is not None
+        fences.append(lock_a.fence)
+        stored = await reg.client.hget(reg.keys.session(sid).session, "fence")
+        assert int(stored) == lock_a.fence  # the token lives in the session hash
+        await lock_a.release()
+    assert fences == sorted(set(fences))
+    assert fences[-1] - fences[0] == 3
+
+
+async def test_registry_fences_increase_on_each_acquisition(reg: SessionRegistry) -> None:
+    fences = []
+    for _ in range(3):
+        lock_c = reg.locks.registry()
+        await lock_c.acquire()
+        assert lock_c.fence is not None
+        fences.append(lock_c.fence)
+        await lock_c.release()
+    assert fences == sorted(set(fences))
+    assert int(await reg.client.get(reg.keys.registry_fence)) == fences[-1]
+
+
+async def test_fences_survive_across_registries(fake_cluster: FakeCluster, reg: SessionRegistry,
+                                                sid: str) -> None:
+    other = fake_cluster.registry()
+    first = reg.locks.session(sid)
+    await first.acquire()
+    await first.release()
+    second = other.locks.session(sid)
+    await second.acquire()
+    await second.release()
+    assert first.fence is not None and second.fence == first.fence + 1
+
+
+# -- waiting ----------------------------------------------------------------------------------
+
+
+async def test_a_waiter_gets_the_lock_when_the_holder_releases(
+    fake_cluster: FakeCluster, reg: SessionRegistry, sid: str
+) -> None:
+    holder = reg.locks.session(sid)  # 10 s lease: only a release can let the waiter in soon
+    await holder.acquire()
+    waiter_lock = fake_cluster.registry().locks.session(sid, wait_s=5.0)
+    waiter = asyncio.create_task(waiter_lock.acquire())
+    await someone_waits_on(reg, waiter_lock)
+    assert not waiter.done()
+    t0 = time.monotonic()
+    await holder.release()
+    assert await asyncio.wait_for(waiter, 5) is True
+    assert time.monotonic() - t0 < 2.0  # woken by the release, not by the lease running out
+    assert holder.fence is not None and waiter_lock.fence == holder.fence + 1
+    assert await reg.client.get(str(waiter_lock.name)) == waiter_lock.local.token
+    await waiter_lock.release()
+
+
+async def test_a_registry_lock_waiter_is_woken_by_release(
+    fake_cluster: FakeCluster, reg: SessionRegistry
+) -> None:
+    holder = reg.locks.registry()
+    await holder.acquire()
+    waiter_lock = fake_cluster.registry().locks.registry(wait_s=5.0)
+    waiter = asyncio.create_task(waiter_lock.acquire())
+    await someone_waits_on(reg, waiter_lock)
+    assert not waiter.done()
+    await holder.release()
+    await asyncio.wait_for(waiter, 5)
+    assert holder.fence is not None and waiter_lock.fence == holder.fence + 1
+    await waiter_lock.release()
+
+
+async def test_lock_timeout_when_held_past_the_wait(reg: SessionRegistry, sid: str) -> None:
+    holder = reg.locks.session(sid)
+    await holder.acquire()
+    other = reg.locks.session(sid, wait_s=0.2)
+    t0 = time.monotonic()
+    with pytest.raises(LockTimeout) as info:
+        await other.acquire()
+    elapsed = time.monotonic() - t0
+    assert 0.2 <= elapsed < 2.0
+    assert info.value.session_id == sid
+    with pytest.raises(LockTimeout):
+        await reg.locks.session(sid).acquire(blocking=False)
+    with pytest.raises(LockTimeout):
+        await reg.locks.session(sid).acquire(blocking_timeout=0.01)
+    assert held_locks() == ("A",)  # failed attempts hold nothing
+    assert await reg.client.get(str(holder.name)) == holder.local.token  # still the holder's
+    await holder.release()
+
+
+async def test_a_lapsed_lease_lets_a_waiter_in_without_release(reg: SessionRegistry,
+                                                               sid: str) -> None:
+    stalled = reg.locks.session(sid, lease_ms=150)
+    await stalled.acquire()
+    t0 = time.monotonic()
+    taker = reg.locks.session(sid, wait_s=3.0)
+    await taker.acquire()  # sleeps until the lease would expire, then takes it
+    assert time.monotonic() - t0 < 2.0
+    assert stalled.fence is not None and taker.fence == stalled.fence + 1
+    with pytest.raises(LockNotOwnedError):
+        await stalled.release()
+    await taker.release()
+    assert held_locks() == ()
+
+
+async def test_release_after_the_lease_lapsed(reg: SessionRegistry, sid: str) -> None:
+    lock_a = reg.locks.session(sid, lease_ms=30)
+    await lock_a.acquire()
+    await assert_eventually(lambda: _gone(reg, str(lock_a.name)), timeout=5)
+    with pytest.raises(LockNotOwnedError):
+        await lock_a.release()
+    assert held_locks() == ()  # the guard forgot the lost lock: C may be taken now
+    lock_c = reg.locks.registry()
+    await lock_c.acquire()
+    await lock_c.release()
+
+
+async def _gone(reg: SessionRegistry, key: str) -> bool:
+    return not await key_exists(reg, key)
+
+
+async def test_kept_alive_renews_the_lease(reg: SessionRegistry, sid: str) -> None:
+    lock_a = reg.locks.session(sid, lease_ms=150)
+    await lock_a.acquire()
+    t0 = time.monotonic()
+
+    async def held_for_three_leases() -> bool:
+        assert await key_exists(reg, str(lock_a.name)), "lease lapsed while kept alive"
+        return time.monotonic() - t0 > 0.45
+
+    async with lock_a.kept_alive():
+        await assert_eventually(held_for_three_leases, timeout=5, interval=0.02)
+    await lock_a.release()
+
+
+# -- stale fences are rejected by the commit --------------------------------------------------
+
+
+def commit_args(reg: SessionRegistry, sid: str, lock: FencedLock, *, asked: int,
+                error: str) -> tuple[list[str], list[Any]]:
+    """``commit_step.lua``'s keys and a 'fail' outcome's arguments, as ``Worker._commit``
+    lays them out."""
+    sk = reg.keys.session(sid)
+    keys = [*reg.keys.script_keys(sid), sk.lock]
+    args: list[Any] = [
+        sid, lock.fence, asked, lock.local.token, JOB_GROUP, sk.channel,
+        reg.keys.lock_released(sk.lock), "w-test", reg.keys.worker_nudge("w-test"),
+        reg.settings.backstop_ms, reg.settings.retention_ms, b"", b"", 0, 0, 0,
+        "fail", b"fail", 0, error,
+    ]
+    return keys, args
+
+
+async def lapse_and_retake(reg: SessionRegistry, sid: str) -> tuple[FencedLock, FencedLock]:
+    """A worker whose lease ran out while it was stalled, and the holder that came next."""
+    stale = reg.locks.session(sid, lease_ms=30)
+    await stale.acquire()
+    await assert_eventually(lambda: _gone(reg, str(stale.name)), timeout=5)
+    fresh = reg.locks.session(sid)
+    await fresh.acquire()
+    assert stale.fence is not None and fresh.fence is not None
+    assert fresh.fence > stale.fence
+    return stale, fresh
+
+
+async def test_commit_with_a_stale_fence_is_fenced(reg: SessionRegistry, sid: str) -> None:
+    stale, fresh = await lapse_and_retake(reg, sid)
+    reply = await reg.scripts.call("commit_step", *commit_args(reg, sid, stale, asked=0,
+                                                               error="stale write"))
+    assert reply == Reply("FENCED", (str(fresh.fence).encode(),))
+    status = await reg.status(sid)
+    assert status["phase"] == "running" and "error" not in status  # nothing was written
+    assert await reg.client.get(str(fresh.name)) == fresh.local.token  # fresh still holds A
+
+    reply = await reg.scripts.call("commit_step", *commit_args(reg, sid, fresh, asked=0,
+                                                               error="fresh write"))
+    assert reply.code == "OK"
+    status = await reg.status(sid)
+    assert (status["phase"], status["error"]) == ("failed", "fresh write")
+    assert not await key_exists(reg, str(fresh.name))  # the commit released lock A
+    fresh.mark_released()
+
+
+async def test_commit_from_a_stale_round_is_stale(reg: SessionRegistry, sid: str) -> None:
+    lock_a = reg.locks.session(sid)
+    await lock_a.acquire()
+    reply = await reg.scripts.call("commit_step", *commit_args(reg, sid, lock_a, asked=3,
+                                                               error="old round"))
+    assert reply == Reply("STALE", (0,))
+    assert (await reg.status(sid))["phase"] == "running"
+    await lock_a.release()
+
+
+async def test_worker_commit_with_a_lapsed_lease_is_dropped(
+    fake_cluster: FakeCluster, reg: SessionRegistry, sid: str
+) -> None:
+    stale, fresh = await lapse_and_retake(reg, sid)
+    worker = Worker(fake_cluster.client(), fake_cluster.settings)  # never started
+    try:
+        applied = await worker._commit(sid, stale, asked_from=0, outcome=Done({"x": 1}),
+                                       journal_entry=b"", ex=None)
+        assert applied is False
+        assert worker.stats.fenced_rejections == 1
+        status = await reg.status(sid)
+        assert status["phase"] == "running" and status.get("result") is None
+
+        applied = await worker._commit(sid, fresh, asked_from=0, outcome=Crash("taken over"),
+                                       journal_entry=b"", ex=None)
+        assert applied is True
+        assert worker.stats.fenced_rejections == 1
+        status = await reg.status(sid)
+        assert (status["phase"], status["error"]) == ("failed", "taken over")
+    finally:
+        await worker.mux.aclose()
+
+
+# -- the sweeper and the locks ----------------------------------------------------------------
+
+
+def far_future_ms() -> int:
+    return time.time_ns() // 1_000_000 + 10 * 3600 * 1000
+
+
+async def test_gc_sweep_skips_while_another_process_holds_c(
+    fake_cluster: FakeCluster, reg: SessionRegistry, sid: str
+) -> None:
+    other = fake_cluster.registry()
+    lock_c = other.locks.registry()
+    await lock_c.acquire()
+    assert await reg.gc_sweep(now_ms=far_future_ms()) == []  # returns at once, reaps nothing
+    assert (await reg.status(sid))["phase"] == "running"
+    await lock_c.release()
+    assert await reg.gc_sweep(now_ms=far_future_ms()) == [sid]
+
+
+async def test_gc_sweep_leaves_a_session_mid_step(fake_cluster: FakeCluster,
+                                                  sid: str) -> None:
+    reg = fake_cluster.registry(lock_wait_s=0.1)
+    lock_a = fake_cluster.registry().locks.session(sid)
+    # taken in another task, as a worker's step would hold it (not this sweeping task)
+    await asyncio.create_task(lock_a.acquire())
+    assert await reg.gc_sweep(now_ms=far_future_ms()) == []
+    assert (await reg.status(sid))["phase"] == "running"
+    await lock_a.release()
+    assert await reg.gc_sweep(now_ms=far_future_ms()) == [sid]
+    status = await reg.status(sid)
+    assert status["phase"] == "failed" and "expired" in status["error"]
