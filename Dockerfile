@@ -11,7 +11,8 @@ WORKDIR /app
 COPY pyproject.toml README.md ./
 COPY coordinator ./coordinator
 COPY workers ./workers
-RUN pip install . \
+# The [api] extra brings the HTTP API (`coordinator serve`) and the MCP server.
+RUN pip install ".[api]" \
     && useradd --create-home --uid 10001 app
 
 USER app

@@ -258,7 +258,8 @@ class Worker:
             pipe.xdel(self.keys.jobs, entry_id)
             await pipe.execute()
             return
-        await self._step(sid, entry_id=entry_id, defer=defer)
+        # Only a resume can have a live holder to defer to; a start never has one.
+        await self._step(sid, entry_id=entry_id, defer=defer and kind == "resume")
 
     async def _drop_entry(self, entry_id: str) -> None:
         pipe = self.client.pipeline(transaction=False)

@@ -1,0 +1,150 @@
+"""The MCP server, through the official SDK's own client over stdio: ``python -m coordinator
+mcp`` as a subprocess, on the embedded default (no Redis at all) and on a real redis-server
+with a worker process. Tools are named and shaped like algocline's; results are the
+``to_json`` shapes as JSON text, errors the coordinator error's ``to_json()`` with isError.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+import sys
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import pytest
+from mcp import Client
+from mcp.client.stdio import StdioServerParameters
+
+from tests.test_http_api import ROOT, Procs, clean_env, live_workers
+
+TOOLS = {"alc_run", "alc_advice", "alc_continue", "alc_status", "alc_cancel"}
+
+
+@asynccontextmanager
+async def mcp_client(**env: str) -> AsyncIterator[Client]:
+    params = StdioServerParameters(command=sys.executable, args=["-m", "coordinator", "mcp"],
+                                   env=clean_env(**env), cwd=str(ROOT))
+    async with Client(params) as client:
+        yield client
+
+
+async def call(client: Client, tool: str, **args: Any) -> dict[str, Any]:
+    """A tool's result as the JSON it carries; fails the test if the tool errored."""
+    res = await client.call_tool(tool, args)
+    assert not res.is_error, res.content
+    [content] = res.content
+    out: dict[str, Any] = json.loads(content.text)  # type: ignore[union-attr]
+    return out
+
+
+async def call_error(client: Client, tool: str, **args: Any) -> dict[str, Any]:
+    res = await client.call_tool(tool, args)
+    assert res.is_error, res.content
+    out: dict[str, Any] = json.loads(res.content[0].text)  # type: ignore[union-attr]
+    assert out["status"] == "error"
+    return out
+
+
+async def test_tools_are_algoclines() -> None:
+    async with mcp_client() as client:
+        tools = {t.name: t for t in (await client.list_tools()).tools}
+    assert set(tools) == TOOLS
+    cont = tools["alc_continue"].input_schema
+    assert set(cont["properties"]) == {"session_id", "response", "query_id", "responses",
+                                       "usage"}
+    assert cont["required"] == ["session_id"]
+    status = tools["alc_status"].input_schema
+    assert set(status["properties"]) == {"session_id", "pending_filter", "include_history"}
+    assert not status.get("required")
+    assert set(tools["alc_run"].input_schema["properties"]) == {"strategy", "ctx", "budget"}
+    assert set(tools["alc_advice"].input_schema["properties"]) == {"strategy", "task", "opts"}
+    assert tools["alc_cancel"].input_schema["required"] == ["session_id"]
+
+
+async def test_run_reflect_to_completion_embedded() -> None:
+    """No REDIS_URL: the server runs on the embedded in-process Redis and workers."""
+    async with mcp_client() as client:
+        first = await call(client, "alc_run", strategy="reflect",
+                           ctx={"task": "Design a rate limiter"})
+        sid = first["session_id"]
+        assert first["status"] == "needs_response" and first["query_id"] == "q-0"
+        assert "rate limiter" in first["prompt"]
+
+        listed = await call(client, "alc_status", pending_filter="preview")
+        assert listed[sid]["pending"][0]["query_id"] == "q-0"
+
+        event, n = first, 0
+        while event["status"] == "needs_response":
+            n += 1
+            event = await call(client, "alc_continue", session_id=sid, response=f"answer {n}")
+        assert event["status"] == "completed" and n == 3
+        assert event["result"]["answer"] == "answer 3"
+        assert event["stats"]["llm_calls"] == 3
+
+        status = await call(client, "alc_status", session_id=sid, include_history=True)
+        assert status["phase"] == "completed" and status["result"] == event["result"]
+        assert [e["response"] for e in status["conversation_history"]] == [
+            "answer 1", "answer 2", "answer 3"]
+        assert await call(client, "alc_status") == {}  # nothing paused any more
+
+        gone = await call_error(client, "alc_cancel", session_id=sid)
+        assert gone["type"] == "invalid_transition" and gone["state"] == "completed"
+
+
+async def test_advice_batch_partial_and_errors_embedded() -> None:
+    async with mcp_client() as client:
+        first = await call(client, "alc_advice", strategy="sc", task="2+2", opts={"n": 3})
+        sid = first["session_id"]
+        assert [q["id"] for q in first["queries"]] == ["q-0", "q-1", "q-2"]
+
+        sole = await call_error(client, "alc_continue", session_id=sid, response="4")
+        assert sole["type"] == "no_pending_query" and "3 queries pending" in sole["error"]
+        assert await call(client, "alc_continue", session_id=sid, query_id="q-2",
+                          response="5", usage={"completion_tokens": 3}) == {
+            "status": "accepted", "remaining": 2}
+        dup = await call_error(client, "alc_continue", session_id=sid, query_id="q-2",
+                               response="5")
+        assert dup["type"] == "already_responded" and dup["query_id"] == "q-2"
+        done = await call(client, "alc_continue", session_id=sid, responses=[
+            {"query_id": "q-0", "response": "4"}, {"query_id": "q-1", "response": "4"}])
+        assert done["status"] == "completed" and done["result"]["answer"] == "4"
+
+        assert (await call_error(client, "alc_run", strategy="no-such"))["type"] == \
+            "unknown_strategy"
+        assert (await call_error(client, "alc_continue", session_id="s-0-0",
+                                 response="x"))["type"] == "not_found"
+        assert (await call_error(client, "alc_continue", session_id=sid))["type"] == \
+            "invalid_input"
+        second = await call(client, "alc_run", strategy="cot", ctx={"task": "t"})
+        cancelled = await call(client, "alc_cancel", session_id=second["session_id"])
+        assert cancelled["status"] == "cancelled" and "stats" in cancelled
+        bad = await client.call_tool("alc_status", {"pending_filter": "everything"})
+        assert bad.is_error  # the SDK validates arguments against the tool's schema
+
+
+@pytest.mark.redis
+async def test_run_cot_on_real_redis(redis_url: str, tmp_path: Path) -> None:
+    """With REDIS_URL the server is a host of the shared deployment: a worker process
+    steps the session, and a second MCP server sees it too."""
+    ns = f"mcp{secrets.token_hex(4)}"
+    procs = Procs(tmp_path)
+    try:
+        procs.workers(redis_url, ns, n=1)
+        await live_workers(redis_url, ns, 1)
+        env = {"REDIS_URL": redis_url, "ALC_NAMESPACE": ns}
+        async with mcp_client(**env) as one, mcp_client(**env) as other:
+            first = await call(one, "alc_run", strategy="cot", ctx={"task": "2+2"})
+            sid = first["session_id"]
+            seen = await call(other, "alc_status", session_id=sid, pending_filter="full")
+            assert seen["phase"] == "paused" and seen["pending"][0]["prompt"] == first["prompt"]
+            step = await call(other, "alc_continue", session_id=sid, response="2 and 2")
+            assert step["status"] == "needs_response" and step["query_id"] == "q-0"
+            final = await call(one, "alc_continue", session_id=sid, query_id="q-0",
+                               response="4")
+            assert final["status"] == "completed"
+            assert final["result"] == {"answer": "4", "reasoning": "2 and 2"}
+    finally:
+        procs.close()
