@@ -1,0 +1,47 @@
+"""Worker processes for the benchmark (real ``coordinator worker`` processes)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import redis
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@contextmanager
+def workers(url: str, namespace: str, n: int, *, concurrency: int = 64,
+            env: dict[str, str] | None = None) -> Iterator[list[subprocess.Popen[bytes]]]:
+    full_env = {**os.environ, "PYTHONPATH": str(ROOT), **(env or {})}
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-m", "coordinator", "worker", "--redis", url, "--namespace",
+             namespace, "--import", "bench.strategies", "--concurrency", str(concurrency),
+             "--log-level", "WARNING"],
+            env=full_env, cwd=ROOT,
+        )
+        for _ in range(n)
+    ]
+    try:
+        client = redis.Redis.from_url(url)
+        deadline = time.monotonic() + 30
+        while client.zcard(f"{namespace}:workers") < n:  # process start-up only
+            if time.monotonic() > deadline:
+                raise RuntimeError("workers did not start")
+            time.sleep(0.05)
+        client.close()
+        yield procs
+    finally:
+        for p in procs:
+            p.terminate()
+        for p in procs:
+            try:
+                p.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                p.kill()
