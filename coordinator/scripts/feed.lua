@@ -39,12 +39,10 @@ redis.call('ZREM', KEYS[6], ARGV[1])
 local asked = redis.call('HGET', KEYS[1], 'asked')
 local job = redis.call('XADD', KEYS[8], '*', 'k', 'resume', 'sid', ARGV[1], 'a', asked)
 redis.call('HSET', KEYS[1], 'job', job)
--- The live holder is told directly; other workers are woken only when there is none (the
--- job is in the stream either way, and a worker polls it within a wait slice).
+-- The live holder is told directly; the other workers are woken only when no holder heard
+-- it (the job is in the stream either way, and idle workers poll it within a wait slice).
 local nudge = redis.call('HGET', KEYS[1], 'holder_ch')
-if nudge then
-  redis.call('PUBLISH', nudge, ARGV[1])
-else
+if not nudge or redis.call('PUBLISH', nudge, ARGV[1]) == 0 then
   redis.call('PUBLISH', ARGV[7], ARGV[1])
 end
 return {'READY', tonumber(asked)}
