@@ -7,10 +7,10 @@ import statistics
 from typing import Any
 
 from coordinator import Paused, SessionRegistry
-from coordinator.codec import pack
 from workers.catalog import get
 from workers.runtime import Execution, JournalRound, digest
 
+from . import strategies
 from .stats import Latency, now
 
 PROMPT_CHARS = 200
@@ -93,6 +93,7 @@ async def memory_per_session(reg: SessionRegistry, sids: list[str]) -> dict[str,
 async def replay_per_round(rounds: int) -> float:
     """Seconds per round to rebuild an execution of ``rounds`` answered rounds."""
     fn = get("bench-seq")
+    assert fn is strategies.seq
     probe = Execution(fn, {"k": rounds + 1})
     first = await probe.step(None, 10)
     assert hasattr(first, "queries")
@@ -104,5 +105,4 @@ async def replay_per_round(rounds: int) -> float:
     await ex.replay(journal, 60)
     elapsed = now() - t0
     ex.close()
-    pack(None)
     return elapsed / rounds

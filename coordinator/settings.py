@@ -6,7 +6,7 @@ import os
 from dataclasses import dataclass, fields, replace
 from typing import Any
 
-from redis.asyncio import Redis
+from redis.asyncio import BlockingConnectionPool, Redis
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
@@ -84,14 +84,21 @@ def _convert(name: str, raw: str, kind: type) -> Any:
         raise ValueError(f"ALC_{name.upper()}={raw!r} is not a valid {kind.__name__}") from None
 
 
-def connect(url: str, **kwargs: Any) -> Redis:
-    """A client that rides out restarts and dropped connections with capped backoff."""
+def connect(url: str, *, max_connections: int = 64, **kwargs: Any) -> Redis:
+    """A client that rides out restarts and dropped connections with capped backoff.
+
+    The pool blocks (up to 20 s) when all its connections are busy instead of failing: a
+    host driving hundreds of sessions at once should queue for a connection, not crash.
+    """
     retry = Retry(ExponentialBackoff(cap=1.0, base=0.02), retries=30)
-    return Redis.from_url(
+    pool = BlockingConnectionPool.from_url(
         url,
+        max_connections=max_connections,
+        timeout=20,
         retry=retry,
         retry_on_error=[RedisConnectionError, RedisTimeoutError, ConnectionResetError],
         socket_connect_timeout=5,
         health_check_interval=30,
         **kwargs,
     )
+    return Redis(connection_pool=pool)
