@@ -44,6 +44,9 @@ class Settings:
     #: A step that fails (or whose worker dies) this many times in a row is dead-lettered and
     #: its session failed, so a poison job cannot loop forever.
     max_attempts: int = 5
+    #: On SIGTERM a worker stops taking work and gives in-flight steps this long to finish;
+    #: steps still running then are cut, and their jobs are claimed by other workers.
+    shutdown_grace_s: float = 10.0
     #: Most paused executions a worker keeps alive in memory; older ones are replayed if needed.
     max_live_executions: int = 10_000
 
@@ -101,4 +104,4 @@ def connect(url: str, *, max_connections: int = 64, **kwargs: Any) -> Redis:
         health_check_interval=30,
         **kwargs,
     )
-    return Redis(connection_pool=pool)
+    return Redis.from_pool(pool)  # the client owns the pool: aclose() closes its connections

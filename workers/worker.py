@@ -121,15 +121,19 @@ class Worker:
         """Start, then serve until ``stop()`` (or a signal handler that calls it)."""
         await self.start()
         await self._stop.wait()
-        await self.shutdown()
+        log.info("worker %s stopping: finishing in-flight steps (grace %.1f s)", self.id,
+                 self.settings.shutdown_grace_s)
+        await self.shutdown(self.settings.shutdown_grace_s)
+        log.info("worker %s stopped", self.id)
 
     def stop(self) -> None:
         """Ask the worker to stop; safe to call from a signal handler."""
         self._stop.set()
 
-    async def shutdown(self, grace_s: float = 10.0) -> None:
+    async def shutdown(self, grace_s: float | None = None) -> None:
         """Stop taking work, let in-flight steps finish within ``grace_s``, then leave.
         Steps cut short keep their jobs pending, so another worker claims them."""
+        grace_s = self.settings.shutdown_grace_s if grace_s is None else grace_s
         self._stop.set()
         for task in self._loops:
             task.cancel()
