@@ -1,14 +1,18 @@
 """Strategies for the multi-process tests, loaded by worker processes with
 ``--import tests.strategies_mp`` (the worker runs with the repo root on ``PYTHONPATH``).
 
-Both are deterministic given their answers, and their results are a pure function of the
-answers, so a test can compute the exact expected result: ``expected_rounds`` below.
+All are deterministic given their answers, and their results are a pure function of the
+answers, so a test can compute the exact expected result: ``expected_rounds`` and
+``expected_batches`` below.
 """
 
 from __future__ import annotations
 
 import asyncio
+import os
 from typing import Any
+
+import redis
 
 from workers.catalog import strategy
 from workers.context import Context
@@ -50,3 +54,72 @@ async def mp_slow(ctx: Context, tag: str = "", delay: float = 1.0, **_: Any) -> 
     if not ctx.replaying:
         await asyncio.sleep(delay)
     return {"tag": tag, "first": list(first), "second": second}
+
+
+# -- for the fault tests (tests/test_faults_*.py) -------------------------------------------
+
+
+def batch_sizes(n: int, rounds: int) -> list[int]:
+    """Round sizes (1 to 4 queries) of session number ``n``: a pure function of ``n``."""
+    return [1 + (n + 3 * r) % 4 for r in range(rounds)]
+
+
+def expected_batches(tag: str, sizes: list[int], answer: Any) -> list[list[str]]:
+    """What ``mp-batches`` returns when every query is answered with ``answer(prompt)``."""
+    return [[answer(prompt_for(tag, r, i)) for i in range(size)] for r, size in enumerate(sizes)]
+
+
+@strategy("mp-batches")
+async def mp_batches(
+    ctx: Context, tag: str = "", sizes: list[int] | None = None, **_: Any
+) -> dict[str, Any]:
+    """One round per entry of ``sizes``, of that many queries; returns every applied round's
+    answers in query order, so a round applied twice (or lost) shows in the result."""
+    sizes = list(sizes or [])
+    collected: list[list[str]] = []
+    for r, size in enumerate(sizes):
+        ctx.progress(r + 1, len(sizes), f"round {r}")
+        answers = await ctx.llm_batch([prompt_for(tag, r, i) for i in range(size)])
+        collected.append(list(answers))
+    return {"tag": tag, "rounds": collected}
+
+
+def hold_keys(tag: str) -> dict[str, str]:
+    """Redis keys of an ``mp-hold`` session: ``taken`` (SET NX: only the first live step
+    holds), ``entered`` (the holding process pushes its pid: "I am in the step now"), ``go``
+    (the test pushes to let the held step go on)."""
+    return {name: f"test-hold:{tag}:{name}" for name in ("taken", "entered", "go")}
+
+
+def _hold_once(url: str, tag: str) -> None:
+    keys = hold_keys(tag)
+    client = redis.Redis.from_url(url)
+    try:
+        if client.set(keys["taken"], os.getpid(), nx=True, ex=600):
+            client.rpush(keys["entered"], os.getpid())
+            client.blpop([keys["go"]], timeout=120)
+    finally:
+        client.close()
+
+
+@strategy("mp-hold")
+async def mp_hold(ctx: Context, tag: str = "", url: str = "", **_: Any) -> dict[str, Any]:
+    """Asks ``first``; the first live step after that answer (on whichever worker) is held
+    mid-step, lock A held, until the test pushes to ``go``: it signals its pid on ``entered``
+    and then blocks in a thread (CPU-idle), so the test can SIGSTOP or SIGKILL that process
+    in the middle of a step. Later steps (a takeover, a replay) do not hold."""
+    first = await ctx.llm(f"{tag} first")
+    if url and not ctx.replaying:
+        await asyncio.to_thread(_hold_once, url, tag)
+    second = await ctx.llm(f"{tag} second after {first}")
+    return {"tag": tag, "first": first, "second": second}
+
+
+@strategy("mp-crash")
+async def mp_crash(ctx: Context, tag: str = "", **_: Any) -> dict[str, Any]:
+    """A poison session: every live step after the first answer kills its worker process
+    (no commit, no ack, lock A left to expire), however often it is retried."""
+    first = await ctx.llm(f"{tag} go?")
+    if not ctx.replaying:
+        os._exit(1)
+    return {"tag": tag, "first": first}

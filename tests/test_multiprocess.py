@@ -10,14 +10,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
 import json
-import os
 import random
-import secrets
 import signal
-import subprocess
-import sys
 import time
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
@@ -25,7 +20,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import redis
 
 from coordinator.errors import WaitTimeout
 from coordinator.keys import JOB_GROUP, Keys
@@ -33,128 +27,19 @@ from coordinator.models import Accepted, Finished, Paused
 from coordinator.registry import SessionRegistry
 from coordinator.states import Phase
 from tests.helpers import assert_eventually
+from tests.procs import (
+    FAST_SETTINGS,
+    STRATEGIES,
+    WAIT_S,
+    WorkerPool,
+    WorkerProc,
+    answer_for,
+    new_namespace,
+    run_cli,
+)
 from tests.strategies_mp import expected_rounds, prompt_for
 
 pytestmark = [pytest.mark.redis, pytest.mark.slow]
-
-ROOT = Path(__file__).resolve().parents[1]
-STRATEGIES = "tests.strategies_mp"
-#: Generous bound on every single wait, so a slow CI box does not flake; typical waits are ms.
-WAIT_S = 30.0
-#: Short leases and claim times: a SIGKILLed worker's work is taken over within ~2-3 s.
-FAST_ENV = {
-    "ALC_LEASE_MS": "1500",
-    "ALC_CLAIM_IDLE_MS": "800",
-    "ALC_HEARTBEAT_TTL_MS": "1500",
-    "ALC_WAIT_SLICE_S": "0.2",
-    "ALC_LOCK_WAIT_S": "10",
-}
-FAST_SETTINGS: dict[str, Any] = {
-    "lease_ms": 1500,
-    "claim_idle_ms": 800,
-    "heartbeat_ttl_ms": 1500,
-    "wait_slice_s": 0.2,
-    "lock_wait_s": 10.0,
-}
-
-
-def clean_env(**extra: str) -> dict[str, str]:
-    """The test's environment minus anything that would pick a Redis or change settings
-    behind the test's back, with the repo root importable (for ``tests.strategies_mp``)."""
-    env = {
-        k: v for k, v in os.environ.items()
-        if k != "REDIS_URL" and not k.startswith("ALC_") and not k.startswith("PYTEST_")
-    }
-    env["PYTHONPATH"] = os.pathsep.join(
-        p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p
-    )
-    env.update(extra)
-    return env
-
-
-def cli_argv(*args: str) -> list[str]:
-    # ``python -m coordinator.cli`` does not call main() (cli.py has no __main__ guard);
-    # ``python -m coordinator`` runs coordinator/__main__.py, which does.
-    return [sys.executable, "-m", "coordinator", *args]
-
-
-def new_namespace() -> str:
-    return f"mp{secrets.token_hex(4)}"
-
-
-# -- worker processes ----------------------------------------------------------------------
-
-
-@dataclass
-class WorkerProc:
-    proc: subprocess.Popen[bytes]
-    log_path: Path
-    worker_id: str = ""
-
-    def log_tail(self, limit: int = 3000) -> str:
-        try:
-            data = self.log_path.read_text(errors="replace")
-        except OSError as exc:
-            return f"<no log: {exc}>"
-        return data[-limit:]
-
-
-@dataclass
-class WorkerPool:
-    """Starts ``coordinator worker`` processes; the fixture kills them all at teardown."""
-
-    url: str
-    namespace: str
-    log_dir: Path
-    procs: list[WorkerProc] = field(default_factory=list)
-
-    async def start(self, concurrency: int = 4) -> WorkerProc:
-        """Start one worker and return once it has registered its heartbeat."""
-        client = redis.Redis.from_url(self.url, socket_timeout=5.0)
-        try:
-            workers_key = Keys(self.namespace).workers
-            before = {k.decode() for k in client.zrange(workers_key, 0, -1)}
-            wp = self._spawn(concurrency)
-            proc = wp.proc
-
-            def registered() -> set[str]:
-                if proc.poll() is not None:
-                    raise AssertionError(
-                        f"worker exited with {proc.returncode} during start-up:\n{wp.log_tail()}"
-                    )
-                return {k.decode() for k in client.zrange(workers_key, 0, -1)} - before
-
-            await assert_eventually(registered, timeout=WAIT_S, interval=0.05,
-                                    message="worker did not register its heartbeat")
-            (wp.worker_id,) = registered()
-            return wp
-        finally:
-            client.close()
-
-    def _spawn(self, concurrency: int) -> WorkerProc:
-        log_path = self.log_dir / f"worker-{len(self.procs)}.log"
-        with log_path.open("wb") as log:
-            proc = subprocess.Popen(
-                cli_argv("worker", "--redis", self.url, "--namespace", self.namespace,
-                         "--import", STRATEGIES, "--concurrency", str(concurrency),
-                         "--log-level", "INFO"),
-                cwd=ROOT, env=clean_env(**FAST_ENV), stdout=log, stderr=subprocess.STDOUT,
-            )
-        wp = WorkerProc(proc, log_path)
-        self.procs.append(wp)  # registered at once, so teardown kills it whatever happens
-        return wp
-
-    def logs(self) -> str:
-        return "\n".join(f"--- worker {w.worker_id} (pid {w.proc.pid}, rc {w.proc.poll()})\n"
-                         f"{w.log_tail()}" for w in self.procs)
-
-    def close(self) -> None:
-        for wp in self.procs:
-            if wp.proc.poll() is None:
-                wp.proc.kill()
-        for wp in self.procs:
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                wp.proc.wait(timeout=10)
 
 
 @pytest.fixture
@@ -181,52 +66,6 @@ async def registries(redis_url: str, namespace: str) -> AsyncIterator[list[Sessi
     finally:
         for reg in regs:
             await reg.aclose()
-
-
-# -- CLI subprocesses ----------------------------------------------------------------------
-
-
-@dataclass
-class CliResult:
-    code: int
-    stdout: str
-    stderr: str
-
-    def json(self) -> Any:
-        try:
-            return json.loads(self.stdout)
-        except json.JSONDecodeError as exc:
-            raise AssertionError(
-                f"stdout is not JSON ({exc}); rc={self.code}\nstdout:\n{self.stdout}\n"
-                f"stderr:\n{self.stderr}"
-            ) from None
-
-    def __str__(self) -> str:
-        return f"rc={self.code}\nstdout:\n{self.stdout}\nstderr:\n{self.stderr}"
-
-
-async def run_cli(*args: str, env: dict[str, str] | None = None,
-                  timeout: float = 60.0) -> CliResult:
-    """Run the CLI as a subprocess (never blocking the event loop); killed on timeout."""
-    proc = await asyncio.create_subprocess_exec(
-        *cli_argv(*args), cwd=ROOT, env=env if env is not None else clean_env(),
-        stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-    )
-    try:
-        out, err = await asyncio.wait_for(proc.communicate(), timeout)
-    except BaseException:
-        with contextlib.suppress(ProcessLookupError):
-            proc.kill()
-        await proc.wait()
-        raise
-    assert proc.returncode is not None
-    return CliResult(proc.returncode, out.decode(errors="replace"), err.decode(errors="replace"))
-
-
-def answer_for(prompt: str) -> str:
-    """The host's (pure) answer to a prompt."""
-    return "ans:" + hashlib.sha256(prompt.encode()).hexdigest()[:12] + ":" + prompt
 
 
 # -- 1. SIGKILL one of two workers under 20 concurrent sessions ----------------------------
