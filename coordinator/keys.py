@@ -57,6 +57,16 @@ from dataclasses import dataclass
 
 JOB_GROUP = "workers"
 
+#: A session's other keys are its hash key plus these.
+SUFFIX = {
+    "pending": ":pending",
+    "answers": ":answers",
+    "journal": ":journal",
+    "logs": ":logs",
+    "lock": ":lock",
+    "channel": ":events",
+}
+
 
 @dataclass(frozen=True, slots=True)
 class SessionKeys:
@@ -88,13 +98,19 @@ class Keys:
         base = f"{self.namespace}:{{{sid}}}"
         return SessionKeys(
             session=base,
-            pending=f"{base}:pending",
-            answers=f"{base}:answers",
-            journal=f"{base}:journal",
-            logs=f"{base}:logs",
-            lock=f"{base}:lock",
-            channel=f"{base}:events",
+            pending=base + SUFFIX["pending"],
+            answers=base + SUFFIX["answers"],
+            journal=base + SUFFIX["journal"],
+            logs=base + SUFFIX["logs"],
+            lock=base + SUFFIX["lock"],
+            channel=base + SUFFIX["channel"],
         )
+
+    def session_template(self) -> tuple[str, str]:
+        """(head, tail) with ``head + sid + tail`` the session hash key, for scripts that take
+        thousands of sessions at once (``snapshots.lua``) and derive the keys themselves
+        from these parts and ``SUFFIX`` rather than receive five keys per session."""
+        return f"{self.namespace}:{{", "}"
 
     @property
     def registry(self) -> str:

@@ -104,12 +104,8 @@ class SessionRecord:
     def budget_remaining(self) -> dict[str, int] | None:
         if not self.budget:
             return None
-        used = {
-            "llm_calls": self.counters["llm_calls"],
-            "tokens": sum(self.tokens()[k] for k in ("prompt_total", "response_total")),
-            "elapsed_ms": self.elapsed_ms,
-        }
-        return {k: max(0, int(v) - used[k]) for k, v in self.budget.items() if k in used}
+        return budget_left(self.budget, self.counters["llm_calls"], self.tokens()["total"],
+                           self.elapsed_ms)
 
     def stats(self) -> dict[str, Any]:
         """algocline's ``stats`` object for terminal results."""
@@ -132,6 +128,13 @@ class SessionRecord:
 
     def finished(self) -> Finished:
         return Finished(self.phase, self.result, self.error, self.stats())
+
+
+def budget_left(
+    budget: dict[str, Any], llm_calls: int, tokens: int, elapsed_ms: int
+) -> dict[str, int]:
+    used = {"llm_calls": llm_calls, "tokens": tokens, "elapsed_ms": elapsed_ms}
+    return {k: max(0, int(v) - used[k]) for k, v in budget.items() if k in used}
 
 
 def decode_queries(

@@ -236,7 +236,7 @@ class SessionRegistry:
         pf = _filter(pending_filter)
         sids = [text(s) for s in await self.client.zrange(self.keys.registry, 0, -1)]
         return await snapshot.read_many(
-            self.client, self.keys, sids, pending_filter=pf, include_history=include_history
+            self.scripts, self.keys, sids, pending_filter=pf, include_history=include_history
         )
 
     async def status(
@@ -247,7 +247,7 @@ class SessionRegistry:
     ) -> dict[str, Any]:
         """One session's snapshot, live or finished (within retention), with its result."""
         snaps = await snapshot.read_many(
-            self.client, self.keys, [session_id],
+            self.scripts, self.keys, [session_id],
             pending_filter=_filter(pending_filter), include_history=include_history,
         )
         if session_id not in snaps:

@@ -1,64 +1,98 @@
 """Snapshots: what observers (``list_snapshots``, ``status``) see of a session.
 
-Reads are plain pipelined reads with no lock at all: a snapshot is a consistent-enough view
-for observation, and never taking a lock is what keeps observers from ever slowing a feed
-(the original's ``list_snapshots`` held the registry lock and blocked every feed).
+Observers take no lock at all: a snapshot is a consistent-enough view for observation, and
+never taking a lock is what keeps observers from ever slowing a feed (the original's
+``list_snapshots`` held the registry lock and blocked every feed). Sessions are read in
+batches through ``snapshots.lua`` (one command per batch, batches small enough that Redis is
+never held for long) and built straight from the returned field vector: at 10k sessions the
+per-command and per-object costs are the whole bill.
 """
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Iterable
 from typing import Any
 
-from redis.asyncio import Redis
+import msgpack
 
 from .codec import unpack
 from .errors import CorruptState
-from .keys import Keys
-from .models import PendingFilter
-from .records import SessionRecord, decode_queries
+from .keys import SUFFIX, Keys
+from .models import LlmQuery, PendingFilter
+from .records import budget_left, now_ms
+from .scripts import Scripts
+from .states import Phase
 
 HISTORY_EXCHANGES = 10
-CHUNK = 500
+BATCH = 250
+
+#: The session hash fields a snapshot reads, in the order ``_build`` unpacks them.
+FIELDS = (
+    "phase", "strategy", "started_at", "last_activity_at", "remaining", "finished_at",
+    "budget", "progress", "cq_tokens", "qids", "m:llm_calls", "m:rounds", "m:prompt_tokens",
+    "m:response_tokens",
+)
+#: phase bytes -> (state, phase, terminal); looked up once per session, no enum work.
+_PHASES = {p.value.encode(): (p.state, p.value, p.terminal) for p in Phase}
 
 
-def build(
-    rec: SessionRecord,
-    *,
-    pending: dict[bytes, bytes],
-    answered: set[bytes],
-    logs: list[bytes],
-    journal_tail: list[bytes] | None,
-    pending_filter: PendingFilter | None,
-) -> dict[str, Any]:
+def _build(sid: str, row: list[Any], pf: PendingFilter | None, now: int) -> dict[str, Any]:
+    (phase_b, strategy, started, last, remaining, finished, budget, progress, cq, qids,
+     calls, rounds, ptok, rtok, logs, pending, answered, journal) = row
+    known = _PHASES.get(phase_b)
+    if known is None or started is None or last is None or strategy is None:
+        raise CorruptState(f"session {sid} has a corrupt or incomplete hash", session_id=sid)
+    state, phase, terminal = known
+    start_ms = int(started)
+    elapsed = (int(finished) if finished else now) - start_ms
+    prompt_total = int(ptok) if ptok else 0
+    response_total = int(rtok) if rtok else 0
     metrics: dict[str, Any] = {
-        "elapsed_ms": rec.elapsed_ms,
-        "llm_calls": rec.counters["llm_calls"],
-        "rounds": rec.counters["rounds"],
-        "tokens": {**rec.tokens(), "current_query": rec.current_query_tokens},
-        "recent_logs": [unpack(x, what="log entry", session_id=rec.sid) for x in logs],
+        "elapsed_ms": elapsed if elapsed > 0 else 0,
+        "llm_calls": int(calls) if calls else 0,
+        "rounds": int(rounds) if rounds else 0,
+        "tokens": {"prompt_total": prompt_total, "response_total": response_total,
+                   "total": prompt_total + response_total,
+                   "current_query": int(cq) if cq else 0},
+        "recent_logs": [msgpack.unpackb(x) for x in logs] if logs else [],
     }
-    if rec.progress is not None:
-        metrics["progress"] = rec.progress
-    remaining = rec.budget_remaining()
-    if remaining is not None:
-        metrics["budget_remaining"] = remaining
+    if progress:
+        metrics["progress"] = unpack(progress, what="progress", session_id=sid)
+    if budget:
+        metrics["budget_remaining"] = budget_left(
+            unpack(budget, what="budget", session_id=sid), metrics["llm_calls"],
+            prompt_total + response_total, metrics["elapsed_ms"])
     snap: dict[str, Any] = {
-        "state": rec.phase.state,
-        "phase": rec.phase.value,
-        "started_at": rec.started_at,
-        "last_activity_at": rec.last_activity_at,
-        "strategy": rec.strategy,
+        "state": state,
+        "phase": phase,
+        "started_at": start_ms,
+        "last_activity_at": int(last),
+        "strategy": strategy.decode(),
         "metrics": metrics,
     }
-    if not rec.phase.terminal:
-        snap["pending_queries"] = rec.remaining if rec.phase.value == "paused" else 0
-    if pending_filter is not None:
-        queries = decode_queries(rec, pending, answered)
-        snap["pending"] = [pending_filter.project(q) for q in queries]
-    if journal_tail is not None:
-        snap["conversation_history"] = history(rec.sid, journal_tail)
+    if not terminal:
+        snap["pending_queries"] = int(remaining) if remaining and phase == "paused" else 0
+    if pf is not None:
+        snap["pending"] = [pf.project(q) for q in _pending(sid, qids, pending, answered)]
+    if journal is not None:
+        snap["conversation_history"] = history(sid, journal)
     return snap
+
+
+def _pending(sid: str, qids: bytes | None, flat: list[bytes] | None,
+             answered: list[bytes] | None) -> list[LlmQuery]:
+    if not qids or not flat:
+        return []
+    it = iter(flat)
+    by_id = dict(zip(it, it, strict=True))
+    done = set(answered or ())
+    out = []
+    for qid in unpack(qids, what="query ids", session_id=sid):
+        key = qid.encode()
+        if key not in done and key in by_id:
+            out.append(LlmQuery.from_record(unpack(by_id[key], what="query", session_id=sid)))
+    return out
 
 
 def history(sid: str, journal_tail: list[bytes]) -> list[dict[str, Any]]:
@@ -71,48 +105,35 @@ def history(sid: str, journal_tail: list[bytes]) -> list[dict[str, Any]]:
 
 
 async def read_many(
-    client: Redis,
+    scripts: Scripts,
     keys: Keys,
     sids: Iterable[str],
     *,
     pending_filter: PendingFilter | None,
     include_history: bool,
 ) -> dict[str, dict[str, Any]]:
-    """Snapshots of ``sids``, one pipelined round trip per chunk; vanished ones are left out.
+    """Snapshots of ``sids``; vanished ones are left out.
 
-    A session whose hash does not decode is shown with phase ``corrupt`` rather than
-    failing the whole listing: one bad session must not blind the observer to the rest.
+    A session whose hash does not decode is shown with phase ``corrupt`` rather than failing
+    the whole listing: one bad session must not blind the observer to the rest.
     """
     out: dict[str, dict[str, Any]] = {}
     batch = list(sids)
-    per = 2 + (2 if pending_filter is not None else 0) + (1 if include_history else 0)
-    for start in range(0, len(batch), CHUNK):
-        chunk = batch[start : start + CHUNK]
-        pipe = client.pipeline(transaction=False)
-        for sid in chunk:
-            sk = keys.session(sid)
-            pipe.hgetall(sk.session)
-            pipe.lrange(sk.logs, 0, -1)
-            if pending_filter is not None:
-                pipe.hgetall(sk.pending)
-                pipe.hkeys(sk.answers)
-            if include_history:
-                pipe.lrange(sk.journal, -HISTORY_EXCHANGES, -1)
-        replies = await pipe.execute()
-        for n, sid in enumerate(chunk):
-            r = replies[n * per : (n + 1) * per]
-            if not r[0]:
+    head, tail = keys.session_template()
+    fixed = ["1" if pending_filter is not None else "0",
+             HISTORY_EXCHANGES if include_history else 0, head, tail, SUFFIX["logs"],
+             SUFFIX["pending"], SUFFIX["answers"], SUFFIX["journal"]]
+    for start in range(0, len(batch), BATCH):
+        chunk = batch[start : start + BATCH]
+        rows = await scripts.call_raw("snapshots", [], [*fixed, "\n".join(chunk), *FIELDS])
+        now = now_ms()
+        for sid, row in zip(chunk, rows, strict=True):
+            if not row:
                 continue
-            pos = 2
-            pending: dict[bytes, bytes] = {}
-            answered: set[bytes] = set()
-            if pending_filter is not None:
-                pending, answered, pos = r[2], set(r[3]), 4
-            tail = r[pos] if include_history else None
             try:
-                rec = SessionRecord.from_hash(sid, r[0])
-                out[sid] = build(rec, pending=pending, answered=answered, logs=r[1],
-                                 journal_tail=tail, pending_filter=pending_filter)
-            except CorruptState as exc:
-                out[sid] = {"state": "terminal", "phase": "corrupt", "error": exc.message}
+                out[sid] = _build(sid, row, pending_filter, now)
+            except (CorruptState, ValueError, TypeError, msgpack.UnpackException) as exc:
+                out[sid] = {"state": "terminal", "phase": "corrupt",
+                            "error": f"session {sid} cannot be read: {exc}"}
+        await asyncio.sleep(0)  # let feeds in this process run between batches
     return out

@@ -11,10 +11,14 @@ start. Every peer is measured the same way, by the harness in this module:
   ramp-up and the drain, with 1 and 2 worker processes where the peer has workers.
 
 A peer module exposes ``async def run(cfg) -> PeerResult`` (``langgraph_peer`` has two, one per
-checkpointer) and runs standalone: ``python -m bench.peers.rq_peer --redis URL [--json]``.
-``available()`` tells which peers can run here and why not; ``run_in_subprocess`` runs a peer
-in another interpreter (the ``bench`` extra pins redis-py below 6 through arq, so the main
-benchmark may keep the peers in a venv of their own).
+checkpointer) and runs standalone: ``python -m bench.peers.rq_peer --redis URL [--json]``;
+``python -m bench.peers`` runs them all.
+
+For the main benchmark: ``available()`` says which peers can run and why not, and
+``await run(name, url=REDIS_URL, quick=False)`` runs one in a fresh process of its own (so one
+peer's threads, pools and global state never load the next one, nor the caller) and returns its
+``PeerResult``. That process uses ``$ALC_BENCH_PEERS_PYTHON`` when set: the ``bench`` extra
+pins redis-py below 6 (through arq), so the peers may live in a venv of their own.
 """
 
 from __future__ import annotations
@@ -29,7 +33,7 @@ import json
 import os
 import secrets
 import sys
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -44,12 +48,24 @@ Record = Callable[[float], None]
 SessionFn = Callable[[str, Record], Awaitable[None]]
 """Runs one whole session (start, then K answered steps) under the given session id."""
 
+PeerRun = Callable[["PeerConfig"], Coroutine[Any, Any, "PeerResult"]]
+"""A peer module's ``run``."""
+
+
+PYTHON_ENV = "ALC_BENCH_PEERS_PYTHON"
+PG_ENV = "ALC_BENCH_PG_URL"
+DEFAULT_PG_URL = "postgresql://postgres@127.0.0.1:5432/postgres"
+
+
+def _default_pg_url() -> str:
+    return os.environ.get(PG_ENV) or DEFAULT_PG_URL
+
 
 @dataclass(frozen=True)
 class PeerConfig:
     redis_url: str = "redis://127.0.0.1:6379/5"
     # An admin connection: peers on PostgreSQL create (and drop) databases of their own beside it.
-    pg_url: str = "postgresql://postgres@127.0.0.1:5432/postgres"
+    pg_url: str = field(default_factory=_default_pg_url)
     k: int = 10
     warmup_sessions: int = 5
     latency_sessions: int = 40
@@ -61,6 +77,12 @@ class PeerConfig:
     drain_timeout_s: float = 20.0
     python: str = sys.executable  # interpreter for worker processes
 
+    @classmethod
+    def quick(cls, **kw: Any) -> PeerConfig:
+        """A short run (a few seconds a peer) for smoke tests."""
+        short = {"warmup_sessions": 2, "latency_sessions": 10, "ramp_s": 0.5, "window_s": 1.5}
+        return cls(**{**short, **kw})
+
 
 @dataclass
 class PeerResult:
@@ -69,6 +91,7 @@ class PeerResult:
     throughput: dict[int, float]  # steps/s keyed by worker processes (or by sessions in flight)
     notes: str = ""
     throughput_by: str = "workers"  # "workers", or "sessions" for peers without worker processes
+    durable: bool = True  # a paused session survives its process (InMemorySaver: no)
     versions: dict[str, str] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
@@ -84,6 +107,7 @@ class PeerResult:
             throughput={int(k): float(v) for k, v in d["throughput"].items()},
             notes=d.get("notes", ""),
             throughput_by=d.get("throughput_by", "workers"),
+            durable=d.get("durable", True),
             versions=d.get("versions", {}),
         )
 
@@ -137,55 +161,92 @@ def _server_reason(name: str, cfg: PeerConfig) -> str | None:
     return None
 
 
-def available(cfg: PeerConfig | None = None) -> dict[str, str | None]:
-    """``{peer: None}`` when it can run, else ``{peer: reason}`` (missing package, or, when a
-    config is given, its Redis/PostgreSQL server out of reach)."""
+def available(cfg: PeerConfig | None = None, python: str | None = None) -> dict[str, str | None]:
+    """``{peer: None}`` when it can run, else ``{peer: reason}``: a package missing from the
+    peers' interpreter (``python``, else ``$ALC_BENCH_PEERS_PYTHON``, else this one), or
+    PostgreSQL out of reach (and, when ``cfg`` is given, its Redis server)."""
+    exe = python or peers_python()
+    if exe != sys.executable:
+        return _available_elsewhere(exe, cfg)
+    probe = cfg or PeerConfig()
     out: dict[str, str | None] = {}
     for name, (_, _, mods) in PEERS.items():
         missing = _missing_modules(mods)
         if missing:
             out[name] = f"not installed: {', '.join(missing)} (pip install -e '.[bench]')"
-        elif cfg is not None:
-            out[name] = _server_reason(name, cfg)
+        elif cfg is None and name in ("rq", "arq"):
+            out[name] = None  # no Redis URL to probe yet
         else:
-            out[name] = None
+            out[name] = _server_reason(name, probe)
     return out
 
 
-def load(name: str) -> Callable[[PeerConfig], Awaitable[PeerResult]]:
+def _available_elsewhere(exe: str, cfg: PeerConfig | None) -> dict[str, str | None]:
+    import subprocess
+
+    args = [exe, "-m", __name__, "--available"]
+    if cfg is not None:
+        args += ["--config", json.dumps(_cfg_json(cfg))]
+    try:
+        out = subprocess.run(
+            args, capture_output=True, text=True, cwd=ROOT, env=_child_env(), timeout=60
+        )
+        got: dict[str, str | None] = json.loads(out.stdout.strip().splitlines()[-1])
+        return got
+    except Exception as e:  # that interpreter can't even tell
+        return {name: f"{exe} -m {__name__}: {type(e).__name__}: {e}" for name in PEERS}
+
+
+def peers_python() -> str:
+    return os.environ.get(PYTHON_ENV) or sys.executable
+
+
+def load(name: str) -> PeerRun:
     mod, fn, _ = PEERS[name]
     module = importlib.import_module(f"{__name__}.{mod}")
-    run: Callable[[PeerConfig], Awaitable[PeerResult]] = getattr(module, fn)
+    run: PeerRun = getattr(module, fn)
     return run
 
 
-async def run_peer(name: str, cfg: PeerConfig) -> PeerResult:
-    return await load(name)(cfg)
+async def run(
+    name: str,
+    *,
+    url: str,
+    quick: bool = False,
+    pg_url: str | None = None,
+    python: str | None = None,
+) -> PeerResult:
+    """Run peer ``name`` against the Redis server at ``url`` (and PostgreSQL at ``pg_url``, or
+    ``$ALC_BENCH_PG_URL``, or the local default), in a fresh process of its own."""
+    kw: dict[str, Any] = {"redis_url": url}
+    if pg_url:
+        kw["pg_url"] = pg_url
+    cfg = PeerConfig.quick(**kw) if quick else PeerConfig(**kw)
+    return await run_in_subprocess(name, cfg, python or peers_python())
 
 
-def cli_args(cfg: PeerConfig) -> list[str]:
-    """The standalone command line that reproduces ``cfg``."""
-    return [
-        "--redis", cfg.redis_url, "--pg", cfg.pg_url, "--k", str(cfg.k),
-        "--in-flight", str(cfg.in_flight), "--workers", ",".join(map(str, cfg.workers)),
-        "--window", str(cfg.window_s), "--latency-sessions", str(cfg.latency_sessions),
-    ]  # fmt: skip
+def _cfg_json(cfg: PeerConfig) -> dict[str, Any]:
+    d = dataclasses.asdict(cfg)
+    d["workers"] = list(cfg.workers)
+    return d
+
+
+def _cfg_from_json(d: dict[str, Any]) -> PeerConfig:
+    return PeerConfig(**{**d, "workers": tuple(d["workers"])})
 
 
 async def run_in_subprocess(
-    name: str, cfg: PeerConfig, python: str | None = None, timeout_s: float = 120.0
+    name: str, cfg: PeerConfig, python: str | None = None, timeout_s: float = 180.0
 ) -> PeerResult:
-    """Run one peer in a fresh interpreter (``python``, default this one) and read its JSON.
-
-    A fresh process per peer keeps one peer's threads and pools from loading the next one, and
-    lets the peers live in a venv of their own."""
+    """Run one peer in a fresh interpreter (``python``, default this one) and read its JSON."""
     mod, fn, _ = PEERS[name]
     exe = python or sys.executable
-    args = [exe, "-m", f"{__name__}.{mod}", *cli_args(dataclasses.replace(cfg, python=exe))]
+    cfg = dataclasses.replace(cfg, python=exe)
+    args = [exe, "-m", f"{__name__}.{mod}", "--config", json.dumps(_cfg_json(cfg)), "--json"]
     if fn == "run_memory":
         args += ["--saver", "memory"]
     proc = await asyncio.create_subprocess_exec(
-        *args, "--json", stdout=asyncio.subprocess.PIPE, cwd=ROOT, env=_child_env()
+        *args, stdout=asyncio.subprocess.PIPE, cwd=ROOT, env=_child_env()
     )
     try:
         out, _ = await asyncio.wait_for(proc.communicate(), timeout_s)
@@ -194,7 +255,7 @@ async def run_in_subprocess(
         await proc.wait()
         raise
     if proc.returncode != 0:
-        raise RuntimeError(f"peer {name} exited with {proc.returncode}")
+        raise RuntimeError(f"peer {name} exited with {proc.returncode} (its stderr is above)")
     return PeerResult.from_json(json.loads(out.decode().strip().splitlines()[-1]))
 
 
@@ -241,10 +302,6 @@ async def measure_throughput(session: SessionFn, cfg: PeerConfig, tag: str = "tp
     )
     counted = sum(1 for t in stamps if start <= t < end)
     return counted / cfg.window_s
-
-
-def session_ids(prefix: str) -> Callable[[str], str]:
-    return lambda sid: f"{prefix}-{sid}"
 
 
 def run_prefix(peer: str) -> str:
@@ -340,9 +397,9 @@ def _recreate_database(admin_url: str, db: str, drop_only: bool = False) -> None
     import psycopg
 
     with psycopg.connect(admin_url, autocommit=True, connect_timeout=5) as conn:
-        conn.execute(f'DROP DATABASE IF EXISTS "{db}" WITH (FORCE)')  # type: ignore[arg-type]
+        conn.execute(f'DROP DATABASE IF EXISTS "{db}" WITH (FORCE)')
         if not drop_only:
-            conn.execute(f'CREATE DATABASE "{db}"')  # type: ignore[arg-type]
+            conn.execute(f'CREATE DATABASE "{db}"')
 
 
 @contextlib.asynccontextmanager
@@ -361,29 +418,30 @@ async def fresh_database(cfg: PeerConfig, db: str, create: bool = True) -> Async
 
 
 def parse_config(argv: Sequence[str] | None = None) -> tuple[PeerConfig, argparse.Namespace]:
-    p = argparse.ArgumentParser()
     d = PeerConfig()
-    p.add_argument("--redis", default=d.redis_url)
-    p.add_argument("--pg", default=d.pg_url)
-    p.add_argument("--k", type=int, default=d.k)
-    p.add_argument("--in-flight", type=int, default=d.in_flight)
-    p.add_argument("--workers", default=",".join(map(str, d.workers)))
-    p.add_argument("--window", type=float, default=d.window_s)
-    p.add_argument("--latency-sessions", type=int, default=d.latency_sessions)
+    p = argparse.ArgumentParser()
+    p.add_argument("--redis", dest="redis_url", help=f"default {d.redis_url}")
+    p.add_argument("--pg", dest="pg_url", help=f"admin URL (or ${PG_ENV}), default {d.pg_url}")
+    p.add_argument("--k", type=int, help=f"questions a session (default {d.k})")
+    p.add_argument("--in-flight", type=int, help=f"default {d.in_flight}")
+    p.add_argument("--workers", help="worker processes to measure, e.g. 1,2 (default)")
+    p.add_argument("--window", dest="window_s", type=float, help=f"default {d.window_s} s")
+    p.add_argument("--latency-sessions", type=int, help=f"default {d.latency_sessions}")
     p.add_argument("--saver", choices=["postgres", "memory"], default="postgres")
+    p.add_argument("--quick", action="store_true", help="a short run (smoke test)")
+    p.add_argument("--config", help="the whole PeerConfig as JSON (overrides the flags)")
     p.add_argument("--json", action="store_true", help="print the result as one JSON line")
     a = p.parse_args(argv)
-    cfg = PeerConfig(
-        redis_url=a.redis, pg_url=a.pg, k=a.k, in_flight=a.in_flight,
-        workers=tuple(int(w) for w in a.workers.split(",") if w), window_s=a.window,
-        latency_sessions=a.latency_sessions,
-    )  # fmt: skip
-    return cfg, a
+    if a.config:
+        return _cfg_from_json(json.loads(a.config)), a
+    names = ("redis_url", "pg_url", "k", "in_flight", "window_s", "latency_sessions")
+    kw: dict[str, Any] = {n: getattr(a, n) for n in names if getattr(a, n) is not None}
+    if a.workers:
+        kw["workers"] = tuple(int(w) for w in a.workers.split(",") if w)
+    return (PeerConfig.quick(**kw) if a.quick else PeerConfig(**kw)), a
 
 
-def main(
-    run: Callable[[PeerConfig], Awaitable[PeerResult]], argv: Sequence[str] | None = None
-) -> None:
+def main(run: PeerRun, argv: Sequence[str] | None = None) -> None:
     cfg, a = parse_config(argv)
     res = asyncio.run(run(cfg))
     if a.json:

@@ -148,11 +148,11 @@ def worker_main(argv: list[str]) -> None:
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
 
-    async def on_startup(_ctx: dict[str, Any]) -> None:
-        print("ready", flush=True)
+    async def on_startup(ctx: dict[Any, Any]) -> None:
+        print("ready", flush=True)  # arq calls this once its Redis pool is up
 
     worker = Worker(
-        functions=[func(step, name="step")],  # type: ignore[arg-type]
+        functions=[func(step, name="step")],
         queue_name=a.queue,
         redis_settings=RedisSettings.from_dsn(a.redis),
         poll_delay=POLL_DELAY_S,

@@ -136,6 +136,7 @@ async def run_memory(cfg: PeerConfig) -> PeerResult:
 
     res = await _measure("langgraph-memory", build_graph(InMemorySaver()), cfg, None)
     res.notes = "one node, K interrupt() calls; InMemorySaver (not durable); in the host process"
+    res.durable = False
     res.versions = versions("langgraph", "langgraph-checkpoint")
     return res
 

@@ -22,7 +22,9 @@ from ..errors import (
     UnknownQuery,
 )
 
-_NAMES = ("create", "feed", "commit_step", "terminate", "lock_acquire", "lock_release")
+_NAMES = (
+    "create", "feed", "commit_step", "terminate", "lock_acquire", "lock_release", "snapshots",
+)
 
 
 def source(name: str) -> str:
