@@ -101,13 +101,10 @@ class FencedLock(Lock):
         reply = await self._scripts.call_raw("lock_acquire", *self._acquire_call(token))
         return self._accept(reply)
 
-    async def try_in(self, pipe: Any, token: str) -> None:
-        """Queue one acquisition attempt on ``pipe``, so the reads that follow it in the same
-        pipeline cost no extra round trip; ``took(reply, token)`` says if it worked."""
-        self._check_order()
-        await self._scripts.queue(pipe, "lock_acquire", *self._acquire_call(token))
-
     def took(self, reply: Any, token: str) -> bool:
+        """Adopt an acquisition made by a script that also did other work (``step_begin``):
+        ``reply`` is its ``{fence, pttl}`` head."""
+        self._check_order()
         if not self._accept(reply):
             return False
         self.local.token = token.encode()

@@ -62,8 +62,8 @@ async def test_c_while_holding_a_is_a_lock_order_error(reg: SessionRegistry, sid
     assert info.value.code == "lock_order"
     with pytest.raises(LockOrderError):
         await lock_c.acquire(blocking=False)
-    with pytest.raises(LockOrderError):
-        await lock_c.try_in(reg.client.pipeline(transaction=False), "token")
+    with pytest.raises(LockOrderError):  # adopting a script's acquisition is guarded too
+        lock_c.took([1, 0], "token")
     assert not await key_exists(reg, reg.keys.registry_lock)  # refused before touching Redis
     assert lock_c.fence is None
     await lock_a.release()

@@ -306,20 +306,20 @@ class Worker:
 
     async def _locked_step(self, sid: str, entry_id: str | None) -> None:
         lock = self.locks.session(sid)
-        with_journal = sid not in self._live
+        sk = self.keys.session(sid)
         token = uuid.uuid4().hex
-        # Try the lock and read the session in one round trip; the reads are only used
-        # when the lock was taken (then nothing else can change a running session).
-        pipe = self.client.pipeline(transaction=False)
-        await lock.try_in(pipe, token)
-        self._queue_load(pipe, sid, with_journal)
-        replies = await pipe.execute(raise_on_error=False)
-        prefetched: list[Any] | None = replies[1:]
+        # Take the lock and read the session in one command (step_begin.lua); only when the
+        # lock is busy do we fall back to the lock's own bounded wait, then read.
+        reply = await self.scripts.call_raw(
+            "step_begin", [sk.lock, sk.session, sk.pending, sk.answers, sk.journal],
+            [token, lock.lease_ms, "0" if sid in self._live else "1"],
+        )
+        prefetched: list[Any] | None = None
         try:
-            if isinstance(replies[0], Exception):
-                raise replies[0]
-            if not lock.took(replies[0], token):
-                prefetched = None
+            if lock.took(reply[:2], token):
+                prefetched = [_pairs(reply[2]), _pairs(reply[3]), _pairs(reply[4]),
+                              reply[5] if reply[5] else None]
+            else:
                 await lock.acquire()
         except LockTimeout:
             return  # someone is stepping it; the job stays pending if it still matters
@@ -343,7 +343,7 @@ class Worker:
         """One step; True when its commit applied and released the lock in the same call."""
         live = self._live.get(sid)
         try:
-            if prefetched is not None and (live is not None or len(prefetched) == 4):
+            if prefetched is not None and (live is not None or prefetched[3] is not None):
                 data = self._parse_load(sid, prefetched)
             else:
                 data = await self._load(sid, with_journal=live is None)
@@ -546,3 +546,9 @@ class Worker:
         ex = self._live.pop(sid, None)
         if ex is not None:
             ex.close()
+
+
+def _pairs(flat: list[bytes]) -> dict[bytes, bytes]:
+    """A Lua HGETALL reply (flat list) as redis-py's hgetall would give it."""
+    it = iter(flat)
+    return dict(zip(it, it, strict=True))

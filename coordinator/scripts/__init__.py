@@ -24,6 +24,7 @@ from ..errors import (
 
 _NAMES = (
     "create", "feed", "commit_step", "terminate", "lock_acquire", "lock_release", "snapshots",
+    "step_begin",
 )
 
 
@@ -99,7 +100,3 @@ class Scripts:
 
     async def call_raw(self, name: str, keys: list[str], args: list[Any]) -> Any:
         return await self._by_name[name](keys=keys, args=args)
-
-    async def queue(self, pipe: Any, name: str, keys: list[str], args: list[Any]) -> None:
-        """Add a call to ``pipe`` (redis-py loads missing scripts before the pipeline runs)."""
-        await self._by_name[name](keys=keys, args=args, client=pipe)

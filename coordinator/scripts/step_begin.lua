@@ -1,0 +1,20 @@
+-- step_begin.lua: take lock A and read what a step needs, in one command.
+-- The same lease and fence as lock_acquire.lua (this is its hot-path form: a worker starting
+-- a step would otherwise spend a command on the lock and three on reads, every step).
+-- KEYS[1] lock A   KEYS[2] session hash   KEYS[3] pending   KEYS[4] answers   KEYS[5] journal
+-- ARGV[1] owner token   ARGV[2] lease ms   ARGV[3] '1' to include the journal
+-- Returns {-1, 0} when the session is gone, {0, pttl} when another holds the lock, else
+-- {fence, 0, session fields (flat), pending (flat), answers (flat), journal or false}.
+if redis.call('EXISTS', KEYS[2]) == 0 then
+  return {-1, 0}
+end
+if not redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then
+  return {0, redis.call('PTTL', KEYS[1])}
+end
+local fence = redis.call('HINCRBY', KEYS[2], 'fence', 1)
+local journal = false
+if ARGV[3] == '1' then
+  journal = redis.call('LRANGE', KEYS[5], 0, -1)
+end
+return {fence, 0, redis.call('HGETALL', KEYS[2]), redis.call('HGETALL', KEYS[3]),
+        redis.call('HGETALL', KEYS[4]), journal}
