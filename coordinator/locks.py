@@ -182,20 +182,25 @@ class FencedLock(Lock):
 
         async def renew() -> None:
             while True:
-                await asyncio.sleep(self.lease_ms / 3000)
                 try:
                     await self.extend(self.lease_ms / 1000, replace_ttl=True)
                 except Exception as exc:  # the write path's fence check is the real guard
-                    log.warning("lease on %s lost or not renewable: %s", self.name, exc)
+                    log.warning("lease on %s lost or not renewable: %s", self.label, exc)
                     return
+                await asyncio.sleep(self.lease_ms / 3000)
 
-        task = asyncio.create_task(renew())
+        # Most steps end long before a third of the lease: start the renewer only if not.
+        tasks: list[asyncio.Task[None]] = []
+        handle = asyncio.get_running_loop().call_later(
+            self.lease_ms / 3000, lambda: tasks.append(asyncio.create_task(renew())))
         try:
             yield
         finally:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+            handle.cancel()
+            for task in tasks:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
 
 
 class LockFactory:

@@ -51,8 +51,11 @@ class Subscription:
 
     async def get(self, timeout: float) -> bytes | _Resync | None:
         """The next message, ``RESYNC``, or None when ``timeout`` seconds pass."""
+        if not self.queue.empty():
+            return self.queue.get_nowait()
         try:
-            return await asyncio.wait_for(self.queue.get(), max(timeout, 0.0))
+            async with asyncio.timeout(max(timeout, 0.0)):  # no extra task, unlike wait_for
+                return await self.queue.get()
         except TimeoutError:
             return None
 
