@@ -21,6 +21,9 @@ key                            type    holds
                                        ``[query id, prompt, response]`` triples (replay source)
 ``ns:{sid}:logs``              list    the last 20 strategy log entries
 ``ns:{sid}:lock``              string  lock A: owner token, PX lease
+``ns:{sid}:fed``               hash    query id -> token of the feed call that answered it,
+                                       this round (``:fed:prev``: the round before), so a
+                                       feed retried after a lost reply is recognised
 =============================  ======  =======================================================
 
 Per namespace (no TTL; small)
@@ -65,6 +68,8 @@ SUFFIX = {
     "logs": ":logs",
     "lock": ":lock",
     "channel": ":events",
+    "fed": ":fed",
+    "fed_prev": ":fed:prev",
 }
 
 
@@ -77,6 +82,8 @@ class SessionKeys:
     logs: str
     lock: str
     channel: str
+    fed: str
+    fed_prev: str
 
     def all_data(self) -> list[str]:
         """The data keys, in the order the Lua scripts expect them as KEYS[1..5]."""
@@ -104,6 +111,8 @@ class Keys:
             logs=base + SUFFIX["logs"],
             lock=base + SUFFIX["lock"],
             channel=base + SUFFIX["channel"],
+            fed=base + SUFFIX["fed"],
+            fed_prev=base + SUFFIX["fed_prev"],
         )
 
     def session_template(self) -> tuple[str, str]:

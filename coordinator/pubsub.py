@@ -200,6 +200,13 @@ class Multiplexer:
             for sub in list(self._subs.get(channel, ())):
                 sub._put(payload)
         elif kind == "subscribe":
+            if channel in self._confirmed and channel not in self._requested:
+                # Confirmed again without our asking: redis-py reconnected and re-subscribed
+                # by itself, so messages may have been lost in between.
+                if channel == self._home:  # re-subscribed first: count the reconnect once
+                    self.reconnects += 1
+                    log.warning("pub/sub connection was re-established; waiters re-check")
+                self._resync_pending.add(channel)
             self._confirmed.add(channel)
             self._requested.discard(channel)
             self._confirm_waiters.setdefault(channel, asyncio.Event()).set()

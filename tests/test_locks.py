@@ -273,7 +273,7 @@ def commit_args(reg: SessionRegistry, sid: str, lock: FencedLock, *, asked: int,
     """``commit_step.lua``'s keys and a 'fail' outcome's arguments, as ``Worker._commit``
     lays them out."""
     sk = reg.keys.session(sid)
-    keys = [*reg.keys.script_keys(sid), sk.lock]
+    keys = [*reg.keys.script_keys(sid), sk.lock, sk.fed, sk.fed_prev]
     args: list[Any] = [
         sid, lock.fence, asked, lock.local.token, JOB_GROUP, sk.channel,
         reg.keys.lock_released(sk.lock), "w-test", reg.keys.worker_nudge("w-test"),

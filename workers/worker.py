@@ -233,7 +233,10 @@ class Worker:
             if isinstance(msg, bytes):
                 self._spawn(self._step(msg.decode(), entry_id=None, defer=False))
             elif msg is not None:  # RESYNC: nudges may have been lost; the stream has them
-                await self.claim_once()
+                try:
+                    await self.claim_once()
+                except Exception as exc:  # Redis still away: the claim loop retries later
+                    log.warning("autoclaim after a pub/sub reconnect failed: %s", exc)
 
     def _spawn(self, coro: Any) -> None:
         task = asyncio.create_task(self._slotted(coro))
@@ -498,7 +501,7 @@ class Worker:
         else:
             args += ["fail", b"fail", len(logs), *logs, outcome.error]
         reply = await self.scripts.call(
-            "commit_step", [*self.keys.script_keys(sid), sk.lock], args
+            "commit_step", [*self.keys.script_keys(sid), sk.lock, sk.fed, sk.fed_prev], args
         )
         if ctx is not None:
             ctx.logs.clear()

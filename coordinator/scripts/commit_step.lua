@@ -3,7 +3,7 @@
 -- (fence), that nobody applied this round already (asked), and that the session still runs.
 -- KEYS[1..5] session data keys (session, pending, answers, journal, logs)
 -- KEYS[6] registry zset   KEYS[7] deadlines zset   KEYS[8] jobs stream   KEYS[9] dead letters
--- KEYS[10] lock A
+-- KEYS[10] lock A   KEYS[11] feed tokens of this round   KEYS[12] of the round before
 -- ARGV[1] session id      ARGV[2] fence           ARGV[3] asked the step started from
 -- ARGV[4] lock token      ARGV[5] job group       ARGV[6] session events channel
 -- ARGV[7] lock released channel                   ARGV[8] holder worker id
@@ -39,7 +39,10 @@ local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 if ARGV[12] ~= '' then
   redis.call('RPUSH', KEYS[4], ARGV[12])
 end
-redis.call('DEL', KEYS[2], KEYS[3])
+redis.call('DEL', KEYS[2], KEYS[3], KEYS[12])
+if redis.call('EXISTS', KEYS[11]) == 1 then
+  redis.call('RENAME', KEYS[11], KEYS[12])  -- a retried feed of this round is still known
+end
 local nlogs = tonumber(ARGV[19])
 local i = 20
 if nlogs > 0 then
@@ -75,6 +78,7 @@ if outcome == 'pause' then
   redis.call('ZADD', KEYS[6], now, ARGV[1])
   redis.call('ZADD', KEYS[7], now + ttl, ARGV[1])
   for k = 1, 5 do redis.call('PEXPIRE', KEYS[k], ARGV[10]) end
+  redis.call('PEXPIRE', KEYS[12], ARGV[10])
 else
   if outcome == 'complete' then
     redis.call('HSET', KEYS[1], 'phase', 'completed', 'result', ARGV[i])
@@ -85,6 +89,7 @@ else
   redis.call('ZREM', KEYS[6], ARGV[1])
   redis.call('ZREM', KEYS[7], ARGV[1])
   for k = 1, 5 do redis.call('PEXPIRE', KEYS[k], ARGV[11]) end
+  redis.call('PEXPIRE', KEYS[12], ARGV[11])
 end
 if redis.call('GET', KEYS[10]) == ARGV[4] then
   redis.call('DEL', KEYS[10])

@@ -3,9 +3,10 @@
 -- KEYS[6] registry zset   KEYS[7] deadlines zset   KEYS[8] jobs stream   KEYS[9] dead letters
 -- ARGV[1] session id   ARGV[2] strategy name   ARGV[3] packed input   ARGV[4] packed budget or ''
 -- ARGV[5] idle ttl ms  ARGV[6] backstop expiry ms   ARGV[7] jobs wake channel
--- Returns {'OK', job id} or {'EXISTS'}.
+-- Returns {'OK', job id}. Ids carry 128 random bits, so an existing session can only be
+-- this very call retried after its reply was lost: answer as the first time did.
 if redis.call('EXISTS', KEYS[1]) == 1 then
-  return {'EXISTS'}
+  return {'OK', redis.call('HGET', KEYS[1], 'job') or ''}
 end
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)

@@ -3,12 +3,24 @@
 -- KEYS[6] registry zset   KEYS[7] deadlines zset   KEYS[8] jobs stream   KEYS[9] dead letters
 -- ARGV[1] session id   ARGV[2] query id   ARGV[3] packed answer
 -- ARGV[4] response chars   ARGV[5] response tokens   ARGV[6] backstop expiry ms
--- ARGV[7] jobs wake channel
+-- ARGV[7] jobs wake channel   ARGV[8] this feed call's token (random, unique per call)
+-- KEYS[10] feed tokens of this round   KEYS[11] feed tokens of the round before
 -- Returns {'ACCEPTED', remaining} | {'READY', asked} | {'NOT_FOUND'} | {'UNKNOWN_QUERY'}
 --       | {'ALREADY_RESPONDED'} | {'INVALID_TRANSITION', phase}
 local phase = redis.call('HGET', KEYS[1], 'phase')
 if not phase then
   return {'NOT_FOUND'}
+end
+-- A client retries a call whose reply it lost: the same token means this answer was already
+-- recorded by this very call, so answer as the first time did instead of refusing it.
+if redis.call('HGET', KEYS[1], 'ready_token') == ARGV[8] then
+  return {'READY', tonumber(redis.call('HGET', KEYS[1], 'ready_asked'))}
+end
+if redis.call('HGET', KEYS[10], ARGV[2]) == ARGV[8] then
+  return {'ACCEPTED', math.max(0, tonumber(redis.call('HGET', KEYS[1], 'remaining')))}
+end
+if redis.call('HGET', KEYS[11], ARGV[2]) == ARGV[8] then
+  return {'ACCEPTED', 0}
 end
 if phase ~= 'paused' then
   return {'INVALID_TRANSITION', phase}
@@ -22,6 +34,8 @@ end
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 redis.call('HSET', KEYS[3], ARGV[2], ARGV[3])
+redis.call('HSET', KEYS[10], ARGV[2], ARGV[8])
+redis.call('PEXPIRE', KEYS[10], ARGV[6])
 local remaining = redis.call('HINCRBY', KEYS[1], 'remaining', -1)
 redis.call('HINCRBY', KEYS[1], 'm:response_chars', ARGV[4])
 redis.call('HINCRBY', KEYS[1], 'm:response_tokens', ARGV[5])
@@ -33,10 +47,10 @@ if remaining > 0 then
   redis.call('ZADD', KEYS[6], 'XX', now, ARGV[1])
   return {'ACCEPTED', remaining}
 end
-redis.call('HSET', KEYS[1], 'phase', 'running')
+local asked = redis.call('HGET', KEYS[1], 'asked')
+redis.call('HSET', KEYS[1], 'phase', 'running', 'ready_token', ARGV[8], 'ready_asked', asked)
 redis.call('HINCRBY', KEYS[1], 'm:rounds', 1)
 redis.call('ZREM', KEYS[6], ARGV[1])
-local asked = redis.call('HGET', KEYS[1], 'asked')
 local job = redis.call('XADD', KEYS[8], '*', 'k', 'resume', 'sid', ARGV[1], 'a', asked)
 redis.call('HSET', KEYS[1], 'job', job)
 -- The live holder is told directly; the other workers are woken only when no holder heard
