@@ -17,10 +17,10 @@ from typing import Any
 from redis.asyncio import Redis
 
 from .codec import text
-from .errors import LockTimeout, NotFound
-from .keys import JOB_GROUP, Keys
+from .errors import CorruptState, LockTimeout, NotFound
+from .keys import Keys
 from .locks import LockFactory
-from .scripts import Scripts
+from .scripts import Terminate
 from .settings import Settings
 
 log = logging.getLogger(__name__)
@@ -30,11 +30,12 @@ BATCH = 500
 
 class Sweeper:
     def __init__(
-        self, client: Redis, keys: Keys, scripts: Scripts, locks: LockFactory, settings: Settings
+        self, client: Redis, keys: Keys, locks: LockFactory, terminate: Terminate,
+        settings: Settings,
     ) -> None:
         self._client = client
         self._keys = keys
-        self._scripts = scripts
+        self._terminate = terminate
         self._locks = locks
         self._settings = settings
         self.reaped_total = 0
@@ -60,8 +61,11 @@ class Sweeper:
                 )
                 for raw in due:
                     sid = text(raw)
-                    if await self._expire_one(sid, now_ms):
-                        reaped.append(sid)
+                    try:
+                        if await self._expire_one(sid, now_ms):
+                            reaped.append(sid)
+                    except Exception:  # one bad session must not stop the sweep
+                        log.exception("gc could not expire session %s; skipping it", sid)
                 await self._forget_dead_workers()
         finally:
             with contextlib.suppress(Exception):
@@ -86,7 +90,6 @@ class Sweeper:
 
     async def _expire_one(self, sid: str, now_ms: int | None) -> bool:
         lock_a = self._locks.session(sid, wait_s=min(self._settings.lock_wait_s, 2.0))
-        sk = self._keys.session(sid)
         try:
             await lock_a.acquire()
         except LockTimeout:
@@ -94,13 +97,13 @@ class Sweeper:
         except NotFound:
             await self._client.zrem(self._keys.deadlines, sid)
             return False
+        except CorruptState as exc:
+            log.error("%s; failing the session", exc.message)
+            await self._terminate.fail(sid, exc.message, dead_letter="corrupt state")
+            return False
         try:
-            reply = await self._scripts.call(
-                "terminate",
-                self._keys.script_keys(sid),
-                [sid, "expire", JOB_GROUP, sk.channel, self._settings.retention_ms,
-                 "" if now_ms is None else now_ms,
-                 "session expired: it was idle for longer than its ttl", ""],
+            reply = await self._terminate.expire(
+                sid, now_ms=now_ms, error="session expired: it was idle for longer than its ttl"
             )
         finally:
             with contextlib.suppress(Exception):

@@ -31,7 +31,7 @@ from redis.asyncio import Redis
 from redis.asyncio.lock import Lock
 from redis.exceptions import LockNotOwnedError
 
-from .errors import LockOrderError, LockTimeout, NotFound
+from .errors import CorruptState, LockOrderError, LockTimeout, NotFound
 from .keys import Keys
 from .pubsub import Multiplexer
 from .scripts import Scripts
@@ -115,6 +115,12 @@ class FencedLock(Lock):
         fence, pttl = reply
         if fence == -1:
             raise NotFound(f"session {self.session_id} not found", session_id=self.session_id)
+        if fence == -2:
+            raise CorruptState(
+                f"lock {self.label}: its fencing counter is not a number; the "
+                f"{'session' if self.session_id else 'registry'} state is corrupt",
+                session_id=self.session_id,
+            )
         if fence > 0:
             self.fence = int(fence)
             return True

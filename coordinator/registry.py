@@ -27,7 +27,7 @@ from .locks import LockFactory
 from .models import Accepted, FeedResult, Finished, Paused, PendingFilter, QueryId
 from .pubsub import Multiplexer, Subscription
 from .records import SessionRecord, settled_event
-from .scripts import Scripts, raise_for
+from .scripts import Scripts, Terminate, raise_for
 from .settings import Settings, connect
 
 
@@ -55,7 +55,8 @@ class SessionRegistry:
             client, self.keys, self.scripts, self.mux,
             lease_ms=self.settings.lease_ms, wait_s=self.settings.lock_wait_s,
         )
-        self.sweeper = Sweeper(self.client, self.keys, self.scripts, self.locks, self.settings)
+        self.terminate = Terminate(self.scripts, self.keys, JOB_GROUP, self.settings.retention_ms)
+        self.sweeper = Sweeper(self.client, self.keys, self.locks, self.terminate, self.settings)
         self._owns_client = owns_client
         self._known_strategies: set[str] = set()
 
@@ -262,13 +263,7 @@ class SessionRegistry:
         return snap
 
     async def cancel(self, session_id: str) -> Finished:
-        sk = self.keys.session(session_id)
-        reply = await self.scripts.call(
-            "terminate",
-            self.keys.script_keys(session_id),
-            [session_id, "cancel", JOB_GROUP, sk.channel, self.settings.retention_ms, "", "", ""],
-        )
-        raise_for(reply, session_id=session_id)
+        raise_for(await self.terminate.cancel(session_id), session_id=session_id)
         event, _ = await self._read_event(session_id)
         assert isinstance(event, Finished)
         return event

@@ -306,3 +306,49 @@ async def run_cli(*args: str, env: dict[str, str] | None = None,
         raise
     assert proc.returncode is not None
     return CliResult(proc.returncode, out.decode(errors="replace"), err.decode(errors="replace"))
+
+
+# -- in-process registries and workers on a real server ---------------------------------------
+
+
+class InProcessCluster:
+    """Registries and in-process workers on a real redis-server, each with its own client
+    (as separate processes would have), so their counters and stats stay visible to the test.
+    The same interface as ``tests.conftest.FakeCluster``; ``aclose()`` closes everything."""
+
+    def __init__(self, url: str, settings: Any) -> None:
+        self.url = url
+        self.settings = settings
+        self._registries: list[Any] = []
+        self._workers: list[Any] = []
+
+    def registry(self, **overrides: Any) -> Any:
+        from coordinator.registry import SessionRegistry
+        from coordinator.settings import connect
+
+        reg = SessionRegistry(connect(self.url), settings=self.settings.with_(**overrides),
+                              owns_client=True)
+        self._registries.append(reg)
+        return reg
+
+    async def worker(self, *, start: bool = True, concurrency: int = 4, **overrides: Any) -> Any:
+        from coordinator.settings import connect
+        from workers import catalog
+        from workers.worker import Worker
+
+        catalog.load([])
+        worker = Worker(connect(self.url), self.settings.with_(**overrides),
+                        concurrency=concurrency)
+        self._workers.append(worker)
+        if start:
+            await worker.start()
+        return worker
+
+    async def aclose(self) -> None:
+        for worker in reversed(self._workers):
+            await worker.shutdown(grace_s=1.0)
+            await worker.client.aclose()
+        self._workers.clear()
+        for reg in self._registries:
+            await reg.aclose()
+        self._registries.clear()

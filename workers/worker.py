@@ -39,7 +39,7 @@ from coordinator.locks import FencedLock, LockFactory
 from coordinator.models import LlmQuery
 from coordinator.pubsub import Multiplexer
 from coordinator.records import SessionRecord, decode_queries, now_ms
-from coordinator.scripts import Scripts
+from coordinator.scripts import Scripts, Terminate
 from coordinator.settings import Settings
 from coordinator.states import Phase
 
@@ -88,7 +88,8 @@ class Worker:
         self.mux = Multiplexer(client, self.keys.process_channel(self.id))
         self.locks = LockFactory(client, self.keys, self.scripts, self.mux,
                                  lease_ms=self.settings.lease_ms, wait_s=self.settings.lock_wait_s)
-        self.sweeper = Sweeper(client, self.keys, self.scripts, self.locks, self.settings)
+        self.terminate = Terminate(self.scripts, self.keys, JOB_GROUP, self.settings.retention_ms)
+        self.sweeper = Sweeper(client, self.keys, self.locks, self.terminate, self.settings)
         self.stats = WorkerStats()
         self._nudge_channel = self.keys.worker_nudge(self.id)
         self._live: OrderedDict[str, Execution] = OrderedDict()
@@ -326,6 +327,9 @@ class Worker:
                 await lock.acquire()
         except LockTimeout:
             return  # someone is stepping it; the job stays pending if it still matters
+        except CorruptState as exc:
+            await self._fail_corrupt(sid, exc)
+            return
         except NotFound:
             self._forget(sid)
             if entry_id:
@@ -531,12 +535,7 @@ class Worker:
 
     async def _fail(self, sid: str, error: str, *, dead_letter: str) -> None:
         self._forget(sid)
-        sk = self.keys.session(sid)
-        await self.scripts.call(
-            "terminate", self.keys.script_keys(sid),
-            [sid, "fail", JOB_GROUP, sk.channel, self.settings.retention_ms, "", error,
-             dead_letter],
-        )
+        await self.terminate.fail(sid, error, dead_letter=dead_letter)
 
     def _keep_live(self, sid: str, ex: Execution) -> None:
         self._live[sid] = ex

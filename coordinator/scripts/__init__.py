@@ -21,6 +21,7 @@ from ..errors import (
     SessionError,
     UnknownQuery,
 )
+from ..keys import Keys
 
 _NAMES = (
     "create", "feed", "commit_step", "terminate", "lock_acquire", "lock_release", "snapshots",
@@ -85,6 +86,36 @@ def raise_for(reply: Reply, *, session_id: str, query_id: str | None = None) -> 
 
 def _text(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
+
+
+class Terminate:
+    """Typed front of ``terminate.lua``: the ways a session ends from outside its strategy."""
+
+    def __init__(self, scripts: Scripts, keys: Keys, group: str, retention_ms: int) -> None:
+        self._scripts = scripts
+        self._keys = keys
+        self._group = group
+        self._retention_ms = retention_ms
+
+    async def _run(self, sid: str, mode: str, *, now_ms: int | None = None, error: str = "",
+                   dead_letter: str = "") -> Reply:
+        return await self._scripts.call(
+            "terminate", self._keys.script_keys(sid),
+            [sid, mode, self._group, self._keys.session(sid).channel, self._retention_ms,
+             "" if now_ms is None else now_ms, error, dead_letter],
+        )
+
+    async def cancel(self, sid: str) -> Reply:
+        return await self._run(sid, "cancel")
+
+    async def expire(self, sid: str, *, now_ms: int | None, error: str) -> Reply:
+        """Expire ``sid`` if it is still idle past its deadline (re-checked atomically)."""
+        return await self._run(sid, "expire", now_ms=now_ms, error=error)
+
+    async def fail(self, sid: str, error: str, *, dead_letter: str = "") -> Reply:
+        """Fail ``sid`` with ``error``; with ``dead_letter`` (the reason), also record its job
+        in the dead-letter stream."""
+        return await self._run(sid, "fail", error=error, dead_letter=dead_letter)
 
 
 class Scripts:

@@ -5,9 +5,19 @@
 --                    with ARGV[3] == '', a plain counter key
 -- ARGV[1] owner token   ARGV[2] lease ms   ARGV[3] fence field or ''
 -- Returns {fence, 0} when taken, {0, pttl} when held by another, {-1, 0} when the session
--- hash is gone (nothing to lock).
-if ARGV[3] ~= '' and redis.call('EXISTS', KEYS[2]) == 0 then
-  return {-1, 0}
+-- hash is gone (nothing to lock), {-2, 0} when the fence is not a number (corrupt: checked
+-- before any write, since a script error would not undo the lease it had already set).
+local current
+if ARGV[3] ~= '' then
+  if redis.call('EXISTS', KEYS[2]) == 0 then
+    return {-1, 0}
+  end
+  current = redis.call('HGET', KEYS[2], ARGV[3])
+else
+  current = redis.call('GET', KEYS[2])
+end
+if current and not tonumber(current) then
+  return {-2, 0}
 end
 if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then
   if ARGV[3] ~= '' then

@@ -3,10 +3,15 @@
 -- a step would otherwise spend a command on the lock and three on reads, every step).
 -- KEYS[1] lock A   KEYS[2] session hash   KEYS[3] pending   KEYS[4] answers   KEYS[5] journal
 -- ARGV[1] owner token   ARGV[2] lease ms   ARGV[3] '1' to include the journal
--- Returns {-1, 0} when the session is gone, {0, pttl} when another holds the lock, else
+-- Returns {-1, 0} when the session is gone, {-2, 0} when its fence is not a number (corrupt;
+-- checked before any write), {0, pttl} when another holds the lock, else
 -- {fence, 0, session fields (flat), pending (flat), answers (flat), journal or false}.
 if redis.call('EXISTS', KEYS[2]) == 0 then
   return {-1, 0}
+end
+local current = redis.call('HGET', KEYS[2], 'fence')
+if current and not tonumber(current) then
+  return {-2, 0}
 end
 if not redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then
   return {0, redis.call('PTTL', KEYS[1])}
