@@ -14,11 +14,14 @@ box without Redis fails loudly instead of silently testing nothing.
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
 import redis
 
+from tests.helpers import GATES, Gate
+from tests.procs import WorkerPool, new_namespace
 from tests.redis_proc import RedisProcess
 
 RedisServerFactory = Callable[..., RedisProcess]
@@ -189,3 +192,30 @@ def registry(fake_cluster: FakeCluster) -> Any:
 async def worker(fake_cluster: FakeCluster) -> Any:
     """One started in-process ``Worker`` (built-ins and every test strategy registered)."""
     return await fake_cluster.worker()
+
+
+@pytest.fixture
+def gates() -> Iterator[dict[str, Gate]]:
+    """A clean ``GATES`` for the test; every gate is opened at teardown so no step hangs."""
+    GATES.clear()
+    try:
+        yield GATES
+    finally:
+        for gate in GATES.values():
+            gate.open.set()
+
+
+@pytest.fixture
+def namespace() -> str:
+    """A fresh namespace, so tests sharing one redis-server never see each other's keys."""
+    return new_namespace()
+
+
+@pytest.fixture
+def worker_pool(redis_url: str, namespace: str, tmp_path: Path) -> Iterator[WorkerPool]:
+    """Real ``coordinator worker`` processes on the shared server; all killed at teardown."""
+    pool = WorkerPool(redis_url, namespace, tmp_path)
+    try:
+        yield pool
+    finally:
+        pool.close()

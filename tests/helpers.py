@@ -63,3 +63,16 @@ async def assert_eventually(
                 f"condition not met within {timeout:.2f}s{detail} (last value: {result!r})"
             )
         await asyncio.sleep(min(interval, remaining))
+
+
+class Gate:
+    """Holds a strategy step at a known point: the step sets ``entered`` and awaits ``open``,
+    so a test acts while the step is in flight without guessing with sleeps."""
+
+    def __init__(self) -> None:
+        self.entered = asyncio.Event()
+        self.open = asyncio.Event()
+
+
+#: Gates by name, for strategies defined in test modules (see the ``gates`` fixture).
+GATES: dict[str, Gate] = {}

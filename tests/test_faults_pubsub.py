@@ -20,7 +20,7 @@ import asyncio
 import contextlib
 import secrets
 import threading
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +33,7 @@ from coordinator.pubsub import RESYNC, Multiplexer
 from coordinator.registry import SessionRegistry
 from coordinator.settings import Settings, connect
 from coordinator.states import Phase
-from tests.helpers import assert_eventually
+from tests.helpers import GATES, Gate, assert_eventually
 from tests.procs import FAST_ENV, InProcessCluster, WorkerPool
 from tests.redis_proc import RedisProcess
 from tests.strategies_mp import hold_keys
@@ -60,13 +60,6 @@ async def within(aw: Any, what: str, *muxes: Any) -> Any:
         ) from exc
 
 
-class Gate:
-    def __init__(self) -> None:
-        self.entered = asyncio.Event()
-        self.open = asyncio.Event()
-
-
-GATES: dict[str, Gate] = {}
 
 
 @strategy("tps-gated")
@@ -80,14 +73,6 @@ async def tps_gated(ctx: Context, tag: str = "", **_: Any) -> dict[str, str]:
     return {"first": first, "second": second}
 
 
-@pytest.fixture
-def gates() -> Iterator[dict[str, Gate]]:
-    GATES.clear()
-    try:
-        yield GATES
-    finally:
-        for gate in GATES.values():
-            gate.open.set()
 
 
 class Cluster(InProcessCluster):

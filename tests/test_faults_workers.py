@@ -40,7 +40,7 @@ from coordinator.models import Finished, LlmQuery, Paused
 from coordinator.registry import SessionRegistry
 from coordinator.states import Phase
 from tests.conftest import FakeCluster
-from tests.helpers import assert_eventually
+from tests.helpers import GATES, Gate, assert_eventually
 from tests.procs import (
     FAST_ENV,
     FAST_SETTINGS,
@@ -385,23 +385,8 @@ async def test_worker_stalled_past_its_lease_is_fenced_out_and_carries_on(
 # -- 4a. redelivery after a slow worker (in-process, fakeredis) --------------------------------
 
 
-class Gate:
-    def __init__(self) -> None:
-        self.entered = asyncio.Event()
-        self.open = asyncio.Event()
 
 
-GATES: dict[str, Gate] = {}
-
-
-@pytest.fixture
-def gates() -> Iterator[dict[str, Gate]]:
-    GATES.clear()
-    try:
-        yield GATES
-    finally:
-        for gate in GATES.values():
-            gate.open.set()
 
 
 @strategy("tfw-gated")

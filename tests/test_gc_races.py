@@ -23,7 +23,7 @@ import contextlib
 import random
 import secrets
 from collections import Counter
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -36,7 +36,7 @@ from coordinator.registry import SessionRegistry
 from coordinator.settings import Settings
 from coordinator.states import Phase
 from tests.conftest import FakeCluster
-from tests.helpers import assert_eventually
+from tests.helpers import GATES, Gate, assert_eventually
 from tests.procs import InProcessCluster, answer_for
 from workers import strategy
 from workers.context import Context
@@ -46,23 +46,8 @@ TTL_S = 60.0
 TTL_MS = int(TTL_S * 1000)
 
 
-class Gate:
-    def __init__(self) -> None:
-        self.entered = asyncio.Event()
-        self.open = asyncio.Event()
 
 
-GATES: dict[str, Gate] = {}
-
-
-@pytest.fixture
-def gates() -> Iterator[dict[str, Gate]]:
-    GATES.clear()
-    try:
-        yield GATES
-    finally:
-        for gate in GATES.values():
-            gate.open.set()
 
 
 async def pass_gate(ctx: Context, key: str) -> None:

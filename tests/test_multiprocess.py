@@ -14,9 +14,8 @@ import json
 import random
 import signal
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -34,26 +33,11 @@ from tests.procs import (
     WorkerPool,
     WorkerProc,
     answer_for,
-    new_namespace,
     run_cli,
 )
 from tests.strategies_mp import expected_rounds, prompt_for
 
 pytestmark = [pytest.mark.redis, pytest.mark.slow]
-
-
-@pytest.fixture
-def namespace() -> str:
-    return new_namespace()
-
-
-@pytest.fixture
-def worker_pool(redis_url: str, namespace: str, tmp_path: Path) -> Iterator[WorkerPool]:
-    pool = WorkerPool(redis_url, namespace, tmp_path)
-    try:
-        yield pool
-    finally:
-        pool.close()
 
 
 @pytest.fixture

@@ -5,8 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import signal
-from collections.abc import AsyncIterator, Iterator
-from pathlib import Path
+from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
@@ -14,22 +13,10 @@ import pytest
 from coordinator import Finished, Paused, SessionRegistry, Settings
 from coordinator.settings import connect
 from tests.helpers import assert_eventually
-from tests.procs import FAST_SETTINGS, WAIT_S, WorkerPool, answer_for, new_namespace
+from tests.procs import FAST_SETTINGS, WAIT_S, WorkerPool, answer_for
 from tests.strategies_mp import expected_rounds
 
 pytestmark = [pytest.mark.redis, pytest.mark.slow]
-
-
-@pytest.fixture
-def namespace() -> str:
-    return new_namespace()
-
-
-@pytest.fixture
-def pool(redis_url: str, namespace: str, tmp_path: Path) -> Iterator[WorkerPool]:
-    p = WorkerPool(redis_url, namespace, tmp_path)
-    yield p
-    p.close()
 
 
 @pytest.fixture
@@ -51,9 +38,9 @@ async def drive(reg: SessionRegistry, sid: str, first: Any, progress: list[int])
 
 
 async def test_sigterm_finishes_the_step_in_flight(
-    pool: WorkerPool, registry: SessionRegistry
+    worker_pool: WorkerPool, registry: SessionRegistry
 ) -> None:
-    worker = await pool.start(concurrency=2)
+    worker = await worker_pool.start(concurrency=2)
     sid, first = await registry.start_execution("mp-slow", {"tag": "t", "delay": 1.0},
                                                 timeout=WAIT_S)
     assert isinstance(first, Paused)
@@ -71,16 +58,16 @@ async def test_sigterm_finishes_the_step_in_flight(
     assert await asyncio.wait_for(worker.wait_exit(), WAIT_S) == 0
     assert "stopped" in worker.log_text()
     # The worker is gone; a new one picks the session up (by replay) and finishes it.
-    await pool.start(concurrency=2)
+    await worker_pool.start(concurrency=2)
     done = await registry.feed_response(sid, nxt.queries[0].id, "c", timeout=WAIT_S)
     assert isinstance(done, Finished)
     assert done.result == {"tag": "t", "first": ["a", "b"], "second": "c"}
 
 
 async def test_rolling_restart_of_every_worker_harms_no_session(
-    pool: WorkerPool, registry: SessionRegistry
+    worker_pool: WorkerPool, registry: SessionRegistry
 ) -> None:
-    old = [await pool.start(concurrency=4) for _ in range(2)]
+    old = [await worker_pool.start(concurrency=4) for _ in range(2)]
     sessions, rounds, width = 12, 6, 2
     progress: list[int] = []
     starts = [await registry.start_execution("mp-rounds", {"tag": f"r{n}", "rounds": rounds,
@@ -93,12 +80,12 @@ async def test_rolling_restart_of_every_worker_harms_no_session(
         # Restart one worker each time another share of the rounds is done, mid-run.
         while len(progress) < total * n // (len(old) + 1):
             await asyncio.wait(drivers, timeout=0.05)
-        await pool.start(concurrency=4)
+        await worker_pool.start(concurrency=4)
         worker.signal(signal.SIGTERM)
         assert await asyncio.wait_for(worker.wait_exit(), WAIT_S) == 0, worker.log_tail()
     results = await asyncio.wait_for(asyncio.gather(*drivers), WAIT_S * 2)
     for n, done in enumerate(results):
-        assert done.state.value == "completed", (done, pool.logs())
+        assert done.state.value == "completed", (done, worker_pool.logs())
         assert done.result == {"tag": f"r{n}", "rounds": expected_rounds(
             f"r{n}", rounds, width, answer_for)}
         assert done.metrics["rounds"] == rounds
