@@ -11,7 +11,9 @@ per-command and per-object costs are the whole bill.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterable
+import contextlib
+import gc
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import msgpack
@@ -117,6 +119,38 @@ async def read_many(
     A session whose hash does not decode is shown with phase ``corrupt`` rather than failing
     the whole listing: one bad session must not blind the observer to the rest.
     """
+    # Tens of thousands of small containers (replies, dicts) would trip the cyclic GC again and
+    # again, each full pass scanning the whole heap; none of them can form a cycle, so the
+    # collector waits until the listing is built (it runs as usual right after).
+    with _gc_paused():
+        return await _read_many(scripts, keys, sids, pending_filter, include_history)
+
+
+_gc_pauses = [0, False]  # listings in progress; whether the GC was on before the first
+
+
+@contextlib.contextmanager
+def _gc_paused() -> Iterator[None]:
+    """Counted, so overlapping listings in one process restore the GC exactly once."""
+    if _gc_pauses[0] == 0:
+        _gc_pauses[1] = gc.isenabled()
+        gc.disable()
+    _gc_pauses[0] += 1
+    try:
+        yield
+    finally:
+        _gc_pauses[0] -= 1
+        if _gc_pauses[0] == 0 and _gc_pauses[1]:
+            gc.enable()
+
+
+async def _read_many(
+    scripts: Scripts,
+    keys: Keys,
+    sids: Iterable[str],
+    pending_filter: PendingFilter | None,
+    include_history: bool,
+) -> dict[str, dict[str, Any]]:
     out: dict[str, dict[str, Any]] = {}
     batch = list(sids)
     head, tail = keys.session_template()
