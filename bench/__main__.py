@@ -106,8 +106,9 @@ async def _state(url: str, quick: bool) -> dict[str, Any]:
             if size == 10_000:
                 steps = 300 if quick else 1000
                 res["feed_alone"] = asdict(await state.feed_latency(reg, steps))
-                res["feed_beside_list"] = asdict(
-                    await state.feed_latency_beside_snapshots(reg, steps))
+                beside, listings = await state.feed_latency_beside_snapshots(reg, url, steps)
+                res["feed_beside_list"] = asdict(beside)
+                res["listings_meanwhile"] = listings
                 res["memory"] = await state.memory_per_session(reg, have)
         await reg.aclose()
     res["replay_us_per_round"] = {
@@ -196,7 +197,8 @@ def table(r: dict[str, Any], meta: dict[str, Any]) -> str:
     for n, ms in st["list_snapshots_ms"].items():
         lines.append(f"| list_snapshots, {n} paused sessions | {ms:.1f} ms |")
     lines.append(f"| feed, 10k paused, alone | {lat(st['feed_alone'])} |")
-    lines.append(f"| feed, 10k paused, beside a list_snapshots loop | "
+    lines.append(f"| feed, 10k paused, while another process lists them in a loop "
+                 f"({st.get('listings_meanwhile', '?')} listings) | "
                  f"{lat(st['feed_beside_list'])} |")
     lines.append(f"| Redis memory per paused session (200-char prompt) | "
                  f"{st['memory']['bytes']:.0f} B ({st['memory']['beyond_prompt']:.0f} B beyond "

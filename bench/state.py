@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import statistics
+import sys
 from typing import Any
 
 from coordinator import Paused, SessionRegistry
@@ -53,23 +54,22 @@ async def feed_latency(reg: SessionRegistry, steps: int) -> Latency:
     return Latency.of(samples)
 
 
-async def feed_latency_beside_snapshots(reg: SessionRegistry, steps: int) -> Latency:
-    """The same while another task lists every snapshot in a loop."""
-    stop = asyncio.Event()
-    listings = 0
-
-    async def observer() -> None:
-        nonlocal listings
-        while not stop.is_set():
-            await reg.list_snapshots()
-            listings += 1
-
-    task = asyncio.create_task(observer())
+async def feed_latency_beside_snapshots(
+    reg: SessionRegistry, url: str, steps: int
+) -> tuple[Latency, int]:
+    """The same while another process lists every snapshot in a loop; also returns how many
+    listings it completed meanwhile."""
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "bench.observer", url, reg.keys.namespace,
+        stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
+    )
+    assert proc.stdin is not None
     try:
-        return await feed_latency(reg, steps)
+        latency = await feed_latency(reg, steps)
     finally:
-        stop.set()
-        await task
+        proc.stdin.close()
+        out, _ = await asyncio.wait_for(proc.communicate(), 60)
+    return latency, int(out.strip() or 0)
 
 
 async def memory_per_session(reg: SessionRegistry, sids: list[str]) -> dict[str, float]:

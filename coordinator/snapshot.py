@@ -27,7 +27,7 @@ from .scripts import Scripts
 from .states import Phase
 
 HISTORY_EXCHANGES = 10
-BATCH = 250
+BATCH = 100
 
 #: The session hash fields a snapshot reads, in the order ``_build`` unpacks them.
 FIELDS = (
