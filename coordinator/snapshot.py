@@ -106,26 +106,6 @@ def history(sid: str, journal_tail: list[bytes]) -> list[dict[str, Any]]:
     return exchanges[-HISTORY_EXCHANGES:]
 
 
-async def read_many(
-    scripts: Scripts,
-    keys: Keys,
-    sids: Iterable[str],
-    *,
-    pending_filter: PendingFilter | None,
-    include_history: bool,
-) -> dict[str, dict[str, Any]]:
-    """Snapshots of ``sids``; vanished ones are left out.
-
-    A session whose hash does not decode is shown with phase ``corrupt`` rather than failing
-    the whole listing: one bad session must not blind the observer to the rest.
-    """
-    # Tens of thousands of small containers (replies, dicts) would trip the cyclic GC again and
-    # again, each full pass scanning the whole heap; none of them can form a cycle, so the
-    # collector waits until the listing is built (it runs as usual right after).
-    with _gc_paused():
-        return await _read_many(scripts, keys, sids, pending_filter, include_history)
-
-
 _gc_pauses = [0, False]  # listings in progress; whether the GC was on before the first
 
 
@@ -144,30 +124,40 @@ def _gc_paused() -> Iterator[None]:
             gc.enable()
 
 
-async def _read_many(
+async def read_many(
     scripts: Scripts,
     keys: Keys,
     sids: Iterable[str],
+    *,
     pending_filter: PendingFilter | None,
     include_history: bool,
 ) -> dict[str, dict[str, Any]]:
-    out: dict[str, dict[str, Any]] = {}
-    batch = list(sids)
-    head, tail = keys.session_template()
-    fixed = ["1" if pending_filter is not None else "0",
-             HISTORY_EXCHANGES if include_history else 0, head, tail, SUFFIX["logs"],
-             SUFFIX["pending"], SUFFIX["answers"], SUFFIX["journal"]]
-    for start in range(0, len(batch), BATCH):
-        chunk = batch[start : start + BATCH]
-        rows = await scripts.call_raw("snapshots", [], [*fixed, "\n".join(chunk), *FIELDS])
-        now = now_ms()
-        for sid, row in zip(chunk, rows, strict=True):
-            if not row:
-                continue
-            try:
-                out[sid] = _build(sid, row, pending_filter, now)
-            except (CorruptState, ValueError, TypeError, msgpack.UnpackException) as exc:
-                out[sid] = {"state": "terminal", "phase": "corrupt",
-                            "error": f"session {sid} cannot be read: {exc}"}
-        await asyncio.sleep(0)  # let feeds in this process run between batches
-    return out
+    """Snapshots of ``sids``; vanished ones are left out.
+
+    A session whose hash does not decode is shown with phase ``corrupt`` rather than failing
+    the whole listing: one bad session must not blind the observer to the rest.
+    """
+    # Tens of thousands of small containers (replies, dicts) would trip the cyclic GC again and
+    # again, each full pass scanning the whole heap; none of them can form a cycle, so the
+    # collector waits until the listing is built (it runs as usual right after).
+    with _gc_paused():
+        out: dict[str, dict[str, Any]] = {}
+        batch = list(sids)
+        head, tail = keys.session_template()
+        fixed = ["1" if pending_filter is not None else "0",
+                 HISTORY_EXCHANGES if include_history else 0, head, tail, SUFFIX["logs"],
+                 SUFFIX["pending"], SUFFIX["answers"], SUFFIX["journal"]]
+        for start in range(0, len(batch), BATCH):
+            chunk = batch[start : start + BATCH]
+            rows = await scripts.call_raw("snapshots", [], [*fixed, "\n".join(chunk), *FIELDS])
+            now = now_ms()
+            for sid, row in zip(chunk, rows, strict=True):
+                if not row:
+                    continue
+                try:
+                    out[sid] = _build(sid, row, pending_filter, now)
+                except (CorruptState, ValueError, TypeError, msgpack.UnpackException) as exc:
+                    out[sid] = {"state": "terminal", "phase": "corrupt",
+                                "error": f"session {sid} cannot be read: {exc}"}
+            await asyncio.sleep(0)  # let feeds in this process run between batches
+        return out
