@@ -417,6 +417,18 @@ async def fresh_database(cfg: PeerConfig, db: str, create: bool = True) -> Async
 # Standalone entry point shared by the peer modules.
 
 
+def queue_worker_args(argv: Sequence[str]) -> argparse.Namespace:
+    """The command line of a Redis-queue peer's worker process (RQ, arq), and quiet logs."""
+    import logging
+
+    p = argparse.ArgumentParser()
+    p.add_argument("--redis", required=True)
+    p.add_argument("--queue", required=True)
+    p.add_argument("--index", type=int, default=0)
+    logging.basicConfig(level=logging.WARNING)
+    return p.parse_args(argv)
+
+
 def parse_config(argv: Sequence[str] | None = None) -> tuple[PeerConfig, argparse.Namespace]:
     d = PeerConfig()
     p = argparse.ArgumentParser()

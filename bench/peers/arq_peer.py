@@ -11,7 +11,6 @@ sessions in flight (the default 10 would cap a worker below the load, not measur
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import sys
 from typing import Any
@@ -25,6 +24,7 @@ from . import (
     main,
     measure_latency,
     measure_throughput,
+    queue_worker_args,
     run_prefix,
     versions,
     worker_pool,
@@ -136,17 +136,11 @@ async def _cleanup(client: Any, prefix: str) -> None:
 
 
 def worker_main(argv: list[str]) -> None:
-    import logging
 
     from arq.connections import RedisSettings
     from arq.worker import Worker, func
 
-    p = argparse.ArgumentParser()
-    p.add_argument("--redis", required=True)
-    p.add_argument("--queue", required=True)
-    p.add_argument("--index", type=int, default=0)
-    a = p.parse_args(argv)
-    logging.basicConfig(level=logging.WARNING)
+    a = queue_worker_args(argv)
 
     async def on_startup(ctx: dict[Any, Any]) -> None:
         print("ready", flush=True)  # arq calls this once its Redis pool is up

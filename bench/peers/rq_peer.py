@@ -10,7 +10,6 @@ at WARNING (no per-job log line).
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import sys
 from concurrent.futures import ThreadPoolExecutor
@@ -23,6 +22,7 @@ from . import (
     main,
     measure_latency,
     measure_throughput,
+    queue_worker_args,
     run_prefix,
     versions,
     worker_pool,
@@ -117,17 +117,11 @@ def _cleanup(conn: object, prefix: str) -> None:
 
 
 def worker_main(argv: list[str]) -> None:
-    import logging
 
     from redis import Redis
     from rq import Queue, SimpleWorker
 
-    p = argparse.ArgumentParser()
-    p.add_argument("--redis", required=True)
-    p.add_argument("--queue", required=True)
-    p.add_argument("--index", type=int, default=0)
-    a = p.parse_args(argv)
-    logging.basicConfig(level=logging.WARNING)
+    a = queue_worker_args(argv)
     conn = Redis.from_url(a.redis)
     worker = SimpleWorker(
         [Queue(a.queue, connection=conn)], connection=conn, name=f"{a.queue}-w{a.index}"
