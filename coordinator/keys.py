@@ -45,7 +45,9 @@ Per namespace (no TTL; small)
 Channels (pub/sub only wakes; the keys above hold the truth)
 
 - ``ns:{sid}:events``: a session settled (paused / finished) or became ready to resume.
-- ``ns:worker:<id>:nudge``: "a session you hold is ready / cancelled" (payload: sid).
+- ``ns:worker:<id>:nudge``: "a session you hold is ready / cancelled" (payload: sid), or a
+  handoff: "it is ready, lock A is taken for you, here are the answers"
+  (``coordinator.events.Handoff``, written by ``feed.lua``).
 - ``ns:jobs:wake``: a job was added to ``ns:jobs``.
 - ``<lock key>:released``: a lock (C or A) was released; waiters try again.
 - ``ns:proc:<id>``: keeps each process's pub/sub connection subscribed to at least one channel.

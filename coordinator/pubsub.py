@@ -147,6 +147,13 @@ class Multiplexer:
             self._linger_s, lambda: asyncio.ensure_future(self._unsubscribe(sub.channel))
         )
 
+    async def drop(self, channel: str) -> None:
+        """Stop hearing ``channel`` now, whoever still listens in this process: a worker
+        leaving must not be counted as a receiver (``feed.lua`` hands steps to receivers)."""
+        for sub in list(self._subs.get(channel, ())):
+            self._subs[channel].discard(sub)
+        await self._unsubscribe(channel)
+
     async def _unsubscribe(self, channel: str) -> None:
         self._linger.pop(channel, None)
         async with self._lock:
@@ -227,6 +234,10 @@ class Multiplexer:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await self._reader
         if self._ps is not None:
+            with contextlib.suppress(Exception):
+                # Explicitly, not only by closing: a pooled or in-memory connection may
+                # outlive this object, and nobody should count it as a listener.
+                await self._ps.unsubscribe()
             with contextlib.suppress(Exception):
                 await self._ps.aclose()  # type: ignore[no-untyped-call]
         self._ps = None

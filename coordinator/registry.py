@@ -149,9 +149,10 @@ class SessionRegistry:
         async with await self.mux.subscribe(sk.channel) as sub:
             reply = await self.scripts.call(
                 "feed",
-                [*self.keys.script_keys(session_id), sk.fed, sk.fed_prev],
+                [*self.keys.script_keys(session_id), sk.fed, sk.fed_prev, sk.lock],
                 [session_id, query_id, pack(record), len(response), tokens,
-                 self.settings.backstop_ms, self.keys.jobs_wake, secrets.token_hex(8)],
+                 self.settings.backstop_ms, self.keys.jobs_wake, secrets.token_hex(16),
+                 self.settings.lease_ms],
             )
             if reply.code == "ACCEPTED":
                 return Accepted(int(reply.args[0]))

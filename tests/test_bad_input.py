@@ -289,10 +289,18 @@ async def pending_filter_unknown(e: Env) -> Any:
     return await e.reg.list_snapshots(pending_filter="everything")
 
 
+async def orphan(e: Env, sid: str) -> None:
+    """Make ``sid``'s next step a replay, which reads its whole state from Redis: the live
+    holder resumes from memory with the handed answers and reads nothing it does not need,
+    so corruption is met (and must be handled) when a worker rebuilds the session."""
+    await e.reg.client.hdel(e.reg.keys.session(sid).session, "holder", "holder_ch")
+
+
 async def corrupt_session_hash(e: Env) -> Any:
     """A paused session whose stored input is not msgpack; its next step cannot load it."""
     e.notes["sid"] = sid = (await e.paused("tbad-ask"))[0]
     await e.reg.client.hset(e.reg.keys.session(sid).session, "input", b"\xc1\xc1 garbage")
+    await orphan(e, sid)
     return await e.reg.feed_response(sid, "q-0", "x")
 
 
@@ -300,6 +308,7 @@ async def corrupt_session_field(e: Env) -> Any:
     """A plain field Lua and Python read (``started_at``) that is not an integer."""
     e.notes["sid"] = sid = (await e.paused("tbad-ask"))[0]
     await e.reg.client.hset(e.reg.keys.session(sid).session, "started_at", "yesterday")
+    await orphan(e, sid)
     return await e.reg.feed_response(sid, "q-0", "x")
 
 
@@ -363,6 +372,7 @@ async def strategy_unknown_to_workers(e: Env) -> Any:
 async def corrupt_pending_query(e: Env) -> Any:
     sid, _ = await e.paused("tbad-ask", {"n": 2})
     await e.reg.client.hset(e.reg.keys.session(sid).pending, "q-1", b"\xc1")
+    await orphan(e, sid)
     await e.reg.feed_response(sid, "q-0", "x")
     return await e.reg.feed_response(sid, "q-1", "y")
 
@@ -554,7 +564,9 @@ async def test_worker_process_survives_bad_input(redis_url: str, tmp_path: Path)
             corrupt_sid, ev = await reg.start_execution(
                 "mp-rounds", {"tag": "bad", "rounds": 1, "width": 1}, timeout=30)
             assert isinstance(ev, Paused)
+            # as an orphan (no live holder), so its next step is a replay that reads it all
             await reg.client.hset(reg.keys.session(corrupt_sid).session, "input", b"\xc1")
+            await reg.client.hdel(reg.keys.session(corrupt_sid).session, "holder", "holder_ch")
             with pytest.raises(CorruptState, match="cannot decode the stored input"):
                 await reg.feed_response(corrupt_sid, "q-0", "x", timeout=30)
             await reg.client.xadd(reg.keys.jobs, {"k": "exec-python", "sid": "s-0-x"})

@@ -382,6 +382,56 @@ async def test_worker_stalled_past_its_lease_is_fenced_out_and_carries_on(
         sync.close()
 
 
+@pytest.mark.redis
+@pytest.mark.slow
+async def test_step_handed_to_a_frozen_holder_is_taken_over_and_its_late_step_fenced_out(
+    redis_url: str, namespace: str, make_pool: Callable[..., WorkerPool], reg: SessionRegistry,
+) -> None:
+    """The last answer of a round hands the step (lock A and the answers) to the live holder
+    whenever its connection hears the nudge, which a frozen (SIGSTOPped) process's still
+    does. Nobody else may step it while that handed lease lives; once it runs out, another
+    worker claims the round's job and finishes the session right; the holder, thawed, runs
+    the handed step from memory and its commit is refused by the fence."""
+    pool = make_pool()
+    workers = [await pool.start(concurrency=2), await pool.start(concurrency=2)]
+    keys = Keys(namespace)
+    tag = f"{namespace}-frozen"
+    sid, first = await reg.start_execution("mp-rounds", {"tag": tag, "rounds": 2, "width": 1},
+                                           timeout=WAIT_S)
+    assert isinstance(first, Paused)
+    sk = keys.session(sid)
+    holder_id = (await reg.client.hget(sk.session, "holder")).decode()
+    frozen = next(w for w in workers if w.worker_id == holder_id)
+    taker = next(w for w in workers if w is not frozen)
+    fence_before = int(await reg.client.hget(sk.session, "fence"))
+    frozen.signal(signal.SIGSTOP)
+    try:
+        feeder = asyncio.create_task(reg.feed_response(
+            sid, "q-0", answer_for(prompt_for(tag, 0, 0)), timeout=WAIT_S))
+        # handed over: the lock is the feed's, in the frozen holder's name, one fence on
+        await assert_eventually(lambda: reg.client.exists(sk.lock), timeout=WAIT_S,
+                                message="the feed did not take lock A for the holder")
+        assert int(await reg.client.hget(sk.session, "fence")) == fence_before + 1
+        taken = await asyncio.wait_for(feeder, WAIT_S)
+        assert taken == Paused((LlmQuery(id="q-0", prompt=prompt_for(tag, 1, 0)),)), (
+            f"{taken}\n{pool.logs()}")
+        assert (await reg.client.hget(sk.session, "holder")).decode() == taker.worker_id
+        assert int(await reg.client.hget(sk.session, "fence")) >= fence_before + 2
+    finally:
+        frozen.signal(signal.SIGCONT)
+    marker = f"stale write rejected for session {sid}"
+    await assert_eventually(lambda: marker in frozen.log_text(), timeout=WAIT_S,
+                            message=f"the thawed holder's handed step was not fenced out\n"
+                                    f"{pool.logs()}")
+    done = await reg.feed_response(sid, "q-0", answer_for(prompt_for(tag, 1, 0)),
+                                   timeout=WAIT_S)
+    assert isinstance(done, Finished) and done.state is Phase.COMPLETED, done
+    assert done.result == {"tag": tag, "rounds": [[answer_for(prompt_for(tag, 0, 0))],
+                                                   [answer_for(prompt_for(tag, 1, 0))]]}
+    assert done.metrics["rounds"] == 2 and await reg.client.llen(sk.journal) == 2
+    assert frozen.alive and "Traceback" not in frozen.log_text(), frozen.log_tail()
+
+
 # -- 4a. redelivery after a slow worker (in-process, fakeredis) --------------------------------
 
 

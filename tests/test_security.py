@@ -480,6 +480,8 @@ async def test_pickle_in_a_session_hash_is_corrupt_state_never_executed(
     sk = reg.keys.session(sid)
     for name in ("input", "budget", "progress"):
         await reg.client.hset(sk.session, name, payload)
+    # no live holder: the next step is a replay, which decodes all of these
+    await reg.client.hdel(sk.session, "holder", "holder_ch")
     with pytest.raises(CorruptState) as info:
         await reg.feed_response(sid, "q-0", "x")
     assert info.value.session_id == sid and "cannot decode" in info.value.message

@@ -8,6 +8,7 @@ steps are ``asyncio.Event`` gates that the test opens; nothing sleeps to synchro
 from __future__ import annotations
 
 import asyncio
+import hashlib
 from collections.abc import Iterator
 from typing import Any
 
@@ -22,7 +23,10 @@ from coordinator import (
     Phase,
     SessionRegistry,
 )
+from coordinator.codec import pack
+from coordinator.events import parse_handoff
 from coordinator.models import LlmQuery
+from coordinator.scripts import _NAMES, source
 from tests.conftest import FakeCluster
 from tests.helpers import assert_eventually
 from workers import catalog, strategy
@@ -174,6 +178,53 @@ async def test_live_path_keeps_the_execution_in_memory(
     assert worker.stats.replays == 0
     assert worker.stats.live_resumes == 3
     assert worker.stats.steps == 4
+
+
+async def test_live_step_is_handed_over_and_costs_the_worker_one_command(
+    registry: SessionRegistry, worker: Worker, gates: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The feed completing a round takes lock A for the live holder and sends the answers
+    along: the worker reads nothing and its only command is the commit (fence checked)."""
+    sid, _ = await paused(registry, "twrk-chain", {"k": 3, "tag": "one"})
+    sk = registry.keys.session(sid)
+    fence = int(await registry.client.hget(sk.session, "fence"))
+    sent: list[str] = []
+    real = worker.client.execute_command
+
+    async def counting(*args: Any, **kw: Any) -> Any:
+        sent.append(args[0] if args[0] != "EVALSHA" else f"EVALSHA {_script_of(args[1])}")
+        return await real(*args, **kw)
+
+    monkeypatch.setattr(worker.client, "execute_command", counting)
+    nxt = await registry.feed_response(sid, "q-0", "line 1\nline 2\n\u00e9")
+    assert isinstance(nxt, Paused) and nxt.queries[0].prompt == \
+        "one step 1 after 'line 1\\nline 2\\n\u00e9'"
+    assert sent == ["EVALSHA commit_step"]
+    assert worker.stats.live_resumes == 1 and worker.stats.replays == 0
+    # one acquisition (the feed's, for the holder), committed: no attempt left over
+    assert int(await registry.client.hget(sk.session, "fence")) == fence + 1
+    assert await registry.client.hget(sk.session, "cfence") == str(fence + 1).encode()
+    assert not await registry.client.exists(sk.lock)
+
+
+def _script_of(sha: Any) -> str:
+    for name in _NAMES:
+        if hashlib.sha1(source(name).encode()).hexdigest() == str(sha):
+            return name
+    return str(sha)
+
+
+def test_handoff_messages_parse_binary_answers_and_refuse_truncation() -> None:
+    a, b = pack({"r": "x\ny"}), pack({"r": "\n" * 3})
+    msg = b"\n".join([b"H", b"s-1", b"7", b"tok", b"2", b"6", b"2", b"q-0", str(len(a)).encode(),
+                      a, b"q-1", str(len(b)).encode(), b])
+    h = parse_handoff(msg)
+    assert h is not None and (h.sid, h.fence, h.token, h.asked, h.cfence) == \
+        ("s-1", 7, "tok", 2, 6)
+    assert h.answers == {"q-0": a, "q-1": b}
+    assert parse_handoff(b"s-1") is None  # a plain nudge
+    with pytest.raises(ValueError):
+        parse_handoff(msg[:-2])
 
 
 async def test_replay_on_a_fresh_worker(fake_cluster: FakeCluster, registry: SessionRegistry,
@@ -404,6 +455,9 @@ async def test_corrupt_pending_query_fails_only_that_session(
     bad, _ = await paused(registry, "twrk-chain", {"k": 2, "tag": "bad"})
     good, _ = await paused(registry, "twrk-chain", {"k": 1, "tag": "good"})
     await registry.client.hset(registry.keys.session(bad).pending, "q-0", b"\xc1")
+    # no live holder: the next step is a replay, which reads the stored queries (the live
+    # holder would resume from the copy it has in memory and never look at them)
+    await registry.client.hdel(registry.keys.session(bad).session, "holder", "holder_ch")
     done = await registry.feed_response(bad, "q-0", "x")
     assert isinstance(done, Finished) and done.state is Phase.FAILED
     assert done.error is not None and "cannot decode" in done.error

@@ -8,8 +8,11 @@ Where a step's work comes from:
   another worker after ``claim_idle_ms`` (XAUTOCLAIM).
 - a **nudge** on this worker's channel: the feed that completes a round of a session this
   worker holds live tells it at once, so the live path needs no hop through the stream.
-  If another worker reads that round's job from the stream first, it leaves it pending for
-  the live holder while the holder's heartbeat says it is alive.
+  Usually the nudge is a **handoff**: ``feed.lua`` took lock A in this worker's name and
+  sent the round's answers along, so the step reads nothing and costs one command (its
+  commit). The round's job is in the stream too, marked with the holder that heard of it
+  (field ``h``); whoever reads it leaves it pending for that holder, and if the holder dies
+  it is claimed (XAUTOCLAIM) like any other job.
 
 A step runs under the session's lock A, and its commit carries the lock's fencing token and
 the round it started from, so it applies at most once and never over newer state.
@@ -30,9 +33,9 @@ from typing import Any
 from redis.asyncio import Redis
 from redis.exceptions import ResponseError
 
-from coordinator.codec import estimate_tokens, pack, text, unpack
+from coordinator.codec import estimate_tokens, pack, unpack
 from coordinator.errors import CorruptState, LockTimeout, NotFound, SessionError
-from coordinator.events import pause_event
+from coordinator.events import Handoff, parse_handoff, pause_event
 from coordinator.gc import Sweeper
 from coordinator.keys import JOB_GROUP, Keys
 from coordinator.locks import FencedLock, LockFactory
@@ -94,6 +97,8 @@ class Worker:
         self._nudge_channel = self.keys.worker_nudge(self.id)
         self._live: OrderedDict[str, Execution] = OrderedDict()
         self._busy: set[str] = set()
+        # Handoffs that came while this worker was still finishing the session's last step.
+        self._queued: dict[str, Handoff] = {}
         self._slots = asyncio.Semaphore(self.concurrency)
         self._tasks: set[asyncio.Task[None]] = set()
         self._loops: list[asyncio.Task[None]] = []
@@ -136,6 +141,8 @@ class Worker:
         Steps cut short keep their jobs pending, so another worker claims them."""
         grace_s = self.settings.shutdown_grace_s if grace_s is None else grace_s
         self._stop.set()
+        with contextlib.suppress(Exception):  # no more handoffs: the next rounds go elsewhere
+            await self.mux.drop(self._nudge_channel)
         for task in self._loops:
             task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
@@ -232,7 +239,14 @@ class Worker:
         while True:
             msg = await nudge.get(self.settings.wait_slice_s)
             if isinstance(msg, bytes):
-                self._spawn(self._step(msg.decode(), entry_id=None, defer=False))
+                try:
+                    handoff = parse_handoff(msg)
+                    sid = handoff.sid if handoff is not None else msg.decode()
+                except (ValueError, UnicodeDecodeError) as exc:
+                    # Its lease runs out and the round's job is claimed from the stream.
+                    log.error("unreadable nudge ignored (%s): %r", exc, msg[:80])
+                    continue
+                self._spawn(self._step(sid, entry_id=None, handoff=handoff))
             elif msg is not None:  # RESYNC: nudges may have been lost; the stream has them
                 try:
                     await self.claim_once()
@@ -266,8 +280,13 @@ class Worker:
             pipe.xdel(self.keys.jobs, entry_id)
             await pipe.execute()
             return
-        # Only a resume can have a live holder to defer to; a start never has one.
-        await self._step(sid, entry_id=entry_id, defer=defer and kind == "resume")
+        if defer and kind == "resume" and fields.get(b"h"):
+            # A live holder heard of this round (and usually holds its lock already): it
+            # steps it, and its commit acknowledges this entry. Should it die, the entry is
+            # claimed from this worker's pending list once idle (XAUTOCLAIM).
+            self.stats.deferred += 1
+            return
+        await self._step(sid, entry_id=entry_id)
 
     async def _drop_entry(self, entry_id: str) -> None:
         pipe = self.client.pipeline(transaction=False)
@@ -277,17 +296,20 @@ class Worker:
 
     # -- one step ------------------------------------------------------------------------
 
-    async def _step(self, sid: str, *, entry_id: str | None, defer: bool) -> None:
-        """Step ``sid`` once. ``defer``: a first delivery from the stream, which the live
-        holder (if another worker) should take instead."""
+    async def _step(
+        self, sid: str, *, entry_id: str | None, handoff: Handoff | None = None
+    ) -> None:
+        """Step ``sid`` once: for a job from the stream (``entry_id``), a nudge, or a handoff
+        (lock A already taken for this worker, answers included)."""
         if sid in self._busy:
-            return  # this worker is on it already; that step's commit acks the job
+            if handoff is not None:
+                # The last step of this session is still unwinding (its commit is what let
+                # the host answer): run the handoff right after it.
+                self._queued[sid] = handoff
+            return  # otherwise this worker is on it already; that step's commit acks the job
         self._busy.add(sid)
         try:
-            if defer and await self._defer_to_holder(sid):
-                self.stats.deferred += 1
-                return
-            await self._locked_step(sid, entry_id)
+            await self._locked_step(sid, entry_id, handoff)
         except Exception as exc:
             # Left pending, the job is retried (claimed again) until max_attempts; keep the
             # error so the dead letter can say what kept failing.
@@ -298,18 +320,18 @@ class Worker:
                                        f"{type(exc).__name__}: {exc}"[:2000])
         finally:
             self._busy.discard(sid)
+            queued = self._queued.pop(sid, None)
+            if queued is not None:
+                self._spawn(self._step(sid, entry_id=None, handoff=queued))
 
-    async def _defer_to_holder(self, sid: str) -> bool:
-        """A new resume job for a session another live worker holds is that worker's."""
-        if sid in self._live:
-            return False
-        raw = await self.client.hget(self.keys.session(sid).session, "holder")
-        if not raw or text(raw) == self.id:
-            return False
-        return bool(await self.client.exists(self.keys.worker(text(raw))))
-
-    async def _locked_step(self, sid: str, entry_id: str | None) -> None:
+    async def _locked_step(
+        self, sid: str, entry_id: str | None, handoff: Handoff | None
+    ) -> None:
         lock = self.locks.session(sid)
+        if handoff is not None:
+            lock.took([handoff.fence, 0], handoff.token)
+            await self._run_locked(sid, lock, entry_id, None, handoff)
+            return
         sk = self.keys.session(sid)
         token = uuid.uuid4().hex
         # Take the lock and read the session in one command (step_begin.lua); only when the
@@ -335,14 +357,38 @@ class Worker:
             if entry_id:
                 await self._drop_entry(entry_id)
             return
+        await self._run_locked(sid, lock, entry_id, prefetched, None)
+
+    async def _run_locked(
+        self, sid: str, lock: FencedLock, entry_id: str | None, prefetched: list[Any] | None,
+        handoff: Handoff | None,
+    ) -> None:
         released = False
         try:
             async with lock.kept_alive():
-                released = await self._step_under_lock(sid, lock, entry_id, prefetched)
+                handed = None if handoff is None else await self._handed_step(sid, lock, handoff)
+                if handed is not None:
+                    released = handed
+                else:
+                    released = await self._step_under_lock(sid, lock, entry_id, prefetched)
         finally:
             if not released:
                 with contextlib.suppress(Exception):
                     await lock.release()
+
+    async def _handed_step(self, sid: str, lock: FencedLock, h: Handoff) -> bool | None:
+        """The live path proper: resume the execution in memory with the handed answers and
+        commit. None when this one needs the reading path instead (see ``_handed_round``)."""
+        live = self._live.get(sid)
+        fast = None if live is None else self._handed_round(live, h)
+        if live is None or fast is None:
+            return None
+        self.stats.live_resumes += 1
+        outcome = await live.step(fast[0], self.settings.step_timeout_s)
+        if not isinstance(outcome, Ask):
+            self._forget(sid)
+        return await self._commit(sid, lock, asked_from=h.asked, outcome=outcome,
+                                  journal_entry=fast[1], ex=live)
 
     async def _step_under_lock(
         self, sid: str, lock: FencedLock, entry_id: str | None, prefetched: list[Any] | None
@@ -421,6 +467,22 @@ class Worker:
             raise NotFound(f"session {sid} vanished", session_id=sid)
         rec = SessionRecord.from_hash(sid, replies[0])
         return _Loaded(rec, replies[1], replies[2], replies[3] if len(replies) > 3 else None)
+
+    def _handed_round(self, live: Execution, h: Handoff) -> tuple[list[str], bytes] | None:
+        """The answers and journal entry of a handed-off round, straight from the handoff;
+        None sends the step down the reading path, which checks everything against Redis
+        (a live execution out of step, a step failing again and again, odd answers)."""
+        if live.asked != h.asked or h.fence - h.cfence > self.settings.max_attempts:
+            return None
+        queries = live.last_queries
+        try:
+            answers = [str(unpack(h.answers[q.id], what="answer", session_id=h.sid)["r"])
+                       for q in queries]
+        except (KeyError, TypeError, SessionError):
+            return None
+        entry = pack([digest(queries), [[q.id, q.prompt, a] for q, a in zip(queries, answers,
+                                                                             strict=True)]])
+        return answers, entry
 
     def _round_answers(self, data: _Loaded) -> tuple[list[str] | None, bytes]:
         """The answered round in query order, and its journal entry (none for a start)."""

@@ -5,6 +5,7 @@
 -- ARGV[4] response chars   ARGV[5] response tokens   ARGV[6] backstop expiry ms
 -- ARGV[7] jobs wake channel   ARGV[8] this feed call's token (random, unique per call)
 -- KEYS[10] feed tokens of this round   KEYS[11] feed tokens of the round before
+-- KEYS[12] lock A   ARGV[9] lease ms of lock A
 -- Returns {'ACCEPTED', remaining} | {'READY', asked} | {'NOT_FOUND'} | {'UNKNOWN_QUERY'}
 --       | {'ALREADY_RESPONDED'} | {'INVALID_TRANSITION', phase}
 local phase = redis.call('HGET', KEYS[1], 'phase')
@@ -51,12 +52,44 @@ local asked = redis.call('HGET', KEYS[1], 'asked')
 redis.call('HSET', KEYS[1], 'phase', 'running', 'ready_token', ARGV[8], 'ready_asked', asked)
 redis.call('HINCRBY', KEYS[1], 'm:rounds', 1)
 redis.call('ZREM', KEYS[6], ARGV[1])
-local job = redis.call('XADD', KEYS[8], '*', 'k', 'resume', 'sid', ARGV[1], 'a', asked)
-redis.call('HSET', KEYS[1], 'job', job)
--- The live holder is told directly; the other workers are woken only when no holder heard
--- it (the job is in the stream either way, and idle workers poll it within a wait slice).
+-- The live holder is handed the step: this script takes lock A in its name (fence bumped,
+-- lease set, the feed token as owner) and the nudge carries the round's answers, so the
+-- holder resumes with no read and commits with one command. It is handed over only when
+-- the holder's connection hears it (PUBLISH counts the receivers) and the lock is free;
+-- otherwise the holder gets a plain nudge (it takes the lock itself). The job goes to the
+-- stream either way, for recovery; its field 'h' names the holder that heard of it, so the
+-- worker reading it leaves it to that holder. When no holder heard, the workers are woken.
+-- Handoff message: lines 'H', session id, fence, lock token, round, last committed fence,
+-- N, then N times: query id, byte length, packed answer.
 local nudge = redis.call('HGET', KEYS[1], 'holder_ch')
-if not nudge or redis.call('PUBLISH', nudge, ARGV[1]) == 0 then
+local heard = false
+if nudge then
+  local fence = tonumber(redis.call('HGET', KEYS[1], 'fence') or '0')
+  if fence and redis.call('EXISTS', KEYS[12]) == 0 then
+    local ans = redis.call('HGETALL', KEYS[3])
+    local parts = {'H', ARGV[1], fence + 1, ARGV[8], asked,
+                   redis.call('HGET', KEYS[1], 'cfence') or '0', #ans / 2}
+    for j = 1, #ans, 2 do
+      parts[#parts + 1] = ans[j]
+      parts[#parts + 1] = #ans[j + 1]
+      parts[#parts + 1] = ans[j + 1]
+    end
+    if redis.call('PUBLISH', nudge, table.concat(parts, '\n')) > 0 then
+      redis.call('SET', KEYS[12], ARGV[8], 'PX', ARGV[9])
+      redis.call('HINCRBY', KEYS[1], 'fence', 1)
+      heard = true
+    end
+  else
+    heard = redis.call('PUBLISH', nudge, ARGV[1]) > 0
+  end
+end
+local job
+if heard then
+  job = redis.call('XADD', KEYS[8], '*', 'k', 'resume', 'sid', ARGV[1], 'a', asked,
+                   'h', redis.call('HGET', KEYS[1], 'holder') or '?')
+else
+  job = redis.call('XADD', KEYS[8], '*', 'k', 'resume', 'sid', ARGV[1], 'a', asked)
   redis.call('PUBLISH', ARGV[7], ARGV[1])
 end
+redis.call('HSET', KEYS[1], 'job', job)
 return {'READY', tonumber(asked)}
