@@ -289,6 +289,7 @@ class SessionRegistry:
 
     async def aclose(self) -> None:
         await self.mux.aclose()
+        await self.scripts.aclose()
         if self._owns_client:
             await self.client.aclose()
 

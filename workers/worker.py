@@ -159,6 +159,7 @@ class Worker:
             await self.client.delete(self.keys.worker(self.id))
             await self.client.zrem(self.keys.workers, self.id)
         await self.mux.aclose()
+        await self.scripts.aclose()
 
     async def _ensure_group(self) -> None:
         try:

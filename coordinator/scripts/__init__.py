@@ -13,6 +13,7 @@ from typing import Any
 
 from redis.asyncio import Redis
 from redis.commands.core import AsyncScript
+from redis.exceptions import NoScriptError
 
 from ..errors import (
     AlreadyResponded,
@@ -22,6 +23,7 @@ from ..errors import (
     UnknownQuery,
 )
 from ..keys import Keys
+from ..wire import Wire
 
 _NAMES = (
     "create", "feed", "commit_step", "terminate", "lock_acquire", "lock_release", "snapshots",
@@ -119,15 +121,29 @@ class Terminate:
 
 
 class Scripts:
-    """One client's registered scripts (redis-py reloads a script on NOSCRIPT by itself)."""
+    """One client's registered scripts, called by SHA (and loaded again on NOSCRIPT, after a
+    restart or a SCRIPT FLUSH). On a real Redis they travel over a ``Wire``; on fakeredis
+    through redis-py's ``Script`` objects."""
 
     def __init__(self, client: Redis) -> None:
         self._by_name: dict[str, AsyncScript] = {
             name: client.register_script(source(name)) for name in _NAMES
         }
+        self._wire = Wire.for_client(client)
 
     async def call(self, name: str, keys: list[str], args: list[Any]) -> Reply:
-        return parse(await self._by_name[name](keys=keys, args=args))
+        return parse(await self.call_raw(name, keys, args))
 
     async def call_raw(self, name: str, keys: list[str], args: list[Any]) -> Any:
-        return await self._by_name[name](keys=keys, args=args)
+        if self._wire is None:
+            return await self._by_name[name](keys=keys, args=args)
+        script = self._by_name[name]
+        try:
+            return await self._wire.execute("EVALSHA", script.sha, len(keys), *keys, *args)
+        except NoScriptError:
+            await self._wire.execute("SCRIPT", "LOAD", script.script)
+            return await self._wire.execute("EVALSHA", script.sha, len(keys), *keys, *args)
+
+    async def aclose(self) -> None:
+        if self._wire is not None:
+            await self._wire.aclose()
