@@ -872,3 +872,28 @@ async def test_outage_longer_than_the_retry_budget(
         await reg.aclose()
         await worker.shutdown(grace_s=1.0)
         await worker.client.aclose()
+
+
+@pytest.mark.redis
+@pytest.mark.slow
+async def test_a_worker_asked_to_stop_leaves_promptly_with_redis_gone(
+    redis_server: RedisProcess, namespace: str, tmp_path: Path
+) -> None:
+    """SIGTERM while Redis is down: the goodbyes (unsubscribe, heartbeat removal) are best
+    effort and bounded, so the worker exits cleanly instead of retrying them for a minute."""
+    import signal
+
+    pool = WorkerPool(redis_server.url, namespace, tmp_path)
+    try:
+        worker = await pool.start(concurrency=2)
+        redis_server.kill()
+        worker.signal(signal.SIGTERM)
+        # the bound: below the ~30 s the client would spend retrying each goodbye
+        try:
+            code = await asyncio.wait_for(worker.wait_exit(), 20)
+        except TimeoutError:
+            raise AssertionError(f"worker still running\n{worker.log_tail()}") from None
+        assert code == 0, worker.log_tail()
+        assert "stopped" in worker.log_text(), worker.log_tail()
+    finally:
+        pool.close()

@@ -720,3 +720,32 @@ async def test_context_rejects_items_that_are_neither_str_nor_dict(item: Any) ->
     with pytest.raises(InvalidInput):
         await ctx.llm_batch([item])
     assert asked == []
+
+
+@pytest.mark.redis
+async def test_a_batch_of_5000_queries_commits_on_a_real_redis(
+    redis_url: str, namespace: str
+) -> None:
+    """A pause writes its queries in chunks: Lua's ``unpack`` could
+    not spread 10,000 arguments into one command."""
+    from coordinator.settings import Settings, connect
+
+    settings = Settings(namespace=namespace)
+    catalog.load([])
+    worker = Worker(connect(redis_url), settings)
+    await worker.start()
+    reg = SessionRegistry(connect(redis_url), settings=settings, owns_client=True)
+    try:
+        sid, event = await reg.start_execution("twrk-batch", {"n": 5000}, timeout=30)
+        assert isinstance(event, Paused) and len(event.queries) == 5000
+        assert (await reg.status(sid))["pending_queries"] == 5000
+        for q in event.queries[:-1]:
+            await reg.feed_response(sid, q.id, q.prompt.upper())
+        done = await reg.feed_response(sid, event.queries[-1].id, "last", timeout=30)
+        assert isinstance(done, Finished) and done.state is Phase.COMPLETED, done
+        assert done.result[:2] == ["ITEM 0", "ITEM 1"] and done.result[-1] == "last"
+        assert len(done.result) == 5000
+    finally:
+        await worker.shutdown(1.0)
+        await worker.client.aclose()
+        await reg.aclose()

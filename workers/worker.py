@@ -138,11 +138,13 @@ class Worker:
 
     async def shutdown(self, grace_s: float | None = None) -> None:
         """Stop taking work, let in-flight steps finish within ``grace_s``, then leave.
-        Steps cut short keep their jobs pending, so another worker claims them."""
+        Steps cut short keep their jobs pending, so another worker claims them. Bounded even
+        with Redis gone: the goodbyes (unsubscribe, heartbeat removal) are best effort, since
+        the heartbeat expires by itself and a dead connection hears nothing."""
         grace_s = self.settings.shutdown_grace_s if grace_s is None else grace_s
         self._stop.set()
-        with contextlib.suppress(Exception):  # no more handoffs: the next rounds go elsewhere
-            await self.mux.drop(self._nudge_channel)
+        # no more handoffs: the next rounds go elsewhere
+        await _best_effort(self.mux.drop(self._nudge_channel))
         for task in self._loops:
             task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
@@ -155,10 +157,11 @@ class Worker:
         for ex in self._live.values():
             ex.close()
         self._live.clear()
-        with contextlib.suppress(Exception):
-            await self.client.delete(self.keys.worker(self.id))
-            await self.client.zrem(self.keys.workers, self.id)
-        await self.mux.aclose()
+        pipe = self.client.pipeline(transaction=False)
+        pipe.delete(self.keys.worker(self.id))
+        pipe.zrem(self.keys.workers, self.id)
+        await _best_effort(pipe.execute())
+        await _best_effort(self.mux.aclose())
         await self.scripts.aclose()
 
     async def _ensure_group(self) -> None:
@@ -611,6 +614,15 @@ class Worker:
         ex = self._live.pop(sid, None)
         if ex is not None:
             ex.close()
+
+
+#: Longest a goodbye to Redis may take when a worker leaves.
+GOODBYE_S = 2.0
+
+
+async def _best_effort(aw: Any) -> None:
+    with contextlib.suppress(Exception, asyncio.TimeoutError):
+        await asyncio.wait_for(aw, GOODBYE_S)
 
 
 def _pairs(flat: list[bytes]) -> dict[bytes, bytes]:

@@ -19,18 +19,27 @@
 --   fail:     error text
 -- Returns {'OK'} | {'NOT_FOUND'} | {'FENCED', fence} | {'STALE', asked}
 --       | {'INVALID_TRANSITION', phase}
-local phase = redis.call('HGET', KEYS[1], 'phase')
+-- Reads the session hash once and writes it once (each redis.call costs about a microsecond
+-- on top of its work, and this runs for every step).
+-- ARGV[from..to] to one command per 1,000 arguments (Lua's unpack has a stack limit).
+local function each_chunk(cmd, key, from, to)
+  for a = from, to, 1000 do
+    redis.call(cmd, key, unpack(ARGV, a, math.min(a + 999, to)))
+  end
+end
+local f = redis.call('HMGET', KEYS[1], 'phase', 'fence', 'asked', 'job', 'ttl_ms',
+  'm:llm_calls', 'm:prompt_chars', 'm:prompt_tokens', 'm:pauses')
+local phase = f[1]
 if not phase then
   return {'NOT_FOUND'}
 end
-local fence = redis.call('HGET', KEYS[1], 'fence')
-if fence ~= ARGV[2] then
-  return {'FENCED', fence}
+if f[2] ~= ARGV[2] then
+  return {'FENCED', f[2]}
 end
 if phase ~= 'running' then
   return {'INVALID_TRANSITION', phase}
 end
-local asked = tonumber(redis.call('HGET', KEYS[1], 'asked'))
+local asked = tonumber(f[3])
 if asked ~= tonumber(ARGV[3]) then
   return {'STALE', asked}
 end
@@ -46,51 +55,51 @@ end
 local nlogs = tonumber(ARGV[19])
 local i = 20
 if nlogs > 0 then
-  for j = i, i + nlogs - 1 do redis.call('RPUSH', KEYS[5], ARGV[j]) end
+  each_chunk('RPUSH', KEYS[5], i, i + nlogs - 1)
   redis.call('LTRIM', KEYS[5], -20, -1)
 end
 i = i + nlogs
+local set = {'last_activity_at', now, 'holder', ARGV[8], 'holder_ch', ARGV[9],
+  'cfence', ARGV[2],
+  'm:llm_calls', tonumber(f[6] or '0') + tonumber(ARGV[14]),
+  'm:prompt_chars', tonumber(f[7] or '0') + tonumber(ARGV[15]),
+  'm:prompt_tokens', tonumber(f[8] or '0') + tonumber(ARGV[16])}
 if ARGV[13] ~= '' then
-  redis.call('HSET', KEYS[1], 'progress', ARGV[13])
+  set[#set + 1] = 'progress'
+  set[#set + 1] = ARGV[13]
 end
-redis.call('HINCRBY', KEYS[1], 'm:llm_calls', ARGV[14])
-redis.call('HINCRBY', KEYS[1], 'm:prompt_chars', ARGV[15])
-redis.call('HINCRBY', KEYS[1], 'm:prompt_tokens', ARGV[16])
-local job = redis.call('HGET', KEYS[1], 'job')
-if job then
-  redis.call('XACK', KEYS[8], ARGV[5], job)
-  redis.call('XDEL', KEYS[8], job)
-  redis.call('HDEL', KEYS[1], 'job')
+if f[4] then
+  redis.call('XACK', KEYS[8], ARGV[5], f[4])
+  redis.call('XDEL', KEYS[8], f[4])
 end
-redis.call('HSET', KEYS[1], 'last_activity_at', now, 'holder', ARGV[8], 'holder_ch', ARGV[9],
-  'cfence', ARGV[2])
-redis.call('HDEL', KEYS[1], 'last_error')
+redis.call('HDEL', KEYS[1], 'job', 'last_error')
 local outcome = ARGV[17]
+local add
 if outcome == 'pause' then
   local n = tonumber(ARGV[i + 1])
-  redis.call('HSET', KEYS[1], 'phase', 'paused', 'asked', asked + 1, 'remaining', n,
-    'expected', n, 'qids', ARGV[i], 'cq_tokens', ARGV[16])
-  redis.call('HINCRBY', KEYS[1], 'm:pauses', 1)
-  for j = i + 2, i + 1 + 2 * n, 2 do
-    redis.call('HSET', KEYS[2], ARGV[j], ARGV[j + 1])
-  end
-  local ttl = tonumber(redis.call('HGET', KEYS[1], 'ttl_ms'))
+  add = {'phase', 'paused', 'asked', asked + 1, 'remaining', n, 'expected', n,
+    'qids', ARGV[i], 'cq_tokens', ARGV[16], 'm:pauses', tonumber(f[9] or '0') + 1}
+  each_chunk('HSET', KEYS[2], i + 2, i + 1 + 2 * n)
   redis.call('ZADD', KEYS[6], now, ARGV[1])
-  redis.call('ZADD', KEYS[7], now + ttl, ARGV[1])
+  redis.call('ZADD', KEYS[7], now + tonumber(f[5]), ARGV[1])
   for k = 1, 5 do redis.call('PEXPIRE', KEYS[k], ARGV[10]) end
   redis.call('PEXPIRE', KEYS[12], ARGV[10])
 else
   if outcome == 'complete' then
-    redis.call('HSET', KEYS[1], 'phase', 'completed', 'result', ARGV[i])
+    add = {'phase', 'completed', 'result', ARGV[i]}
   else
-    redis.call('HSET', KEYS[1], 'phase', 'failed', 'error', ARGV[i])
+    add = {'phase', 'failed', 'error', ARGV[i]}
   end
-  redis.call('HSET', KEYS[1], 'finished_at', now, 'remaining', 0, 'cq_tokens', 0)
+  for _, v in ipairs({'finished_at', now, 'remaining', 0, 'cq_tokens', 0}) do
+    add[#add + 1] = v
+  end
   redis.call('ZREM', KEYS[6], ARGV[1])
   redis.call('ZREM', KEYS[7], ARGV[1])
   for k = 1, 5 do redis.call('PEXPIRE', KEYS[k], ARGV[11]) end
   redis.call('PEXPIRE', KEYS[12], ARGV[11])
 end
+for _, v in ipairs(add) do set[#set + 1] = v end
+redis.call('HSET', KEYS[1], unpack(set))
 if redis.call('GET', KEYS[10]) == ARGV[4] then
   redis.call('DEL', KEYS[10])
   redis.call('PUBLISH', ARGV[7], '1')

@@ -8,17 +8,22 @@
 -- KEYS[12] lock A   ARGV[9] lease ms of lock A
 -- Returns {'ACCEPTED', remaining} | {'READY', asked} | {'NOT_FOUND'} | {'UNKNOWN_QUERY'}
 --       | {'ALREADY_RESPONDED'} | {'INVALID_TRANSITION', phase}
-local phase = redis.call('HGET', KEYS[1], 'phase')
+-- Reads the session hash once and writes it once: each redis.call costs about a microsecond
+-- on top of its work, and this script runs for every answer.
+local f = redis.call('HMGET', KEYS[1], 'phase', 'ready_token', 'ready_asked', 'remaining',
+  'ttl_ms', 'asked', 'm:response_chars', 'm:response_tokens', 'm:rounds', 'holder_ch', 'fence',
+  'cfence', 'holder')
+local phase = f[1]
 if not phase then
   return {'NOT_FOUND'}
 end
 -- A client retries a call whose reply it lost: the same token means this answer was already
 -- recorded by this very call, so answer as the first time did instead of refusing it.
-if redis.call('HGET', KEYS[1], 'ready_token') == ARGV[8] then
-  return {'READY', tonumber(redis.call('HGET', KEYS[1], 'ready_asked'))}
+if f[2] == ARGV[8] then
+  return {'READY', tonumber(f[3])}
 end
 if redis.call('HGET', KEYS[10], ARGV[2]) == ARGV[8] then
-  return {'ACCEPTED', math.max(0, tonumber(redis.call('HGET', KEYS[1], 'remaining')))}
+  return {'ACCEPTED', math.max(0, tonumber(f[4]))}
 end
 if redis.call('HGET', KEYS[11], ARGV[2]) == ARGV[8] then
   return {'ACCEPTED', 0}
@@ -37,20 +42,18 @@ local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 redis.call('HSET', KEYS[3], ARGV[2], ARGV[3])
 redis.call('HSET', KEYS[10], ARGV[2], ARGV[8])
 redis.call('PEXPIRE', KEYS[10], ARGV[6])
-local remaining = redis.call('HINCRBY', KEYS[1], 'remaining', -1)
-redis.call('HINCRBY', KEYS[1], 'm:response_chars', ARGV[4])
-redis.call('HINCRBY', KEYS[1], 'm:response_tokens', ARGV[5])
-redis.call('HSET', KEYS[1], 'last_activity_at', now)
-local ttl = tonumber(redis.call('HGET', KEYS[1], 'ttl_ms'))
-redis.call('ZADD', KEYS[7], now + ttl, ARGV[1])
+local remaining = tonumber(f[4]) - 1
+local set = {'remaining', remaining, 'last_activity_at', now,
+  'm:response_chars', tonumber(f[7] or '0') + tonumber(ARGV[4]),
+  'm:response_tokens', tonumber(f[8] or '0') + tonumber(ARGV[5])}
+redis.call('ZADD', KEYS[7], now + tonumber(f[5]), ARGV[1])
 for i = 1, 5 do redis.call('PEXPIRE', KEYS[i], ARGV[6]) end
 if remaining > 0 then
+  redis.call('HSET', KEYS[1], unpack(set))
   redis.call('ZADD', KEYS[6], 'XX', now, ARGV[1])
   return {'ACCEPTED', remaining}
 end
-local asked = redis.call('HGET', KEYS[1], 'asked')
-redis.call('HSET', KEYS[1], 'phase', 'running', 'ready_token', ARGV[8], 'ready_asked', asked)
-redis.call('HINCRBY', KEYS[1], 'm:rounds', 1)
+local asked = f[6]
 redis.call('ZREM', KEYS[6], ARGV[1])
 -- The live holder is handed the step: this script takes lock A in its name (fence bumped,
 -- lease set, the feed token as owner) and the nudge carries the round's answers, so the
@@ -61,14 +64,13 @@ redis.call('ZREM', KEYS[6], ARGV[1])
 -- worker reading it leaves it to that holder. When no holder heard, the workers are woken.
 -- Handoff message: lines 'H', session id, fence, lock token, round, last committed fence,
 -- N, then N times: query id, byte length, packed answer.
-local nudge = redis.call('HGET', KEYS[1], 'holder_ch')
+local nudge = f[10]
 local heard = false
 if nudge then
-  local fence = tonumber(redis.call('HGET', KEYS[1], 'fence') or '0')
+  local fence = tonumber(f[11] or '0')
   if fence and redis.call('EXISTS', KEYS[12]) == 0 then
     local ans = redis.call('HGETALL', KEYS[3])
-    local parts = {'H', ARGV[1], fence + 1, ARGV[8], asked,
-                   redis.call('HGET', KEYS[1], 'cfence') or '0', #ans / 2}
+    local parts = {'H', ARGV[1], fence + 1, ARGV[8], asked, f[12] or '0', #ans / 2}
     for j = 1, #ans, 2 do
       parts[#parts + 1] = ans[j]
       parts[#parts + 1] = #ans[j + 1]
@@ -76,7 +78,8 @@ if nudge then
     end
     if redis.call('PUBLISH', nudge, table.concat(parts, '\n')) > 0 then
       redis.call('SET', KEYS[12], ARGV[8], 'PX', ARGV[9])
-      redis.call('HINCRBY', KEYS[1], 'fence', 1)
+      set[#set + 1] = 'fence'
+      set[#set + 1] = fence + 1
       heard = true
     end
   else
@@ -86,10 +89,14 @@ end
 local job
 if heard then
   job = redis.call('XADD', KEYS[8], '*', 'k', 'resume', 'sid', ARGV[1], 'a', asked,
-                   'h', redis.call('HGET', KEYS[1], 'holder') or '?')
+                   'h', f[13] or '?')
 else
   job = redis.call('XADD', KEYS[8], '*', 'k', 'resume', 'sid', ARGV[1], 'a', asked)
   redis.call('PUBLISH', ARGV[7], ARGV[1])
 end
-redis.call('HSET', KEYS[1], 'job', job)
+for _, v in ipairs({'phase', 'running', 'ready_token', ARGV[8], 'ready_asked', asked,
+                    'm:rounds', tonumber(f[9] or '0') + 1, 'job', job}) do
+  set[#set + 1] = v
+end
+redis.call('HSET', KEYS[1], unpack(set))
 return {'READY', tonumber(asked)}
