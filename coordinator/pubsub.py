@@ -7,6 +7,13 @@ a ``RESYNC`` marker once its channel is confirmed again, telling its waiter to r
 
 Unsubscribing lingers a few seconds, because a host usually waits on the same session again
 right after (the next round), and a warm subscription saves a round trip per step.
+
+Every live step wakes one waiter on the host and one on the worker, so the read path is on
+the critical path of step latency. On a real Redis the connection is opened by redis-py (so
+every URL option applies: ACL user, password, TLS, database, timeouts) and then taken over:
+hiredis parses pushes right in the transport's ``data_received``, with no task wake-up and
+no response dict per message (about a third of redis-py's per-message CPU). In-memory
+servers (fakeredis) have no socket to take over and keep redis-py's ``PubSub``.
 """
 
 from __future__ import annotations
@@ -14,11 +21,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from typing import Final
+from collections.abc import Callable
+from typing import Any, Final
 
+import hiredis
 from redis.asyncio import Redis
 from redis.asyncio.client import PubSub
+from redis.asyncio.connection import AbstractConnection
 from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from .errors import WaitTimeout
@@ -69,6 +80,59 @@ class Subscription:
         self.close()
 
 
+class _Wire(asyncio.Protocol):
+    """A redis-py connection after its handshake, with its transport taken over."""
+
+    def __init__(self, conn: AbstractConnection, on_push: Callable[[Any], None]) -> None:
+        writer = conn._writer
+        if writer is None or writer.transport.is_closing():
+            raise RedisConnectionError("the pub/sub connection closed right after connecting")
+        self._conn = conn
+        self._transport = writer.transport
+        self._parser = hiredis.Reader()
+        self._on_push = on_push
+        #: Resolves (to the cause, if any) when the connection is gone.
+        self.lost: asyncio.Future[Exception | None] = asyncio.get_running_loop().create_future()
+        self._transport.set_protocol(self)
+
+    def send(self, command: str, *channels: str) -> None:
+        args: tuple[Any, ...] = (command, *channels)  # hiredis's stub wants a 1-tuple
+        self._transport.write(hiredis.pack_command(args))
+
+    def data_received(self, data: bytes) -> None:
+        parser = self._parser
+        parser.feed(data)
+        try:
+            while (reply := parser.gets()) is not False:
+                self._on_push(reply)
+        except hiredis.ProtocolError as exc:
+            self.connection_lost(exc)
+            self._transport.abort()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if not self.lost.done():
+            self.lost.set_result(exc)
+
+    def close(self) -> None:
+        self._transport.close()
+        _abandon(self._conn)
+
+
+def _abandon(conn: AbstractConnection) -> None:
+    """Close ``conn`` and forget its streams, so redis-py does not warn of it as unclosed.
+    Not ``conn.disconnect()``: once the transport is taken over, that waits for a
+    ``connection_lost`` that goes to us, not to its streams, until its timeout (5 s)."""
+    writer, conn._writer, conn._reader = conn._writer, None, None
+    if writer is not None:
+        writer.close()
+
+
+def _on_socket(client: Redis) -> bool:
+    conn_class = client.connection_pool.connection_class
+    return issubclass(conn_class, AbstractConnection) and not conn_class.__module__.startswith(
+        "fakeredis")
+
+
 class Multiplexer:
     def __init__(
         self,
@@ -82,7 +146,9 @@ class Multiplexer:
         self._home = home_channel
         self._linger_s = linger_s
         self._confirm_timeout_s = confirm_timeout_s
-        self._ps: PubSub | None = None
+        self._raw = _on_socket(client)
+        self._wire: _Wire | None = None  # real Redis: the live connection, None while down
+        self._ps: PubSub | None = None  # in-memory server
         self._subs: dict[str, set[Subscription]] = {}
         self._confirmed: set[str] = set()
         self._confirm_waiters: dict[str, asyncio.Event] = {}
@@ -95,20 +161,25 @@ class Multiplexer:
         self.reconnects = 0
 
     async def start(self) -> None:
-        # Under the lock, and _ps set only once connected: two first subscribes racing here
-        # would otherwise each open a connection and one SUBSCRIBE would go unread.
+        # Under the lock, and the reader set only once connected: two first subscribes racing
+        # here would otherwise each open a connection and one SUBSCRIBE would go unread.
         async with self._lock:
-            if self._ps is not None:
+            if self._reader is not None:
                 return
-            ps = self._client.pubsub()
-            await ps.subscribe(self._home)
-            self._ps = ps
-            self._reader = asyncio.create_task(self._read_loop(), name=f"pubsub:{self._home}")
+            if self._raw:
+                await self._reconnect()
+                loop = self._keep_connected()
+            else:
+                ps = self._client.pubsub()
+                await ps.subscribe(self._home)
+                self._ps = ps
+                loop = self._read_loop()
+            self._reader = asyncio.create_task(loop, name=f"pubsub:{self._home}")
 
     async def subscribe(self, channel: str) -> Subscription:
         """A subscription whose channel Redis has confirmed: nothing published after
         this returns can be missed (short of a dropped connection, see RESYNC)."""
-        if self._ps is None:
+        if self._reader is None:
             await self.start()
         sub = Subscription(self, channel)
         handle = self._linger.pop(channel, None)
@@ -121,9 +192,18 @@ class Multiplexer:
         event = self._confirm_waiters.setdefault(channel, asyncio.Event())
         async with self._lock:
             if channel not in self._confirmed and channel not in self._requested:
-                assert self._ps is not None
                 self._requested.add(channel)
-                await self._ps.subscribe(channel)
+                if self._ps is not None:
+                    await self._ps.subscribe(channel)
+                elif self._wire is not None and not self._wire.lost.done():
+                    self._wire.send("SUBSCRIBE", channel)
+                else:  # down: reconnect now, as redis-py's own subscribe would
+                    try:
+                        await self._reconnect()  # which subscribes this channel too
+                    except BaseException:
+                        self._requested.discard(channel)
+                        self._release(sub)
+                        raise
         try:
             await asyncio.wait_for(event.wait(), self._confirm_timeout_s)
         except TimeoutError:
@@ -158,14 +238,86 @@ class Multiplexer:
         self._linger.pop(channel, None)
         async with self._lock:
             # Re-checked under the lock: a subscribe may have come in while we waited.
-            if self._subs.get(channel) or self._ps is None or self._closed:
+            if self._subs.get(channel) or self._reader is None or self._closed:
                 return
             self._subs.pop(channel, None)
             self._confirmed.discard(channel)
             self._requested.discard(channel)
+            self._resync_pending.discard(channel)
             self._confirm_waiters.pop(channel, None)
-            with contextlib.suppress(RedisConnectionError, RedisTimeoutError, OSError):
-                await self._ps.unsubscribe(channel)
+            if self._wire is not None:
+                self._wire.send("UNSUBSCRIBE", channel)
+            elif self._ps is not None:
+                with contextlib.suppress(RedisConnectionError, RedisTimeoutError, OSError):
+                    await self._ps.unsubscribe(channel)
+
+    # -- real Redis: our own connection ---------------------------------------------------
+
+    async def _connect(self) -> _Wire:
+        pool = self._client.connection_pool
+        conn: AbstractConnection = pool.make_connection()  # type: ignore[no-untyped-call]
+        try:
+            await conn.connect()  # type: ignore[no-untyped-call]  # TLS, AUTH, HELLO, SELECT
+            if await conn.can_read():  # the handshake left bytes we would misread as pushes
+                raise RedisConnectionError("unexpected data on a fresh pub/sub connection")
+            return _Wire(conn, self._on_push)
+        except BaseException:
+            _abandon(conn)
+            raise
+
+    async def _reconnect(self) -> None:
+        """Under the lock: a new connection, subscribed to every channel in use (lingering
+        ones too: their RESYNC may be pending, and their waiter may come back)."""
+        if self._wire is not None:
+            if not self._wire.lost.done():
+                return
+            self._lost(self._wire)
+        wire = await self._connect()
+        if self._closed:  # aclose ran while we connected: it could not close this one
+            wire.close()
+            raise RedisConnectionError("the multiplexer is closed")
+        channels = {self._home, *self._subs}
+        self._requested |= channels
+        wire.send("SUBSCRIBE", *channels)
+        self._wire = wire
+
+    def _lost(self, wire: _Wire) -> None:
+        if wire is not self._wire:
+            return  # already handled (by a subscribe that found the connection down)
+        self._wire = None
+        wire.close()
+        self._on_broken(wire.lost.result() or RedisConnectionError("closed by the server"))
+
+    async def _keep_connected(self) -> None:
+        backoff = 0.05
+        while not self._closed:
+            if (wire := self._wire) is not None:
+                await asyncio.shield(wire.lost)  # aclose cancels us, not the connection's fate
+                self._lost(wire)
+                backoff = 0.05
+            await asyncio.sleep(backoff)
+            backoff = min(backoff * 2, 2.0)
+            async with self._lock:
+                try:
+                    await self._reconnect()
+                except (RedisError, OSError) as exc:
+                    self._on_unreachable(exc)
+
+    def _on_push(self, reply: Any) -> None:
+        if not (isinstance(reply, list) and len(reply) == 3):
+            log.warning("unexpected reply on the pub/sub connection: %r", reply)
+            return
+        kind, raw, data = reply
+        channel = raw.decode()
+        if kind == b"message":
+            for sub in self._subs.get(channel, ()):
+                sub._put(data)
+        elif kind == b"subscribe":
+            self._on_confirmed(channel)
+        elif kind == b"unsubscribe":
+            self._confirmed.discard(channel)
+
+    # -- in-memory server: redis-py's PubSub ----------------------------------------------
 
     async def _read_loop(self) -> None:
         assert self._ps is not None
@@ -177,25 +329,13 @@ class Multiplexer:
                 raise
             except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
                 self._on_broken(exc)
+                self._on_unreachable(exc)  # redis-py's Retry has given up
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, 2.0)
                 continue
             backoff = 0.05
             if msg is not None:
                 self._dispatch(msg)
-
-    def _on_broken(self, exc: BaseException) -> None:
-        if not self._resync_pending:
-            self.reconnects += 1
-            log.warning("pub/sub connection lost (%s); reconnecting", exc)
-        self._confirmed.clear()
-        self._requested.clear()
-        for event in self._confirm_waiters.values():
-            event.clear()
-        self._resync_pending = set(self._subs)
-        for subs in self._subs.values():
-            for sub in subs:
-                sub._put(RESYNC)
 
     def _dispatch(self, msg: dict[str, object]) -> None:
         kind = msg.get("type")
@@ -214,15 +354,41 @@ class Multiplexer:
                     self.reconnects += 1
                     log.warning("pub/sub connection was re-established; waiters re-check")
                 self._resync_pending.add(channel)
-            self._confirmed.add(channel)
-            self._requested.discard(channel)
-            self._confirm_waiters.setdefault(channel, asyncio.Event()).set()
-            if channel in self._resync_pending:
-                self._resync_pending.discard(channel)
-                for sub in list(self._subs.get(channel, ())):
-                    sub._put(RESYNC)
+            self._on_confirmed(channel)
         elif kind == "unsubscribe":
             self._confirmed.discard(channel)
+
+    # -- both -----------------------------------------------------------------------------
+
+    def _on_broken(self, exc: BaseException) -> None:
+        if not self._resync_pending:
+            self.reconnects += 1
+            log.warning("pub/sub connection lost (%s); reconnecting", exc)
+        # Only channels that were heard can have lost messages (a subscribe still waiting
+        # for its confirmation gets it on the new connection); their RESYNC waits for that
+        # confirmation: a waiter re-checking before it could still miss what is published.
+        self._resync_pending |= self._confirmed.intersection(self._subs)
+        self._confirmed.clear()
+        self._requested.clear()
+        for event in self._confirm_waiters.values():
+            event.clear()
+
+    def _on_unreachable(self, exc: Exception) -> None:
+        """Redis cannot be reached for now: waiters re-check at once, so they (and their
+        callers) meet the outage instead of waiting out their slice."""
+        log.debug("pub/sub reconnect failed: %s", exc)
+        for subs in self._subs.values():
+            for sub in subs:
+                sub._put(RESYNC)
+
+    def _on_confirmed(self, channel: str) -> None:
+        self._confirmed.add(channel)
+        self._requested.discard(channel)
+        self._confirm_waiters.setdefault(channel, asyncio.Event()).set()
+        if channel in self._resync_pending:
+            self._resync_pending.discard(channel)
+            for sub in list(self._subs.get(channel, ())):
+                sub._put(RESYNC)
 
     async def aclose(self) -> None:
         self._closed = True
@@ -233,10 +399,14 @@ class Multiplexer:
             self._reader.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await self._reader
+        # UNSUBSCRIBE explicitly, not only by closing: a pooled or in-memory connection may
+        # outlive this object, and nobody should count it as a listener.
+        if self._wire is not None:
+            self._wire.send("UNSUBSCRIBE")
+            self._wire.close()
+            self._wire = None
         if self._ps is not None:
             with contextlib.suppress(Exception):
-                # Explicitly, not only by closing: a pooled or in-memory connection may
-                # outlive this object, and nobody should count it as a listener.
                 await self._ps.unsubscribe()
             with contextlib.suppress(Exception):
                 await self._ps.aclose()  # type: ignore[no-untyped-call]

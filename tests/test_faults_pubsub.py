@@ -140,6 +140,71 @@ async def test_multiplexer_counts_the_reconnect_and_resyncs_its_waiters(
         await client.aclose()
 
 
+async def test_multiplexer_keeps_lingering_channels_warm_across_kills(cluster: Cluster) -> None:
+    """A lingering (released, not yet unsubscribed) channel is re-subscribed with the rest, so
+    it stays warm and its pending RESYNC cannot stop later reconnects from being counted; on
+    close, Redis no longer counts the multiplexer as a listener."""
+    client = connect(cluster.url)
+    mux = Multiplexer(client, f"{cluster.settings.namespace}:proc:test", linger_s=600)
+    warm, live = (f"{cluster.settings.namespace}:{name}" for name in ("warm", "live"))
+    try:
+        (await mux.subscribe(warm)).close()
+        sub = await mux.subscribe(live)
+        for kills in (1, 2):
+            assert cluster.kill_pubsub() == 1
+            assert await sub.get(BOUND_S) is RESYNC
+            assert mux.reconnects == kills
+            # One SUBSCRIBE carried every channel: confirmed one, confirmed all.
+            assert cluster.subscribers(warm) == 1
+        async with await mux.subscribe(warm) as again:
+            cluster.admin.publish(warm, b"still warm")
+            assert await again.get(BOUND_S) == b"still warm"
+    finally:
+        await mux.aclose()
+        await client.aclose()
+    await assert_eventually(lambda: cluster.subscribers(live) == 0, timeout=BOUND_S,
+                            message="the closed multiplexer is still subscribed")
+
+
+async def test_subscribe_racing_a_kill_is_confirmed_on_the_new_connection(
+    cluster: Cluster,
+) -> None:
+    """SUBSCRIBE written to a connection that is already dead (its loss not yet seen) is sent
+    again on the new one: the caller gets a working subscription, not a WaitTimeout."""
+    client = connect(cluster.url)
+    mux = Multiplexer(client, f"{cluster.settings.namespace}:proc:test")
+    channel = f"{cluster.settings.namespace}:late"
+    try:
+        await mux.start()
+        assert cluster.kill_pubsub() == 1  # this loop has not run since: the loss is unseen
+        sub = await within(mux.subscribe(channel), "the racing subscribe", mux)
+        assert mux.reconnects == 1
+        cluster.admin.publish(channel, b"hello")
+        assert await sub.get(BOUND_S) == b"hello"
+    finally:
+        await mux.aclose()
+        await client.aclose()
+
+
+async def test_multiplexer_reads_bursts_and_large_messages(cluster: Cluster) -> None:
+    """Many pushes in one read and one push over many reads are all delivered, in order."""
+    client = connect(cluster.url)
+    mux = Multiplexer(client, f"{cluster.settings.namespace}:proc:test")
+    channel = f"{cluster.settings.namespace}:burst"
+    sent = [b"small-%d" % n for n in range(20)] + [b"x" * (3 * 1024 * 1024)] + [b"last"]
+    try:
+        async with await mux.subscribe(channel) as sub:
+            pipe = cluster.admin.pipeline(transaction=False)
+            for payload in sent:
+                pipe.publish(channel, payload)
+            pipe.execute()
+            got = [await sub.get(BOUND_S) for _ in sent]
+            assert got == sent
+    finally:
+        await mux.aclose()
+        await client.aclose()
+
+
 # -- natural timing: kill while they wait -------------------------------------------------------
 
 
