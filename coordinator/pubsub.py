@@ -47,14 +47,29 @@ _QUEUE_CAP = 64  # wake-ups only: an old one is as good as a new one
 
 
 class Subscription:
-    """One waiter's view of a channel; use as an async context manager."""
+    """One waiter's view of a channel; use as an async context manager.
 
-    def __init__(self, mux: Multiplexer, channel: str) -> None:
+    With ``on_message``, messages are handed to that callback as they are parsed (no queue,
+    no task wake-up: a worker's nudges start steps straight from the connection); RESYNC
+    still goes to the queue, for a loop that re-checks.
+    """
+
+    def __init__(
+        self, mux: Multiplexer, channel: str,
+        on_message: Callable[[bytes], None] | None = None,
+    ) -> None:
         self.channel = channel
         self._mux = mux
+        self._on_message = on_message
         self.queue: asyncio.Queue[bytes | _Resync] = asyncio.Queue()
 
     def _put(self, item: bytes | _Resync) -> None:
+        if self._on_message is not None and isinstance(item, bytes):
+            try:
+                self._on_message(item)
+            except Exception:  # the connection's parser must go on whatever a handler does
+                log.exception("message handler for %s failed", self.channel)
+            return
         if self.queue.qsize() >= _QUEUE_CAP:
             with contextlib.suppress(asyncio.QueueEmpty):
                 self.queue.get_nowait()
@@ -176,12 +191,14 @@ class Multiplexer:
                 loop = self._read_loop()
             self._reader = asyncio.create_task(loop, name=f"pubsub:{self._home}")
 
-    async def subscribe(self, channel: str) -> Subscription:
+    async def subscribe(
+        self, channel: str, on_message: Callable[[bytes], None] | None = None
+    ) -> Subscription:
         """A subscription whose channel Redis has confirmed: nothing published after
         this returns can be missed (short of a dropped connection, see RESYNC)."""
         if self._reader is None:
             await self.start()
-        sub = Subscription(self, channel)
+        sub = Subscription(self, channel, on_message)
         handle = self._linger.pop(channel, None)
         if handle is not None:
             handle.cancel()

@@ -40,6 +40,9 @@ class Crash:
 
 Outcome = Ask | Done | Crash
 
+#: What a step's outbox holds when the strategy ended instead of asking.
+_ENDED: list[LlmQuery] = []
+
 
 def digest(queries: list[LlmQuery]) -> bytes:
     """What a round asked, in 8 bytes: enough to notice a replay that asks otherwise."""
@@ -79,37 +82,44 @@ class Execution:
         self._outbox.set_result(queries)
         return await self._inbox
 
+    def _ended(self, task: asyncio.Task[Any]) -> None:
+        """The strategy returned or raised: that is the step's outcome too."""
+        if self._outbox is not None and not self._outbox.done():
+            self._outbox.set_result(_ENDED)
+
     async def _main(self) -> Any:
         return await self._fn(self.ctx, **self._input)
 
     async def step(self, answers: list[str] | None, timeout_s: float) -> Outcome:
         """Start the strategy (``answers`` None) or answer its pending ask, and run it to
         its next ask or its end."""
-        loop = asyncio.get_running_loop()
-        outbox: asyncio.Future[list[LlmQuery]] = loop.create_future()
+        # One future carries either outcome (an ask, or _ENDED from the task's done
+        # callback), awaited under a timeout scope: no asyncio.wait, no extra task per step.
+        outbox: asyncio.Future[list[LlmQuery]] = asyncio.get_running_loop().create_future()
         self._outbox = outbox
         if self._task is None:
             self._task = asyncio.create_task(self._main())
+            self._task.add_done_callback(self._ended)
         else:
             assert self._inbox is not None and answers is not None
             self._inbox.set_result(answers)
         task = self._task
         try:
-            done, _ = await asyncio.wait({task, outbox}, timeout=timeout_s,
-                                         return_when=asyncio.FIRST_COMPLETED)
+            async with asyncio.timeout(timeout_s):
+                queries = await outbox
+        except TimeoutError:
+            self.close()
+            return Crash(str(StepTimeout(
+                f"step timeout: the strategy neither asked nor returned within {timeout_s:g} s"
+            )))
         except asyncio.CancelledError:
             self.close()  # a step cut short must not leave the strategy running on its own
             raise
-        if outbox in done:
-            self.asked += 1
-            self.last_queries = outbox.result()
-            return Ask(self.last_queries)
-        if task in done:
+        if queries is _ENDED:
             return self._finish(task)
-        self.close()
-        return Crash(str(StepTimeout(
-            f"step timeout: the strategy neither asked nor returned within {timeout_s:g} s"
-        )))
+        self.asked += 1
+        self.last_queries = queries
+        return Ask(queries)
 
     def _finish(self, task: asyncio.Task[Any]) -> Outcome:
         if task.cancelled():

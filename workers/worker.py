@@ -112,7 +112,7 @@ class Worker:
         await self._beat()
         await self.mux.start()
         wake = await self.mux.subscribe(self.keys.jobs_wake)
-        nudge = await self.mux.subscribe(self._nudge_channel)
+        nudge = await self.mux.subscribe(self._nudge_channel, on_message=self._on_nudge)
         self._loops = [
             asyncio.create_task(self._job_loop(wake), name="jobs"),
             asyncio.create_task(self._nudge_loop(nudge), name="nudges"),
@@ -239,19 +239,22 @@ class Worker:
             self._spawn(self._job(entry_id.decode(), fields, defer=False))
         return len(entries)
 
+    def _on_nudge(self, msg: bytes) -> None:
+        """Straight from the pub/sub connection's parser: start the step at once."""
+        try:
+            handoff = parse_handoff(msg)
+            sid = handoff.sid if handoff is not None else msg.decode()
+        except (ValueError, UnicodeDecodeError) as exc:
+            # Its lease runs out and the round's job is claimed from the stream.
+            log.error("unreadable nudge ignored (%s): %r", exc, msg[:80])
+            return
+        self._spawn(self._step(sid, entry_id=None, handoff=handoff))
+
     async def _nudge_loop(self, nudge: Any) -> None:
+        """Nudges themselves go to ``_on_nudge``; this loop hears RESYNC: nudges may have
+        been lost while the connection was down, and the stream has their jobs."""
         while True:
-            msg = await nudge.get(self.settings.wait_slice_s)
-            if isinstance(msg, bytes):
-                try:
-                    handoff = parse_handoff(msg)
-                    sid = handoff.sid if handoff is not None else msg.decode()
-                except (ValueError, UnicodeDecodeError) as exc:
-                    # Its lease runs out and the round's job is claimed from the stream.
-                    log.error("unreadable nudge ignored (%s): %r", exc, msg[:80])
-                    continue
-                self._spawn(self._step(sid, entry_id=None, handoff=handoff))
-            elif msg is not None:  # RESYNC: nudges may have been lost; the stream has them
+            if await nudge.get(self.settings.wait_slice_s) is not None:
                 try:
                     await self.claim_once()
                 except Exception as exc:  # Redis still away: the claim loop retries later
