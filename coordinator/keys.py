@@ -118,9 +118,9 @@ class Keys:
         )
 
     def session_template(self) -> tuple[str, str]:
-        """(head, tail) with ``head + sid + tail`` the session hash key, for scripts that take
-        thousands of sessions at once (``snapshots.lua``) and derive the keys themselves
-        from these parts and ``SUFFIX`` rather than receive five keys per session."""
+        """(head, tail) with ``head + sid + tail`` the session hash key (and ``SUFFIX`` the
+        rest), for listings that build thousands of sessions' keys at once
+        (``coordinator.snapshot``) without a ``SessionKeys`` object each."""
         return f"{self.namespace}:{{", "}"
 
     @property

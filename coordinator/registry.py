@@ -29,6 +29,7 @@ from .pubsub import Multiplexer, Subscription
 from .records import SessionRecord, settled_event
 from .scripts import Scripts, Terminate, raise_for
 from .settings import Settings, connect
+from .wire import batcher
 
 
 def new_session_id() -> str:
@@ -50,6 +51,7 @@ class SessionRegistry:
         self.keys = Keys(self.settings.namespace)
         self.client = client
         self.scripts = Scripts(client)
+        self._batch = batcher(client, self.scripts.wire)
         self.mux = Multiplexer(client, self.keys.process_channel(secrets.token_hex(8)))
         self.locks = LockFactory(
             client, self.keys, self.scripts, self.mux,
@@ -238,7 +240,7 @@ class SessionRegistry:
         pf = _filter(pending_filter)
         sids = [text(s) for s in await self.client.zrange(self.keys.registry, 0, -1)]
         return await snapshot.read_many(
-            self.scripts, self.keys, sids, pending_filter=pf, include_history=include_history
+            self._batch, self.keys, sids, pending_filter=pf, include_history=include_history
         )
 
     async def status(
@@ -249,7 +251,7 @@ class SessionRegistry:
     ) -> dict[str, Any]:
         """One session's snapshot, live or finished (within retention), with its result."""
         snaps = await snapshot.read_many(
-            self.scripts, self.keys, [session_id],
+            self._batch, self.keys, [session_id],
             pending_filter=_filter(pending_filter), include_history=include_history,
         )
         if session_id not in snaps:

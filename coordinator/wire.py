@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import hiredis
@@ -36,6 +37,18 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 REPLY_TIMEOUT_S = 30.0
 
 
+class _Batch:
+    """Several commands sent together whose replies resolve one future, as a list (errors
+    as exception objects in it, like a redis-py pipeline with ``raise_on_error=False``)."""
+
+    __slots__ = ("fut", "replies", "size")
+
+    def __init__(self, fut: asyncio.Future[Any], size: int) -> None:
+        self.fut = fut
+        self.size = size
+        self.replies: list[Any] = []
+
+
 class _Protocol(asyncio.Protocol):
     def __init__(self, wire: Wire) -> None:
         self._wire = wire
@@ -50,7 +63,17 @@ class _Protocol(asyncio.Protocol):
             if not pending:
                 self._wire._broken(InvalidResponse("reply without a request"))
                 return
-            fut = pending.popleft()
+            head = pending[0]
+            if isinstance(head, _Batch):
+                head.replies.append(reply)
+                if len(head.replies) < head.size:
+                    continue
+                pending.popleft()
+                if not head.fut.done():
+                    head.fut.set_result(head.replies)
+                continue
+            pending.popleft()
+            fut = head
             if fut.done():  # its caller gave up (timeout, cancel): the reply is dropped
                 continue
             if isinstance(reply, Exception):
@@ -69,7 +92,7 @@ class Wire:
         self._retry: Retry = retry if isinstance(retry, Retry) else Retry(NoBackoff(), 0)
         self._conn: AbstractConnection | None = None
         self._transport: asyncio.Transport | None = None
-        self._pending: collections.deque[asyncio.Future[Any]] = collections.deque()
+        self._pending: collections.deque[asyncio.Future[Any] | _Batch] = collections.deque()
         self._out: list[bytes] = []
         self._flush_scheduled = False
         self._connecting = asyncio.Lock()
@@ -90,13 +113,29 @@ class Wire:
         """Send one command and return its reply (redis-py's error classes on error)."""
         return await self._retry.call_with_retry(lambda: self._once(args), _no_op)
 
+    async def execute_many(self, commands: list[tuple[Any, ...]]) -> list[Any]:
+        """Send ``commands`` in one write; their replies in order, errors as exception
+        objects. For reads: a batch cut by a broken connection is sent again whole."""
+        if not commands:
+            return []
+        return await self._retry.call_with_retry(lambda: self._batch(commands), _no_op)
+
+    async def _batch(self, commands: list[tuple[Any, ...]]) -> list[Any]:
+        fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        packed = b"".join([hiredis.pack_command(c) for c in commands])
+        return await self._send(_Batch(fut, len(commands)), fut, packed)  # type: ignore[no-any-return]
+
     async def _once(self, args: tuple[Any, ...]) -> Any:
+        fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        return await self._send(fut, fut, hiredis.pack_command(args))
+
+    async def _send(self, entry: asyncio.Future[Any] | _Batch, fut: asyncio.Future[Any],
+                    packed: bytes) -> Any:
         transport = self._transport
         if transport is None or transport.is_closing():
             transport = await self._connect()
-        fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        self._pending.append(fut)
-        self._out.append(hiredis.pack_command(args))
+        self._pending.append(entry)
+        self._out.append(packed)
         if not self._flush_scheduled:
             self._flush_scheduled = True
             asyncio.get_running_loop().call_soon(self._flush)
@@ -147,7 +186,8 @@ class Wire:
         self._out.clear()
         err = exc if isinstance(exc, RedisConnectionError | RedisTimeoutError) else \
             RedisConnectionError(f"connection to redis lost: {exc}")
-        for fut in pending:
+        for entry in pending:
+            fut = entry.fut if isinstance(entry, _Batch) else entry
             if not fut.done():
                 fut.set_exception(err)
 
@@ -172,3 +212,18 @@ def _forget(conn: AbstractConnection | None) -> None:
     close = getattr(conn, "_close", None)
     if close is not None:
         close()
+
+
+def batcher(client: Redis, wire: Wire | None) -> Callable[[list[tuple[Any, ...]]],
+                                                          Awaitable[list[Any]]]:
+    """Runs command batches over ``wire``, or a redis-py pipeline where there is none."""
+    if wire is not None:
+        return wire.execute_many
+
+    async def run(commands: list[tuple[Any, ...]]) -> list[Any]:
+        pipe = client.pipeline(transaction=False)
+        for command in commands:
+            pipe.execute_command(*command)
+        return await pipe.execute(raise_on_error=False)
+
+    return run

@@ -91,6 +91,8 @@ _METHOD_COMMANDS: dict[str, str | None] = {
     "subscribe": "subscribe", "unsubscribe": "unsubscribe",
     "pipeline": None, "execute": None, "pubsub": None, "register_script": None,
     "get_message": None, "aclose": None,
+    # dynamic: the command is the first element of a literal tuple, collected below
+    "execute_command": None,
 }
 _RECEIVERS = {"client", "_client", "pipe", "ps", "_ps"}
 
@@ -166,10 +168,38 @@ def test_acl_rule_set_covers_every_command_the_code_sends() -> None:
                 unknown_methods.add(f"{path.relative_to(ROOT)}:{node.lineno} {name}.{method}")
             elif _METHOD_COMMANDS[method] not in (None, *granted):
                 missing.append(str(_METHOD_COMMANDS[method]))
+        missing += _raw_commands_not_granted(path, granted)
     assert not missing, f"commands sent but not granted by the ACL rule set: {missing}"
     assert not unknown_methods, (
         f"client calls this guard does not know (map them in _METHOD_COMMANDS): "
         f"{sorted(unknown_methods)}")
+
+
+def _raw_commands_not_granted(path: Path, granted: set[str]) -> list[str]:
+    import re
+
+    missing: list[str] = []
+    # Commands written raw (``Wire.execute("EVALSHA", ...)``, batches of tuples such as
+    # ``("HMGET", key, ...)``, ``hiredis.pack_command(("SUBSCRIBE", ...))``): upper-case
+    # string literals opening a call's arguments or a tuple.
+    # (A tuple of all-literal strings is data, such as a table header, not a command.)
+    for node in ast.walk(ast.parse(path.read_text())):
+        elts: list[ast.expr] = []
+        if isinstance(node, ast.Tuple) and not all(
+                isinstance(e, ast.Constant) for e in node.elts):
+            elts = node.elts
+        elif isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) \
+                and node.func.attr in ("execute", "send"):
+            elts = node.args
+        words = [e.value for e in elts[:2]
+                 if isinstance(e, ast.Constant) and isinstance(e.value, str)]
+        if words and re.fullmatch(r"[A-Z]+", words[0]):
+            raw = words[0].lower()
+            if raw == "script" and len(words) > 1:  # a container command
+                raw = f"script|{words[1].lower()}"
+            if raw not in granted:
+                missing.append(f"{raw} ({path.relative_to(ROOT)}:{node.lineno})")
+    return missing
 
 
 @dataclass

@@ -26,7 +26,7 @@ from ..keys import Keys
 from ..wire import Wire
 
 _NAMES = (
-    "create", "feed", "commit_step", "terminate", "lock_acquire", "lock_release", "snapshots",
+    "create", "feed", "commit_step", "terminate", "lock_acquire", "lock_release",
     "step_begin",
 )
 
@@ -129,21 +129,21 @@ class Scripts:
         self._by_name: dict[str, AsyncScript] = {
             name: client.register_script(source(name)) for name in _NAMES
         }
-        self._wire = Wire.for_client(client)
+        self.wire = Wire.for_client(client)
 
     async def call(self, name: str, keys: list[str], args: list[Any]) -> Reply:
         return parse(await self.call_raw(name, keys, args))
 
     async def call_raw(self, name: str, keys: list[str], args: list[Any]) -> Any:
-        if self._wire is None:
+        if self.wire is None:
             return await self._by_name[name](keys=keys, args=args)
         script = self._by_name[name]
         try:
-            return await self._wire.execute("EVALSHA", script.sha, len(keys), *keys, *args)
+            return await self.wire.execute("EVALSHA", script.sha, len(keys), *keys, *args)
         except NoScriptError:
-            await self._wire.execute("SCRIPT", "LOAD", script.script)
-            return await self._wire.execute("EVALSHA", script.sha, len(keys), *keys, *args)
+            await self.wire.execute("SCRIPT", "LOAD", script.script)
+            return await self.wire.execute("EVALSHA", script.sha, len(keys), *keys, *args)
 
     async def aclose(self) -> None:
-        if self._wire is not None:
-            await self._wire.aclose()
+        if self.wire is not None:
+            await self.wire.aclose()
