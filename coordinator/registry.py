@@ -4,9 +4,10 @@ The registry never runs strategies; workers do (``workers.worker``). It talks to
 through Redis: a start or the last answer of a round queues a job on the stream, and the
 worker's commit publishes on the session's channel, which the registry awaits.
 
-Locks: a feed takes no lock at all. ``feed.lua`` is atomic, so feeds to different sessions
+Locks: a feed never waits for one. ``feed.lua`` is atomic, so feeds to different sessions
 never wait on each other and a feed never waits on an observer; lock A exists for the
-workers' steps and lock C for registry-wide sweeps (``coordinator.gc``).
+workers' steps (the feed completing a round takes it, only if free, for the live worker it
+hands the step to) and lock C for registry-wide sweeps (``coordinator.gc``).
 """
 
 from __future__ import annotations

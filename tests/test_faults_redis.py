@@ -886,6 +886,8 @@ async def test_a_worker_asked_to_stop_leaves_promptly_with_redis_gone(
     pool = WorkerPool(redis_server.url, namespace, tmp_path)
     try:
         worker = await pool.start(concurrency=2)
+        await assert_eventually(lambda: f"worker {worker.worker_id} started" in
+                                worker.log_text(), timeout=30, message="worker never started")
         redis_server.kill()
         worker.signal(signal.SIGTERM)
         # the bound: below the ~30 s the client would spend retrying each goodbye

@@ -749,3 +749,48 @@ async def test_a_batch_of_5000_queries_commits_on_a_real_redis(
         await worker.shutdown(1.0)
         await worker.client.aclose()
         await reg.aclose()
+
+
+@strategy("twrk-logged-batches")
+async def logged_batches(ctx: Context, rounds: int = 3, **_: Any) -> list[list[str]]:
+    out = []
+    for r in range(rounds):
+        ctx.log("info", f"round {r}")
+        out.append(await ctx.llm_batch([f"r{r} a", f"r{r} b"]))
+    return out
+
+
+@pytest.mark.redis
+async def test_every_session_key_always_carries_an_expiry(redis_url: str, namespace: str) -> None:
+    """The backstop TTL is renewed lazily (not on every feed), so check the invariant it
+    must keep: at every point of a run, each key of the session that exists expires."""
+    from coordinator.settings import Settings, connect
+
+    settings = Settings(namespace=namespace)
+    catalog.load([])
+    worker = Worker(connect(redis_url), settings)
+    await worker.start()
+    reg = SessionRegistry(connect(redis_url), settings=settings, owns_client=True)
+
+    async def check(sid: str, when: str) -> int:
+        sk = reg.keys.session(sid)
+        names = [sk.session, sk.pending, sk.answers, sk.journal, sk.logs, sk.fed, sk.fed_prev]
+        ttls = {n.rsplit(":", 1)[-1]: await reg.client.pttl(n) for n in names}
+        assert all(t != -1 for t in ttls.values()), f"{when}: a key without expiry: {ttls}"
+        return sum(t > 0 for t in ttls.values())
+
+    try:
+        sid, event = await reg.start_execution("twrk-logged-batches", {"rounds": 3})
+        assert await check(sid, "paused first") >= 3
+        for r in range(3):
+            assert isinstance(event, Paused)
+            await reg.feed_response(sid, event.queries[1].id, f"B{r}")
+            assert await check(sid, f"round {r} half answered") >= 4
+            event = await reg.feed_response(sid, event.queries[0].id, f"A{r}")
+            assert await check(sid, f"after round {r}") >= 4
+        assert isinstance(event, Finished) and event.result == [
+            [f"A{r}", f"B{r}"] for r in range(3)]
+    finally:
+        await worker.shutdown(1.0)
+        await worker.client.aclose()
+        await reg.aclose()

@@ -124,9 +124,18 @@ class Worker:
                  self.id, self.concurrency, ", ".join(catalog.names()))
 
     async def run(self) -> None:
-        """Start, then serve until ``stop()`` (or a signal handler that calls it)."""
-        await self.start()
-        await self._stop.wait()
+        """Start, then serve until ``stop()`` (or a signal handler that calls it). A stop
+        asked while still starting (Redis unreachable, say) is not kept waiting on it."""
+        starting = asyncio.ensure_future(self.start())
+        stopping = asyncio.ensure_future(self._stop.wait())
+        await asyncio.wait({starting, stopping}, return_when=asyncio.FIRST_COMPLETED)
+        if not starting.done():
+            starting.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await starting
+        else:
+            starting.result()  # a failed start is the caller's error to see
+        await stopping
         log.info("worker %s stopping: finishing in-flight steps (grace %.1f s)", self.id,
                  self.settings.shutdown_grace_s)
         await self.shutdown(self.settings.shutdown_grace_s)

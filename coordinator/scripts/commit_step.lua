@@ -28,7 +28,7 @@ local function each_chunk(cmd, key, from, to)
   end
 end
 local f = redis.call('HMGET', KEYS[1], 'phase', 'fence', 'asked', 'job', 'ttl_ms',
-  'm:llm_calls', 'm:prompt_chars', 'm:prompt_tokens', 'm:pauses')
+  'm:llm_calls', 'm:prompt_chars', 'm:prompt_tokens', 'm:pauses', 'bx_at')
 local phase = f[1]
 if not phase then
   return {'NOT_FOUND'}
@@ -82,8 +82,18 @@ if outcome == 'pause' then
   each_chunk('HSET', KEYS[2], i + 2, i + 1 + 2 * n)
   redis.call('ZADD', KEYS[6], now, ARGV[1])
   redis.call('ZADD', KEYS[7], now + tonumber(f[5]), ARGV[1])
-  for k = 1, 5 do redis.call('PEXPIRE', KEYS[k], ARGV[10]) end
-  redis.call('PEXPIRE', KEYS[12], ARGV[10])
+  -- The backstop expiry, as in feed.lua: the new round's queries, the journal and the
+  -- logs (new keys, at first) always; the session hash and the previous round's feed
+  -- tokens only once the last refresh is an eighth of the slack old.
+  redis.call('PEXPIRE', KEYS[2], ARGV[10])
+  redis.call('PEXPIRE', KEYS[4], ARGV[10])
+  redis.call('PEXPIRE', KEYS[5], ARGV[10])
+  if now - tonumber(f[10] or '0') >= (tonumber(ARGV[10]) - tonumber(f[5])) / 8 then
+    redis.call('PEXPIRE', KEYS[1], ARGV[10])
+    redis.call('PEXPIRE', KEYS[12], ARGV[10])
+    add[#add + 1] = 'bx_at'
+    add[#add + 1] = now
+  end
 else
   if outcome == 'complete' then
     add = {'phase', 'completed', 'result', ARGV[i]}

@@ -14,7 +14,7 @@ local ttl = tonumber(ARGV[5])
 redis.call('HSET', KEYS[1],
   'phase', 'running', 'asked', 0, 'remaining', 0, 'fence', 0,
   'strategy', ARGV[2], 'input', ARGV[3],
-  'started_at', now, 'last_activity_at', now, 'ttl_ms', ttl)
+  'started_at', now, 'last_activity_at', now, 'ttl_ms', ttl, 'bx_at', now)
 if ARGV[4] ~= '' then
   redis.call('HSET', KEYS[1], 'budget', ARGV[4])
 end

@@ -12,7 +12,7 @@
 -- on top of its work, and this script runs for every answer.
 local f = redis.call('HMGET', KEYS[1], 'phase', 'ready_token', 'ready_asked', 'remaining',
   'ttl_ms', 'asked', 'm:response_chars', 'm:response_tokens', 'm:rounds', 'holder_ch', 'fence',
-  'cfence', 'holder')
+  'cfence', 'holder', 'bx_at')
 local phase = f[1]
 if not phase then
   return {'NOT_FOUND'}
@@ -47,7 +47,17 @@ local set = {'remaining', remaining, 'last_activity_at', now,
   'm:response_chars', tonumber(f[7] or '0') + tonumber(ARGV[4]),
   'm:response_tokens', tonumber(f[8] or '0') + tonumber(ARGV[5])}
 redis.call('ZADD', KEYS[7], now + tonumber(f[5]), ARGV[1])
-for i = 1, 5 do redis.call('PEXPIRE', KEYS[i], ARGV[6]) end
+-- The backstop expiry moves with the deadline. This round's answers are new (and get it
+-- always); the other keys were given it at the last refresh (``bx_at``), which is renewed
+-- only once an eighth of the slack beyond the deadline has passed since: the keys then
+-- outlive any deadline by at least 7/8 of (retention + lease), and a burst of feeds costs
+-- one PEXPIRE each, not five.
+redis.call('PEXPIRE', KEYS[3], ARGV[6])
+if now - tonumber(f[14] or '0') >= (tonumber(ARGV[6]) - tonumber(f[5])) / 8 then
+  for i = 1, 5 do redis.call('PEXPIRE', KEYS[i], ARGV[6]) end
+  set[#set + 1] = 'bx_at'
+  set[#set + 1] = now
+end
 if remaining > 0 then
   redis.call('HSET', KEYS[1], unpack(set))
   redis.call('ZADD', KEYS[6], 'XX', now, ARGV[1])
