@@ -44,9 +44,10 @@ FIELDS = (
 _PHASES = {p.value.encode(): (p.state, p.value, p.terminal) for p in Phase}
 
 
-def _build(sid: str, row: list[Any], pf: PendingFilter | None, now: int) -> dict[str, Any]:
+def _build(sid: str, fields: list[Any], logs: list[bytes], pending: Any, answered: Any,
+           journal: Any, pf: PendingFilter | None, now: int) -> dict[str, Any]:
     (phase_b, strategy, started, last, remaining, finished, budget, progress, cq, qids,
-     calls, rounds, ptok, rtok, logs, pending, answered, journal) = row
+     calls, rounds, ptok, rtok) = fields
     known = _PHASES.get(phase_b)
     if known is None or started is None or last is None or strategy is None:
         raise CorruptState(f"session {sid} has a corrupt or incomplete hash", session_id=sid)
@@ -133,6 +134,51 @@ def _gc_paused() -> Iterator[None]:
             gc.enable()
 
 
+def _commands(keys: Keys, pf: PendingFilter | None,
+              include_history: bool) -> Callable[[list[str]], list[tuple[Any, ...]]]:
+    head, tail = keys.session_template()
+    logs, pending, answers, journal = (SUFFIX[k] for k in ("logs", "pending", "answers",
+                                                            "journal"))
+
+    def commands(chunk: list[str]) -> list[tuple[Any, ...]]:
+        cmds: list[tuple[Any, ...]] = []
+        for sid in chunk:
+            key = f"{head}{sid}{tail}"
+            cmds.append(("HMGET", key, *FIELDS))
+            cmds.append(("LRANGE", key + logs, 0, -1))
+            if pf is not None:
+                cmds.append(("HGETALL", key + pending))
+                cmds.append(("HKEYS", key + answers))
+            if include_history:
+                cmds.append(("LRANGE", key + journal, -HISTORY_EXCHANGES, -1))
+        return cmds
+
+    return commands
+
+
+def _build_chunk(chunk: list[str], replies: list[Any], pf: PendingFilter | None,
+                 include_history: bool, out: dict[str, dict[str, Any]]) -> None:
+    now = now_ms()
+    it = iter(replies)
+    for sid in chunk:
+        fields, logs = next(it), next(it)
+        pending = answered = journal = None
+        if pf is not None:
+            pending, answered = next(it), next(it)
+        if include_history:
+            journal = next(it)
+        if type(fields) is list and fields[0] is None:
+            continue  # gone
+        try:
+            for part in (fields, logs, pending, answered, journal):
+                if isinstance(part, Exception):
+                    raise CorruptState(f"unreadable key: {part}", session_id=sid)
+            out[sid] = _build(sid, fields, logs, pending, answered, journal, pf, now)
+        except (CorruptState, ValueError, TypeError, msgpack.UnpackException) as exc:
+            out[sid] = {"state": "terminal", "phase": "corrupt",
+                        "error": f"session {sid} cannot be read: {exc}"}
+
+
 async def read_many(
     run: Batcher,
     keys: Keys,
@@ -153,44 +199,12 @@ async def read_many(
         out: dict[str, dict[str, Any]] = {}
         batch = list(sids)
         chunks = [batch[i : i + BATCH] for i in range(0, len(batch), BATCH)]
-        per = 2 + (2 if pending_filter is not None else 0) + (1 if include_history else 0)
-        head, tail = keys.session_template()
-        logs, pending, answers, journal = (SUFFIX[k] for k in ("logs", "pending", "answers",
-                                                                "journal"))
-
-        def commands(chunk: list[str]) -> list[tuple[Any, ...]]:
-            cmds: list[tuple[Any, ...]] = []
-            for sid in chunk:
-                key = f"{head}{sid}{tail}"
-                cmds.append(("HMGET", key, *FIELDS))
-                cmds.append(("LRANGE", key + logs, 0, -1))
-                if pending_filter is not None:
-                    cmds.append(("HGETALL", key + pending))
-                    cmds.append(("HKEYS", key + answers))
-                if include_history:
-                    cmds.append(("LRANGE", key + journal, -HISTORY_EXCHANGES, -1))
-            return cmds
-
+        commands = _commands(keys, pending_filter, include_history)
         ahead = asyncio.ensure_future(run(commands(chunks[0]))) if chunks else None
         for n, chunk in enumerate(chunks):
             assert ahead is not None
             replies = await ahead
             if n + 1 < len(chunks):  # Redis works on the next batch while this one is built
                 ahead = asyncio.ensure_future(run(commands(chunks[n + 1])))
-            now = now_ms()
-            for j, sid in enumerate(chunk):
-                got = replies[j * per : (j + 1) * per]
-                fields = got[0]
-                if isinstance(fields, list) and fields[0] is None:
-                    continue  # gone
-                try:
-                    for part in got:
-                        if isinstance(part, Exception):
-                            raise CorruptState(f"unreadable key: {part}", session_id=sid)
-                    more = got[2:4] if pending_filter is not None else [None, None]
-                    row = [*fields, got[1], *more, got[-1] if include_history else None]
-                    out[sid] = _build(sid, row, pending_filter, now)
-                except (CorruptState, ValueError, TypeError, msgpack.UnpackException) as exc:
-                    out[sid] = {"state": "terminal", "phase": "corrupt",
-                                "error": f"session {sid} cannot be read: {exc}"}
+            _build_chunk(chunk, replies, pending_filter, include_history, out)
         return out
