@@ -58,6 +58,7 @@ one Redis primary (a standalone server, or Sentinel); Redis Cluster is not suppo
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 JOB_GROUP = "workers"
@@ -104,18 +105,7 @@ class Keys:
             )
 
     def session(self, sid: str) -> SessionKeys:
-        base = f"{self.namespace}:{{{sid}}}"
-        return SessionKeys(
-            session=base,
-            pending=base + SUFFIX["pending"],
-            answers=base + SUFFIX["answers"],
-            journal=base + SUFFIX["journal"],
-            logs=base + SUFFIX["logs"],
-            lock=base + SUFFIX["lock"],
-            channel=base + SUFFIX["channel"],
-            fed=base + SUFFIX["fed"],
-            fed_prev=base + SUFFIX["fed_prev"],
-        )
+        return _session_keys(self.namespace, sid)
 
     def session_template(self) -> tuple[str, str]:
         """(head, tail) with ``head + sid + tail`` the session hash key (and ``SUFFIX`` the
@@ -177,3 +167,20 @@ class Keys:
         the registry, deadlines, jobs and dead-letter keys (commit_step adds lock A as 10)."""
         sk = self.session(sid)
         return [*sk.all_data(), self.registry, self.deadlines, self.jobs, self.dead_letters]
+
+
+@functools.lru_cache(maxsize=16384)
+def _session_keys(namespace: str, sid: str) -> SessionKeys:
+    """Cached: a host and a worker name the same few thousand sessions' keys every step."""
+    base = f"{namespace}:{{{sid}}}"
+    return SessionKeys(
+        session=base,
+        pending=base + SUFFIX["pending"],
+        answers=base + SUFFIX["answers"],
+        journal=base + SUFFIX["journal"],
+        logs=base + SUFFIX["logs"],
+        lock=base + SUFFIX["lock"],
+        channel=base + SUFFIX["channel"],
+        fed=base + SUFFIX["fed"],
+        fed_prev=base + SUFFIX["fed_prev"],
+    )

@@ -19,6 +19,7 @@ servers (fakeredis) have no socket to take over and keep redis-py's ``PubSub``.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import logging
 from collections.abc import Callable
@@ -49,9 +50,14 @@ _QUEUE_CAP = 64  # wake-ups only: an old one is as good as a new one
 class Subscription:
     """One waiter's view of a channel; use as an async context manager.
 
-    With ``on_message``, messages are handed to that callback as they are parsed (no queue,
-    no task wake-up: a worker's nudges start steps straight from the connection); RESYNC
-    still goes to the queue, for a loop that re-checks.
+    A waiter parks on a bare future with one timer, and a message resolves it directly;
+    later messages wait in a short deque (wake-ups only: an old one is as good as a new
+    one). No ``asyncio.Queue`` and no ``asyncio.timeout`` scope: the host waits once per
+    step, so their bookkeeping showed in its profile.
+
+    With ``on_message``, messages are handed to that callback as they are parsed (no task
+    wake-up: a worker's nudges start steps straight from the connection); RESYNC still
+    goes to the waiter, for a loop that re-checks.
     """
 
     def __init__(
@@ -61,7 +67,8 @@ class Subscription:
         self.channel = channel
         self._mux = mux
         self._on_message = on_message
-        self.queue: asyncio.Queue[bytes | _Resync] = asyncio.Queue()
+        self._items: collections.deque[bytes | _Resync] = collections.deque(maxlen=_QUEUE_CAP)
+        self._waiter: asyncio.Future[bytes | _Resync | None] | None = None
 
     def _put(self, item: bytes | _Resync) -> None:
         if self._on_message is not None and isinstance(item, bytes):
@@ -70,20 +77,25 @@ class Subscription:
             except Exception:  # the connection's parser must go on whatever a handler does
                 log.exception("message handler for %s failed", self.channel)
             return
-        if self.queue.qsize() >= _QUEUE_CAP:
-            with contextlib.suppress(asyncio.QueueEmpty):
-                self.queue.get_nowait()
-        self.queue.put_nowait(item)
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(item)
+        else:
+            self._items.append(item)
 
     async def get(self, timeout: float) -> bytes | _Resync | None:
         """The next message, ``RESYNC``, or None when ``timeout`` seconds pass."""
-        if not self.queue.empty():
-            return self.queue.get_nowait()
+        if self._items:
+            return self._items.popleft()
+        loop = asyncio.get_running_loop()
+        waiter: asyncio.Future[bytes | _Resync | None] = loop.create_future()
+        self._waiter = waiter
+        timer = loop.call_later(max(timeout, 0.0), _expire, waiter)
         try:
-            async with asyncio.timeout(max(timeout, 0.0)):  # no extra task, unlike wait_for
-                return await self.queue.get()
-        except TimeoutError:
-            return None
+            return await waiter
+        finally:
+            timer.cancel()
+            self._waiter = None
 
     def close(self) -> None:
         self._mux._release(self)
@@ -93,6 +105,11 @@ class Subscription:
 
     async def __aexit__(self, *exc: object) -> None:
         self.close()
+
+
+def _expire(waiter: asyncio.Future[bytes | _Resync | None]) -> None:
+    if not waiter.done():
+        waiter.set_result(None)
 
 
 class _Wire(asyncio.Protocol):

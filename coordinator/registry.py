@@ -216,11 +216,13 @@ class SessionRegistry:
     async def _read_event(self, sid: str) -> tuple[FeedResult | None, int]:
         """The settled event now (None while running) and the round the session is in."""
         sk = self.keys.session(sid)
-        pipe = self.client.pipeline(transaction=False)
-        pipe.hgetall(sk.session)
-        pipe.hgetall(sk.pending)
-        pipe.hkeys(sk.answers)
-        raw, pending, answered = await pipe.execute()
+        replies = await self._batch(
+            [("HGETALL", sk.session), ("HGETALL", sk.pending), ("HKEYS", sk.answers)])
+        for reply in replies:
+            if isinstance(reply, Exception):
+                raise reply
+        raw, pending = _as_dict(replies[0]), _as_dict(replies[1])
+        answered = replies[2]
         if not raw:
             raise NotFound(
                 f"session {sid} not found: it never existed, or it finished and its "
@@ -301,6 +303,14 @@ class SessionRegistry:
 
     async def __aexit__(self, *exc: object) -> None:
         await self.aclose()
+
+
+def _as_dict(reply: Any) -> dict[bytes, bytes]:
+    """HGETALL as hiredis gives it (a flat list) or redis-py (a dict)."""
+    if isinstance(reply, dict):
+        return reply
+    it = iter(reply)
+    return dict(zip(it, it, strict=True))
 
 
 def _filter(value: PendingFilter | str | None) -> PendingFilter | None:

@@ -52,12 +52,14 @@ class _Batch:
 class _Protocol(asyncio.Protocol):
     def __init__(self, wire: Wire) -> None:
         self._wire = wire
+        self._loop = asyncio.get_running_loop()
         self._reader = hiredis.Reader(protocolError=InvalidResponse,
                                       replyError=BaseParser.parse_error)
 
     def data_received(self, data: bytes) -> None:
         reader = self._reader
         reader.feed(data)
+        self._wire._last_progress = self._loop.time()
         pending = self._wire._pending
         while (reply := reader.gets()) is not False:
             if not pending:
@@ -86,7 +88,14 @@ class _Protocol(asyncio.Protocol):
 
 
 class Wire:
-    def __init__(self, client: Redis) -> None:
+    """Calls in flight are bounded by one watchdog, not a timer each: when no reply has come
+    for ``reply_timeout_s`` while calls wait, the connection is dropped and they fail with
+    ``TimeoutError`` (then are retried like any connection failure)."""
+
+    def __init__(self, client: Redis, *, reply_timeout_s: float = REPLY_TIMEOUT_S) -> None:
+        self.reply_timeout_s = reply_timeout_s
+        self._last_progress = 0.0
+        self._watchdog: asyncio.TimerHandle | None = None
         self._pool = client.connection_pool
         retry = self._pool.connection_kwargs.get("retry")
         self._retry: Retry = retry if isinstance(retry, Retry) else Retry(NoBackoff(), 0)
@@ -134,18 +143,28 @@ class Wire:
         transport = self._transport
         if transport is None or transport.is_closing():
             transport = await self._connect()
+        loop = asyncio.get_running_loop()
+        if not self._pending:
+            self._last_progress = loop.time()
         self._pending.append(entry)
         self._out.append(packed)
         if not self._flush_scheduled:
             self._flush_scheduled = True
-            asyncio.get_running_loop().call_soon(self._flush)
-        try:
-            async with asyncio.timeout(REPLY_TIMEOUT_S):
-                return await fut
-        except TimeoutError:
+            loop.call_soon(self._flush)
+        if self._watchdog is None:
+            self._watchdog = loop.call_later(self.reply_timeout_s / 4, self._watch, loop)
+        return await fut
+
+    def _watch(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._watchdog = None
+        if not self._pending:
+            return
+        if loop.time() - self._last_progress > self.reply_timeout_s:
             # Replies are matched by order, so a lost one poisons the connection: drop it.
-            self._broken(RedisTimeoutError(f"no reply within {REPLY_TIMEOUT_S:g} s"))
-            raise RedisTimeoutError(f"no reply from redis within {REPLY_TIMEOUT_S:g} s") from None
+            self._broken(RedisTimeoutError(
+                f"no reply from redis within {self.reply_timeout_s:g} s"))
+            return
+        self._watchdog = loop.call_later(self.reply_timeout_s / 4, self._watch, loop)
 
     def _flush(self) -> None:
         self._flush_scheduled = False

@@ -99,3 +99,27 @@ def test_fakeredis_clients_keep_going_through_redis_py() -> None:
     import fakeredis
 
     assert Wire.for_client(fakeredis.FakeAsyncRedis()) is None
+
+
+async def test_calls_without_a_reply_time_out_and_the_connection_is_replaced(
+    redis_url: str,
+) -> None:
+    """One watchdog bounds every call in flight: a server that stops answering (here a
+    BLOCKing call outliving the bound) drops the connection and fails the calls."""
+    from redis.asyncio.retry import Retry
+    from redis.backoff import NoBackoff
+    from redis.exceptions import TimeoutError as RedisTimeoutError
+
+    client = connect(redis_url)
+    wire = Wire(client, reply_timeout_s=0.4)
+    wire._retry = Retry(NoBackoff(), 0)  # see the failure itself, not its retry
+    try:
+        blocked = asyncio.ensure_future(wire.execute("BLPOP", "wire:never", 5))
+        behind = asyncio.ensure_future(wire.execute("PING"))
+        for call in (blocked, behind):
+            with pytest.raises(RedisTimeoutError):
+                await asyncio.wait_for(call, 4)
+        assert await wire.execute("PING") == b"PONG"  # a fresh connection
+    finally:
+        await wire.aclose()
+        await client.aclose()
