@@ -144,13 +144,17 @@ class Wire:
         if transport is None or transport.is_closing():
             transport = await self._connect()
         loop = asyncio.get_running_loop()
-        if not self._pending:
+        if not self._pending and not self._out:
+            # Idle connection: nothing to batch with, so no event-loop turn of delay either.
             self._last_progress = loop.time()
-        self._pending.append(entry)
-        self._out.append(packed)
-        if not self._flush_scheduled:
-            self._flush_scheduled = True
-            loop.call_soon(self._flush)
+            self._pending.append(entry)
+            transport.write(packed)
+        else:
+            self._pending.append(entry)
+            self._out.append(packed)
+            if not self._flush_scheduled:
+                self._flush_scheduled = True
+                loop.call_soon(self._flush)
         if self._watchdog is None:
             self._watchdog = loop.call_later(self.reply_timeout_s / 4, self._watch, loop)
         return await fut

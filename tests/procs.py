@@ -345,10 +345,28 @@ class InProcessCluster:
         return worker
 
     async def aclose(self) -> None:
+        """Bounded: a part that does not close in time fails the test, naming it and showing
+        what every task was waiting on, instead of hanging the run."""
         for worker in reversed(self._workers):
-            await worker.shutdown(grace_s=1.0)
-            await worker.client.aclose()
+            await _bounded(worker.shutdown(grace_s=1.0), f"worker {worker.id} shutdown")
+            await _bounded(worker.client.aclose(), f"worker {worker.id} client")
         self._workers.clear()
         for reg in self._registries:
-            await reg.aclose()
+            await _bounded(reg.aclose(), "registry aclose")
         self._registries.clear()
+
+
+async def _bounded(aw: Any, what: str, seconds: float = 20.0) -> None:
+    task = asyncio.ensure_future(aw)
+    done, _ = await asyncio.wait({task}, timeout=seconds)
+    if done:
+        task.result()
+        return
+    import io
+
+    stacks = io.StringIO()
+    for other in asyncio.all_tasks():
+        other.print_stack(file=stacks)
+    task.cancel()
+    raise AssertionError(f"{what} did not finish within {seconds:g} s; tasks:\n"
+                         f"{stacks.getvalue()}")

@@ -156,13 +156,16 @@ class Worker:
         await _best_effort(self.mux.drop(self._nudge_channel))
         for task in self._loops:
             task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await asyncio.gather(*self._loops, return_exceptions=True)
+        # Bounded, and never swallowing a cancel of our own: a loop whose cancel was eaten
+        # inside a Redis call leaves at its next turn anyway (the loops watch _stop).
+        if self._loops:
+            await asyncio.wait(self._loops, timeout=GOODBYE_S)
         if self._tasks:
             _, late = await asyncio.wait(set(self._tasks), timeout=grace_s)
             for task in late:
                 task.cancel()
-            await asyncio.gather(*late, return_exceptions=True)
+            if late:
+                await asyncio.wait(late, timeout=GOODBYE_S)
         for ex in self._live.values():
             ex.close()
         self._live.clear()
@@ -187,7 +190,7 @@ class Worker:
         await pipe.execute()
 
     async def _heartbeat_loop(self) -> None:
-        while True:
+        while not self._stop.is_set():  # re-checked: a cancel may be swallowed below
             await asyncio.sleep(self.settings.heartbeat_ttl_ms / 3000)
             try:
                 await self._beat()
@@ -230,7 +233,7 @@ class Worker:
 
     async def _claim_loop(self) -> None:
         """Take over jobs left pending too long by a dead or stalled worker."""
-        while True:
+        while not self._stop.is_set():  # re-checked: a cancel may be swallowed below
             await asyncio.sleep(self.settings.claim_idle_ms / 2000)
             try:
                 await self.claim_once()
@@ -262,7 +265,7 @@ class Worker:
     async def _nudge_loop(self, nudge: Any) -> None:
         """Nudges themselves go to ``_on_nudge``; this loop hears RESYNC: nudges may have
         been lost while the connection was down, and the stream has their jobs."""
-        while True:
+        while not self._stop.is_set():  # re-checked: a cancel may be swallowed below
             if await nudge.get(self.settings.wait_slice_s) is not None:
                 try:
                     await self.claim_once()
