@@ -14,6 +14,7 @@ what the same reads cost from Lua.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import gc
 from collections.abc import Awaitable, Callable, Iterable, Iterator
@@ -30,6 +31,7 @@ from .states import Phase
 
 HISTORY_EXCHANGES = 10
 BATCH = 200
+AHEAD = 2  # batches in flight
 
 #: Runs a batch of commands, replies in order (errors as exception objects).
 Batcher = Callable[[list[tuple[Any, ...]]], Awaitable[list[Any]]]
@@ -200,11 +202,13 @@ async def read_many(
         batch = list(sids)
         chunks = [batch[i : i + BATCH] for i in range(0, len(batch), BATCH)]
         commands = _commands(keys, pending_filter, include_history)
-        ahead = asyncio.ensure_future(run(commands(chunks[0]))) if chunks else None
+        # Redis works on the next batches while this one is built: AHEAD in flight, so
+        # neither side waits for the other's jitter.
+        ahead = collections.deque(asyncio.ensure_future(run(commands(c)))
+                                  for c in chunks[:AHEAD])
         for n, chunk in enumerate(chunks):
-            assert ahead is not None
-            replies = await ahead
-            if n + 1 < len(chunks):  # Redis works on the next batch while this one is built
-                ahead = asyncio.ensure_future(run(commands(chunks[n + 1])))
+            replies = await ahead.popleft()
+            if n + AHEAD < len(chunks):
+                ahead.append(asyncio.ensure_future(run(commands(chunks[n + AHEAD]))))
             _build_chunk(chunk, replies, pending_filter, include_history, out)
         return out
