@@ -34,6 +34,7 @@ from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from .errors import WaitTimeout
+from .takeover import abandon, on_socket, take_over
 
 log = logging.getLogger(__name__)
 
@@ -115,17 +116,19 @@ def _expire(waiter: asyncio.Future[bytes | _Resync | None]) -> None:
 class _Wire(asyncio.Protocol):
     """A redis-py connection after its handshake, with its transport taken over."""
 
-    def __init__(self, conn: AbstractConnection, on_push: Callable[[Any], None]) -> None:
-        writer = conn._writer
-        if writer is None or writer.transport.is_closing():
-            raise RedisConnectionError("the pub/sub connection closed right after connecting")
-        self._conn = conn
-        self._transport = writer.transport
+    def __init__(self, on_push: Callable[[Any], None]) -> None:
+        self._conn: AbstractConnection | None = None
+        self._transport: asyncio.Transport  # set by open(), before any use
         self._parser = hiredis.Reader()
         self._on_push = on_push
         #: Resolves (to the cause, if any) when the connection is gone.
         self.lost: asyncio.Future[Exception | None] = asyncio.get_running_loop().create_future()
-        self._transport.set_protocol(self)
+
+    @classmethod
+    async def open(cls, client: Redis, on_push: Callable[[Any], None]) -> _Wire:
+        wire = cls(on_push)
+        wire._conn, wire._transport = await take_over(client, wire)
+        return wire
 
     def send(self, command: str, *channels: str) -> None:
         args: tuple[Any, ...] = (command, *channels)  # hiredis's stub wants a 1-tuple
@@ -147,22 +150,7 @@ class _Wire(asyncio.Protocol):
 
     def close(self) -> None:
         self._transport.close()
-        _abandon(self._conn)
-
-
-def _abandon(conn: AbstractConnection) -> None:
-    """Close ``conn`` and forget its streams, so redis-py does not warn of it as unclosed.
-    Not ``conn.disconnect()``: once the transport is taken over, that waits for a
-    ``connection_lost`` that goes to us, not to its streams, until its timeout (5 s)."""
-    writer, conn._writer, conn._reader = conn._writer, None, None
-    if writer is not None:
-        writer.close()
-
-
-def _on_socket(client: Redis) -> bool:
-    conn_class = client.connection_pool.connection_class
-    return issubclass(conn_class, AbstractConnection) and not conn_class.__module__.startswith(
-        "fakeredis")
+        abandon(self._conn)
 
 
 class Multiplexer:
@@ -178,7 +166,7 @@ class Multiplexer:
         self._home = home_channel
         self._linger_s = linger_s
         self._confirm_timeout_s = confirm_timeout_s
-        self._raw = _on_socket(client)
+        self._raw = on_socket(client)
         self._wire: _Wire | None = None  # real Redis: the live connection, None while down
         self._ps: PubSub | None = None  # in-memory server
         self._subs: dict[str, set[Subscription]] = {}
@@ -288,16 +276,7 @@ class Multiplexer:
     # -- real Redis: our own connection ---------------------------------------------------
 
     async def _connect(self) -> _Wire:
-        pool = self._client.connection_pool
-        conn: AbstractConnection = pool.make_connection()  # type: ignore[no-untyped-call]
-        try:
-            await conn.connect()  # type: ignore[no-untyped-call]  # TLS, AUTH, HELLO, SELECT
-            if await conn.can_read():  # the handshake left bytes we would misread as pushes
-                raise RedisConnectionError("unexpected data on a fresh pub/sub connection")
-            return _Wire(conn, self._on_push)
-        except BaseException:
-            _abandon(conn)
-            raise
+        return await _Wire.open(self._client, self._on_push)
 
     async def _reconnect(self) -> None:
         """Under the lock: a new connection, subscribed to every channel in use (lingering

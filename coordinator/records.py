@@ -21,6 +21,14 @@ _METRICS = (
 )
 
 
+def as_hash(reply: Any) -> dict[bytes, bytes]:
+    """HGETALL as hiredis gives it (a flat list, over the ``Wire``) or redis-py (a dict)."""
+    if isinstance(reply, dict):
+        return reply
+    it = iter(reply)
+    return dict(zip(it, it, strict=True))
+
+
 def now_ms() -> int:
     return time.time_ns() // 1_000_000
 

@@ -27,7 +27,7 @@ from .keys import JOB_GROUP, Keys
 from .locks import LockFactory
 from .models import Accepted, FeedResult, Finished, Paused, PendingFilter, QueryId
 from .pubsub import Multiplexer, Subscription
-from .records import SessionRecord, settled_event
+from .records import SessionRecord, as_hash, settled_event
 from .scripts import Scripts, Terminate, raise_for
 from .settings import Settings, connect
 from .wire import batcher
@@ -221,7 +221,7 @@ class SessionRegistry:
         for reply in replies:
             if isinstance(reply, Exception):
                 raise reply
-        raw, pending = _as_dict(replies[0]), _as_dict(replies[1])
+        raw, pending = as_hash(replies[0]), as_hash(replies[1])
         answered = replies[2]
         if not raw:
             raise NotFound(
@@ -303,14 +303,6 @@ class SessionRegistry:
 
     async def __aexit__(self, *exc: object) -> None:
         await self.aclose()
-
-
-def _as_dict(reply: Any) -> dict[bytes, bytes]:
-    """HGETALL as hiredis gives it (a flat list) or redis-py (a dict)."""
-    if isinstance(reply, dict):
-        return reply
-    it = iter(reply)
-    return dict(zip(it, it, strict=True))
 
 
 def _filter(value: PendingFilter | str | None) -> PendingFilter | None:

@@ -26,7 +26,7 @@ from .codec import unpack
 from .errors import CorruptState
 from .keys import SUFFIX, Keys
 from .models import LlmQuery, PendingFilter
-from .records import budget_left, now_ms
+from .records import as_hash, budget_left, now_ms
 from .states import Phase
 
 HISTORY_EXCHANGES = 10
@@ -92,14 +92,9 @@ def _build(sid: str, fields: list[Any], logs: list[bytes], pending: Any, answere
 
 def _pending(sid: str, qids: bytes | None, flat: list[bytes] | dict[bytes, bytes] | None,
              answered: list[bytes] | None) -> list[LlmQuery]:
-    """``flat``: HGETALL as hiredis gives it (a flat list) or redis-py (a dict)."""
     if not qids or not flat:
         return []
-    if isinstance(flat, dict):
-        by_id = flat
-    else:
-        it = iter(flat)
-        by_id = dict(zip(it, it, strict=True))
+    by_id = as_hash(flat)
     done = set(answered or ())
     out = []
     for qid in unpack(qids, what="query ids", session_id=sid):

@@ -8,7 +8,7 @@ one connection per process component, multiplexed (replies come back in the orde
 were written, so each caller's future is the next in line) and auto-pipelined (commands
 issued in the same event-loop turn leave in one write).
 
-The connection itself is opened by redis-py (``pool.make_connection``), so every URL option
+The connection itself is opened by redis-py (``coordinator.takeover``), so every URL option
 (ACL user, password, TLS, database) applies as for any other command; only the command/reply
 loop is ours, with hiredis doing both packing and parsing. A broken connection fails every
 call in flight with ``ConnectionError``, and calls are retried with the pool's own ``Retry``
@@ -32,6 +32,8 @@ from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import InvalidResponse
 from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from .takeover import abandon, on_socket, take_over
 
 #: Longest a call waits for its reply before the connection is deemed broken.
 REPLY_TIMEOUT_S = 30.0
@@ -96,8 +98,8 @@ class Wire:
         self.reply_timeout_s = reply_timeout_s
         self._last_progress = 0.0
         self._watchdog: asyncio.TimerHandle | None = None
-        self._pool = client.connection_pool
-        retry = self._pool.connection_kwargs.get("retry")
+        self._client = client
+        retry = client.connection_pool.connection_kwargs.get("retry")
         self._retry: Retry = retry if isinstance(retry, Retry) else Retry(NoBackoff(), 0)
         self._conn: AbstractConnection | None = None
         self._transport: asyncio.Transport | None = None
@@ -111,12 +113,7 @@ class Wire:
     def for_client(cls, client: Redis) -> Wire | None:
         """A wire for a client on a real socket; None for in-memory fakes (fakeredis), which
         keep going through redis-py."""
-        conn_class = client.connection_pool.connection_class
-        if conn_class.__module__.startswith("fakeredis") or not issubclass(
-            conn_class, AbstractConnection
-        ):
-            return None
-        return cls(client)
+        return cls(client) if on_socket(client) else None
 
     async def execute(self, *args: Any) -> Any:
         """Send one command and return its reply (redis-py's error classes on error)."""
@@ -184,18 +181,8 @@ class Wire:
                 return self._transport
             if self._closed:
                 raise RedisConnectionError("this client was closed")
-            conn: AbstractConnection = self._pool.make_connection()  # type: ignore[no-untyped-call]
-            await conn.connect()  # type: ignore[no-untyped-call]  # TLS, AUTH, HELLO, SELECT
-            writer = getattr(conn, "_writer", None)
-            reader = getattr(conn, "_reader", None)
-            if writer is None or (reader is not None and len(reader._buffer) != 0):
-                if writer is not None:
-                    writer.transport.abort()
-                _forget(conn)
-                raise RedisConnectionError("unexpected state of a fresh connection")
-            transport: asyncio.Transport = writer.transport
-            transport.set_protocol(_Protocol(self))
-            self._conn, self._transport = conn, transport
+            self._conn, transport = await take_over(self._client, _Protocol(self))
+            self._transport = transport
             return transport
 
     def _broken(self, exc: BaseException) -> None:
@@ -204,7 +191,7 @@ class Wire:
         conn, self._conn = self._conn, None
         if transport is not None:
             transport.abort()
-        _forget(conn)
+        abandon(conn)
         pending, self._pending = self._pending, collections.deque()
         self._out.clear()
         err = exc if isinstance(exc, RedisConnectionError | RedisTimeoutError) else \
@@ -222,19 +209,12 @@ class Wire:
         transport, self._transport = self._transport, None
         if transport is not None:
             transport.close()
-        _forget(conn)
+        abandon(conn)
         self._broken(RedisConnectionError("this client was closed"))
 
 
 async def _no_op(_: Exception) -> None:
     """The retry loop's failure hook: the broken connection is already dropped."""
-
-
-def _forget(conn: AbstractConnection | None) -> None:
-    """Let redis-py's connection object know its streams are closed (it warns otherwise)."""
-    close = getattr(conn, "_close", None)
-    if close is not None:
-        close()
 
 
 def batcher(client: Redis, wire: Wire | None) -> Callable[[list[tuple[Any, ...]]],

@@ -49,6 +49,12 @@ def digest(queries: list[LlmQuery]) -> bytes:
     return hashlib.blake2b(pack([q.to_record() for q in queries]), digest_size=8).digest()
 
 
+def journal_entry(queries: list[LlmQuery], answers: list[str]) -> bytes:
+    """One answered round as the journal keeps it: its digest, then (id, prompt, answer)."""
+    return pack([digest(queries), [[q.id, q.prompt, a]
+                                   for q, a in zip(queries, answers, strict=True)]])
+
+
 @dataclass(frozen=True, slots=True)
 class JournalRound:
     digest: bytes

@@ -47,7 +47,7 @@ from coordinator.settings import Settings
 from coordinator.states import Phase
 
 from . import catalog
-from .runtime import Ask, Crash, Done, Execution, JournalRound, Outcome, digest
+from .runtime import Ask, Crash, Done, Execution, JournalRound, Outcome, digest, journal_entry
 
 log = logging.getLogger(__name__)
 
@@ -499,9 +499,7 @@ class Worker:
                        for q in queries]
         except (KeyError, TypeError, SessionError):
             return None
-        entry = pack([digest(queries), [[q.id, q.prompt, a] for q, a in zip(queries, answers,
-                                                                             strict=True)]])
-        return answers, entry
+        return answers, journal_entry(queries, answers)
 
     def _round_answers(self, data: _Loaded) -> tuple[list[str] | None, bytes]:
         """The answered round in query order, and its journal entry (none for a start)."""
@@ -516,9 +514,7 @@ class Worker:
                 raise CorruptState(f"session {rec.sid} is running round {rec.asked} but "
                                    f"query {q.id} has no answer", session_id=rec.sid)
             answers.append(str(unpack(raw, what="answer", session_id=rec.sid)["r"]))
-        entry = pack([digest(queries), [[q.id, q.prompt, a] for q, a in zip(queries, answers,
-                                                                             strict=True)]])
-        return answers, entry
+        return answers, journal_entry(queries, answers)
 
     async def _rebuild(
         self, data: _Loaded, answers: list[str] | None
