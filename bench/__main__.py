@@ -104,11 +104,15 @@ async def _state(url: str, quick: bool) -> dict[str, Any]:
             seconds, count = await state.snapshot_time(reg, 3 if size > 10_000 else 5)
             res["list_snapshots_ms"][str(count)] = seconds * 1000
             if size == 10_000:
-                steps = 300 if quick else 1000
-                res["feed_alone"] = asdict(await state.feed_latency(reg, steps))
-                beside, listings = await state.feed_latency_beside_snapshots(reg, url, steps)
-                res["feed_beside_list"] = asdict(beside)
-                res["listings_meanwhile"] = listings
+                # Alone, beside the observer, and beside two controls: the cheapest reader of
+                # the same sessions and a process that only spins a core.
+                feeds = await state.feed_beside_neighbours(reg, url, 300 if quick else 1000,
+                                                           1 if quick else 3)
+                res["feed_alone"] = feeds.pop("alone")
+                res["feed_beside_list"] = feeds.pop("list")
+                res["listings_meanwhile"] = res["feed_beside_list"]["loops"]
+                for kind, lat in feeds.items():
+                    res[f"feed_beside_{kind}"] = lat
                 res["memory"] = await state.memory_per_session(reg, have)
         await reg.aclose()
     res["replay_us_per_round"] = {
@@ -200,6 +204,14 @@ def table(r: dict[str, Any], meta: dict[str, Any]) -> str:
     lines.append(f"| feed, 10k paused, while another process lists them in a loop "
                  f"({st.get('listings_meanwhile', '?')} listings) | "
                  f"{lat(st['feed_beside_list'])} |")
+    for kind, label in (("read", "reads one field of each in a loop (bare socket + "
+                                 "hiredis: the floor of any listing)"),
+                        ("spin", "only spins a core (no Redis at all)")):
+        if f"feed_beside_{kind}" in st:
+            x = st[f"feed_beside_{kind}"]
+            rounds = f"{x['loops']} loops" if kind == "read" else "control"
+            lines.append(f"| feed, 10k paused, while another process {label} ({rounds}) | "
+                         f"{lat(x)} |")
     lines.append(f"| Redis memory per paused session (200-char prompt) | "
                  f"{st['memory']['bytes']:.0f} B ({st['memory']['beyond_prompt']:.0f} B beyond "
                  "the prompt) |")

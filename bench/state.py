@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import statistics
 import sys
+from dataclasses import asdict
 from typing import Any
 
 from coordinator import Paused, SessionRegistry
@@ -12,6 +13,7 @@ from workers.catalog import get
 from workers.runtime import Execution, JournalRound, digest
 
 from . import strategies
+from .observer import KINDS
 from .stats import Latency, now
 
 PROMPT_CHARS = 200
@@ -43,6 +45,10 @@ async def snapshot_time(reg: SessionRegistry, repeat: int = 5) -> tuple[float, i
 
 async def feed_latency(reg: SessionRegistry, steps: int) -> Latency:
     """Feed -> next question for fresh sessions, one at a time."""
+    return Latency.of(await feed_samples(reg, steps))
+
+
+async def feed_samples(reg: SessionRegistry, steps: int) -> list[float]:
     samples: list[float] = []
     while len(samples) < steps:
         sid, res = await reg.start_execution("bench-seq", {"k": 10})
@@ -51,25 +57,45 @@ async def feed_latency(reg: SessionRegistry, steps: int) -> Latency:
             res = await reg.feed_response(sid, res.queries[0].id, "ok")
             samples.append(now() - t0)
         await reg.cancel(sid) if isinstance(res, Paused) else None
-    return Latency.of(samples)
+    return samples
 
 
-async def feed_latency_beside_snapshots(
-    reg: SessionRegistry, url: str, steps: int
-) -> tuple[Latency, int]:
-    """The same while another process lists every snapshot in a loop; also returns how many
-    listings it completed meanwhile."""
+async def feed_samples_beside(
+    reg: SessionRegistry, url: str, steps: int, kind: str = "list"
+) -> tuple[list[float], int]:
+    """The same while a neighbour process of ``kind`` (see ``bench.observer``) runs in a
+    loop; also returns how many rounds of its loop it completed meanwhile."""
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "bench.observer", url, reg.keys.namespace,
+        sys.executable, "-m", "bench.observer", url, reg.keys.namespace, kind,
         stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
     )
-    assert proc.stdin is not None
+    assert proc.stdin is not None and proc.stdout is not None
     try:
-        latency = await feed_latency(reg, steps)
+        ready = await asyncio.wait_for(proc.stdout.readline(), 60)  # one round done
+        assert ready.strip() == b"ready", ready
+        samples = await feed_samples(reg, steps)
     finally:
         proc.stdin.close()
         out, _ = await asyncio.wait_for(proc.communicate(), 60)
-    return latency, int(out.strip() or 0)
+    return samples, int(out.strip() or 1) - 1  # the first round ran before the feeds
+
+
+async def feed_beside_neighbours(
+    reg: SessionRegistry, url: str, steps: int, rounds: int
+) -> dict[str, dict[str, Any]]:
+    """Feed latency alone and beside each kind of neighbour, interleaved in ``rounds`` so that
+    the machine's drift (this is a shared VM) falls on every condition alike; samples pooled
+    per condition. ``loops``: the neighbour's rounds completed meanwhile."""
+    pooled: dict[str, list[float]] = {"alone": []}
+    loops: dict[str, int] = {}
+    for _ in range(rounds):
+        pooled["alone"] += await feed_samples(reg, steps)
+        for kind in KINDS:
+            samples, n = await feed_samples_beside(reg, url, steps, kind)
+            pooled.setdefault(kind, []).extend(samples)
+            loops[kind] = loops.get(kind, 0) + n
+    return {k: {**asdict(Latency.of(v)), **({"loops": loops[k]} if k in loops else {})}
+            for k, v in pooled.items()}
 
 
 async def memory_per_session(reg: SessionRegistry, sids: list[str]) -> dict[str, float]:
