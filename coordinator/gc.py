@@ -1,5 +1,5 @@
-"""GC: expire sessions idle longer than their TTL, and forget dead workers; one sweeper at a
-time across all processes.
+"""GC: expire sessions idle longer than their TTL, and forget dead workers (their entry in the
+index and their consumer in the job group); one sweeper at a time across all processes.
 
 The sweep is a change to the registry as a whole, so it runs under lock C; for each candidate
 it then takes that session's lock A (order C then A, as everywhere), so it never reaps a
@@ -15,12 +15,13 @@ import logging
 from typing import Any
 
 from redis.asyncio import Redis
+from redis.exceptions import ResponseError
 
 from .codec import text
 from .errors import CorruptState, LockTimeout, NotFound
-from .keys import Keys
+from .keys import JOB_GROUP, Keys
 from .locks import LockFactory
-from .scripts import Terminate
+from .scripts import JobGroup, Terminate
 from .settings import Settings
 
 log = logging.getLogger(__name__)
@@ -31,8 +32,9 @@ BATCH = 500
 class Sweeper:
     def __init__(
         self, client: Redis, keys: Keys, locks: LockFactory, terminate: Terminate,
-        settings: Settings,
+        group: JobGroup, settings: Settings,
     ) -> None:
+        self._group = group
         self._client = client
         self._keys = keys
         self._terminate = terminate
@@ -67,6 +69,7 @@ class Sweeper:
                     except Exception:  # one bad session must not stop the sweep
                         log.exception("gc could not expire session %s; skipping it", sid)
                 await self._forget_dead_workers()
+                await self._retire_dead_consumers()
         finally:
             with contextlib.suppress(Exception):
                 await lock_c.release()
@@ -87,6 +90,30 @@ class Sweeper:
         dead = [wid for wid, ok in zip(ids, alive, strict=True) if not ok]
         if dead:
             await self._client.zrem(self._keys.workers, *dead)
+
+    async def _retire_dead_consumers(self) -> list[str]:
+        """Drop the job group's consumers whose worker's heartbeat is gone and that hold no
+        job (a killed worker's, once its jobs were claimed; a stopped one's that could not
+        say goodbye). Returns the names dropped."""
+        try:
+            consumers = await self._client.xinfo_consumers(self._keys.jobs, JOB_GROUP)
+        except ResponseError as exc:  # no stream or no group yet: nothing to retire
+            if "NOGROUP" in str(exc) or "no such key" in str(exc):
+                return []
+            raise
+        names = [text(c["name"]) for c in consumers]
+        if not names:
+            return []
+        pipe = self._client.pipeline(transaction=False)
+        for name in names:
+            pipe.exists(self._keys.worker(name))
+        alive = await pipe.execute()
+        retired = await self._group.retire(
+            [n for n, ok in zip(names, alive, strict=True) if not ok])
+        if retired:
+            log.info("gc retired %d consumer(s) of dead workers from the job group",
+                     len(retired))
+        return retired
 
     async def _expire_one(self, sid: str, now_ms: int | None) -> bool:
         lock_a = self._locks.session(sid, wait_s=min(self._settings.lock_wait_s, 2.0))

@@ -28,7 +28,7 @@ from .locks import LockFactory
 from .models import Accepted, FeedResult, Finished, Paused, PendingFilter, QueryId
 from .pubsub import Multiplexer, Subscription
 from .records import SessionRecord, as_hash, settled_event
-from .scripts import Scripts, Terminate, raise_for
+from .scripts import JobGroup, Scripts, Terminate, raise_for
 from .settings import Settings, connect
 from .wire import batcher
 
@@ -59,7 +59,8 @@ class SessionRegistry:
             lease_ms=self.settings.lease_ms, wait_s=self.settings.lock_wait_s,
         )
         self.terminate = Terminate(self.scripts, self.keys, JOB_GROUP, self.settings.retention_ms)
-        self.sweeper = Sweeper(self.client, self.keys, self.locks, self.terminate, self.settings)
+        self.sweeper = Sweeper(self.client, self.keys, self.locks, self.terminate,
+                               JobGroup(self.scripts, self.keys, JOB_GROUP), self.settings)
         self._owns_client = owns_client
         self._known_strategies: set[str] = set()
 

@@ -173,6 +173,25 @@ def fake_settings() -> Any:
     )
 
 
+@pytest.fixture(params=["fakeredis", pytest.param("redis-server", marks=pytest.mark.redis)])
+async def any_cluster(request: pytest.FixtureRequest, fake_settings: Any) -> AsyncIterator[Any]:
+    """The same in-process cluster on fakeredis and on a real redis-server."""
+    import secrets
+
+    from tests.procs import InProcessCluster
+
+    if request.param == "fakeredis":
+        cluster: Any = FakeCluster(fake_settings)
+    else:
+        url = request.getfixturevalue("redis_url")
+        cluster = InProcessCluster(url, fake_settings.with_(
+            url=url, namespace=f"t{secrets.token_hex(4)}"))
+    try:
+        yield cluster
+    finally:
+        await cluster.aclose()
+
+
 @pytest.fixture
 async def fake_cluster(fake_settings: Any) -> AsyncIterator[FakeCluster]:
     cluster = FakeCluster(fake_settings)

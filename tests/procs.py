@@ -344,6 +344,12 @@ class InProcessCluster:
             await worker.start()
         return worker
 
+    async def stop_worker(self, worker: Any, grace_s: float = 1.0) -> None:
+        """Shut ``worker`` down now (it is then left alone at teardown)."""
+        self._workers.remove(worker)
+        await _bounded(worker.shutdown(grace_s=grace_s), f"worker {worker.id} shutdown")
+        await _bounded(worker.client.aclose(), f"worker {worker.id} client")
+
     async def aclose(self) -> None:
         """Bounded: a part that does not close in time fails the test, naming it and showing
         what every task was waiting on, instead of hanging the run."""

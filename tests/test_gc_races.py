@@ -21,9 +21,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import random
-import secrets
 from collections import Counter
-from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -33,11 +31,10 @@ from coordinator.codec import text
 from coordinator.errors import InvalidTransition
 from coordinator.models import Accepted, Finished, LlmQuery, Paused
 from coordinator.registry import SessionRegistry
-from coordinator.settings import Settings
 from coordinator.states import Phase
 from tests.conftest import FakeCluster
 from tests.helpers import GATES, Gate, assert_eventually
-from tests.procs import InProcessCluster, answer_for
+from tests.procs import answer_for
 from workers import strategy
 from workers.context import Context
 
@@ -306,21 +303,6 @@ async def test_activity_after_the_sweep_read_its_deadline_keeps_the_session(
 
 
 # -- 3. server clock: several sweepers, one reaps; waiters get a clear result -----------------
-
-
-@pytest.fixture(params=["fakeredis", pytest.param("redis-server", marks=pytest.mark.redis)])
-async def any_cluster(request: pytest.FixtureRequest, fake_settings: Settings) -> AsyncIterator[
-        Any]:
-    if request.param == "fakeredis":
-        cluster: Any = FakeCluster(fake_settings)
-    else:
-        url = request.getfixturevalue("redis_url")
-        cluster = InProcessCluster(url, fake_settings.with_(
-            url=url, namespace=f"gc{secrets.token_hex(4)}"))
-    try:
-        yield cluster
-    finally:
-        await cluster.aclose()
 
 
 async def test_expired_sessions_are_reaped_once_among_concurrent_sweepers_and_waiters_told(

@@ -42,7 +42,7 @@ from coordinator.locks import FencedLock, LockFactory
 from coordinator.models import LlmQuery
 from coordinator.pubsub import Multiplexer
 from coordinator.records import SessionRecord, decode_queries, now_ms
-from coordinator.scripts import Scripts, Terminate
+from coordinator.scripts import JobGroup, Scripts, Terminate
 from coordinator.settings import Settings
 from coordinator.states import Phase
 
@@ -92,7 +92,9 @@ class Worker:
         self.locks = LockFactory(client, self.keys, self.scripts, self.mux,
                                  lease_ms=self.settings.lease_ms, wait_s=self.settings.lock_wait_s)
         self.terminate = Terminate(self.scripts, self.keys, JOB_GROUP, self.settings.retention_ms)
-        self.sweeper = Sweeper(client, self.keys, self.locks, self.terminate, self.settings)
+        self.group = JobGroup(self.scripts, self.keys, JOB_GROUP)
+        self.sweeper = Sweeper(client, self.keys, self.locks, self.terminate, self.group,
+                               self.settings)
         self.stats = WorkerStats()
         self._nudge_channel = self.keys.worker_nudge(self.id)
         self._live: OrderedDict[str, Execution] = OrderedDict()
@@ -173,6 +175,9 @@ class Worker:
         pipe.delete(self.keys.worker(self.id))
         pipe.zrem(self.keys.workers, self.id)
         await _best_effort(pipe.execute())
+        # Leave the job group too, unless a step cut short still holds a job (then another
+        # worker claims it, and a later GC sweep retires this consumer).
+        await _best_effort(self.group.retire([self.id]))
         await _best_effort(self.mux.aclose())
         await self.scripts.aclose()
 

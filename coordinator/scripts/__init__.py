@@ -27,7 +27,7 @@ from ..wire import Wire
 
 _NAMES = (
     "create", "feed", "commit_step", "terminate", "lock_acquire", "lock_release",
-    "step_begin",
+    "step_begin", "retire_consumers",
 )
 
 
@@ -118,6 +118,24 @@ class Terminate:
         """Fail ``sid`` with ``error``; with ``dead_letter`` (the reason), also record its job
         in the dead-letter stream."""
         return await self._run(sid, "fail", error=error, dead_letter=dead_letter)
+
+
+class JobGroup:
+    """Typed front of ``retire_consumers.lua``: the job group's consumers, one per worker
+    process that ever read a job."""
+
+    def __init__(self, scripts: Scripts, keys: Keys, group: str) -> None:
+        self._scripts = scripts
+        self._keys = keys
+        self._group = group
+
+    async def retire(self, names: list[str]) -> list[str]:
+        """Drop those of ``names`` that hold no pending job; returns the ones dropped."""
+        if not names:
+            return []
+        raw = await self._scripts.call_raw("retire_consumers", [self._keys.jobs],
+                                           [self._group, *names])
+        return [_text(x) for x in raw]
 
 
 class Scripts:
