@@ -236,16 +236,28 @@ async def _status(args: argparse.Namespace) -> int:
             _emit(snaps)
             return 0
         print(_table(snaps))
-        workers = await reg.workers()
-        now = time.time() * 1000
-        print(f"\nworkers: {len(workers)}")
-        for wid, beat in sorted(workers.items()):
-            print(f"  {wid}  last heartbeat {max(0.0, now - beat) / 1000:.1f} s ago")
+        print(_workers(await reg.worker_stats()))
         total, dead = await reg.dead_letters(5)
         print(f"\ndead letters: {total}")
         for d in dead:
             print(f"  {d.get('sid') or '-'}  {d.get('reason')}: {d.get('error', '')[:120]}")
     return 0
+
+
+def _workers(stats: dict[str, dict[str, Any]]) -> str:
+    now = time.time() * 1000
+    lines = [f"\nworkers: {len(stats)}"]
+    for wid, r in sorted(stats.items()):
+        if not r:
+            lines.append(f"  {wid}  (its report does not decode)")
+            continue
+        lines.append(
+            f"  {wid}  heartbeat {max(0.0, now - r.get('at', now)) / 1000:.1f} s ago, "
+            f"busy {r.get('busy', '?')}/{r.get('concurrency', '?')}, live {r.get('live', '?')}; "
+            f"steps {r.get('steps', '?')} (replays {r.get('replays', '?')}, "
+            f"claimed {r.get('claimed', '?')}, fenced {r.get('fenced_rejections', '?')}, "
+            f"errors {r.get('step_errors', '?')}, dead letters {r.get('dead_letters', '?')})")
+    return "\n".join(lines)
 
 
 def _table(snaps: dict[str, dict[str, Any]]) -> str:

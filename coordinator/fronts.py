@@ -185,11 +185,4 @@ async def observe(
 async def live_workers(reg: SessionRegistry) -> list[str]:
     """Workers whose heartbeat key still exists: the index alone keeps dead workers until
     the next sweep, and only the key's TTL says a worker is alive now."""
-    ids = sorted(await reg.workers())
-    if not ids:
-        return []
-    pipe = reg.client.pipeline(transaction=False)
-    for wid in ids:
-        pipe.exists(reg.keys.worker(wid))
-    alive = await pipe.execute()
-    return [wid for wid, ok in zip(ids, alive, strict=True) if ok]
+    return sorted(await reg.worker_stats())

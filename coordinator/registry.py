@@ -19,8 +19,15 @@ from typing import Any
 from redis.asyncio import Redis
 
 from . import snapshot
-from .codec import check_json_able, check_text, estimate_tokens, pack, text
-from .errors import InvalidInput, NoPendingQuery, NotFound, UnknownStrategy, WaitTimeout
+from .codec import check_json_able, check_text, estimate_tokens, pack, text, unpack
+from .errors import (
+    CorruptState,
+    InvalidInput,
+    NoPendingQuery,
+    NotFound,
+    UnknownStrategy,
+    WaitTimeout,
+)
 from .events import parse_pause
 from .gc import Sweeper
 from .keys import JOB_GROUP, Keys
@@ -279,6 +286,27 @@ class SessionRegistry:
         """Worker id -> last heartbeat (Unix ms), from the heartbeat index."""
         rows: Any = await self.client.zrange(self.keys.workers, 0, -1, withscores=True)
         return {text(k): int(v) for k, v in rows}
+
+    async def worker_stats(self) -> dict[str, dict[str, Any]]:
+        """Live workers (heartbeat key present) -> their last heartbeat's report: ``at`` (Unix
+        ms), ``concurrency``, ``busy`` (steps in flight), ``live`` (executions held in
+        memory) and counters since the worker started (``steps``, ``replays``,
+        ``fenced_rejections``, ``dead_letters``, ...). As fresh as the last heartbeat (every
+        third of ``heartbeat_ttl_ms``); a report that does not decode shows as ``{}``."""
+        ids = sorted(await self.workers())
+        if not ids:
+            return {}
+        blobs: list[Any] = await self.client.mget([self.keys.worker(wid) for wid in ids])
+        out: dict[str, dict[str, Any]] = {}
+        for wid, blob in zip(ids, blobs, strict=True):
+            if blob is None:
+                continue  # its heartbeat expired: dead, or cut off from Redis
+            try:
+                report = unpack(blob, what="worker report")
+            except CorruptState:
+                report = None
+            out[wid] = report if isinstance(report, dict) else {}
+        return out
 
     async def dead_letters(self, count: int = 20) -> tuple[int, list[dict[str, str]]]:
         """How many jobs were dead-lettered, and the newest ``count`` of them."""

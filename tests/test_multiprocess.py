@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import json
 import random
+import re
 import signal
 import time
 from collections.abc import AsyncIterator
@@ -353,6 +354,7 @@ async def test_cli_start_continue_status_cancel_round_trip(
     assert set(listing) == {sid} and listing[sid]["phase"] == "paused"
     table = await run_cli("status", *conn)
     assert table.code == 0 and sid in table.stdout and "workers: 1" in table.stdout, str(table)
+    assert re.search(r"busy \d+/\d+, live \d+; steps \d+ \(replays \d+", table.stdout), table
 
     crit = await cli("continue", sid, "my draft")
     assert crit["status"] == "needs_response" and crit["session_id"] == sid

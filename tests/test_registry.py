@@ -996,6 +996,32 @@ async def test_registry_lists_live_workers(fake_cluster: FakeCluster,
     assert await registry.workers() == {}
 
 
+async def test_worker_stats_publish_each_workers_load_and_counters(
+        fake_cluster: FakeCluster, registry: SessionRegistry) -> None:
+    w = await fake_cluster.worker(concurrency=3, heartbeat_ttl_ms=300)  # beats every 100 ms
+    sid, ev = await registry.start_execution("reflect", {"task": "t"})
+    while isinstance(ev, Paused):
+        ev = await registry.feed_response(sid, ev.queries[0].id, "fine")
+    assert isinstance(ev, Finished) and ev.state is Phase.COMPLETED
+    assert w.stats.steps >= 3
+
+    async def reported() -> bool:
+        report = (await registry.worker_stats()).get(w.id, {})
+        return report.get("steps") == w.stats.steps
+    await assert_eventually(reported, message="the heartbeat never published the steps")
+
+    report = (await registry.worker_stats())[w.id]
+    assert (report["concurrency"], report["busy"]) == (3, 0)
+    assert report["live_resumes"] + report["replays"] > 0
+    assert abs(report["at"] - now_ms()) < 60_000
+    # A report that does not decode shows as {}, and the worker as alive.
+    await registry.client.set(registry.keys.worker("odd"), b"\xc1", px=60_000)
+    await registry.client.zadd(registry.keys.workers, {"odd": now_ms()})
+    assert (await registry.worker_stats())["odd"] == {}
+    await fake_cluster.stop_worker(w)
+    assert set(await registry.worker_stats()) == {"odd"}
+
+
 async def test_gc_forgets_workers_whose_heartbeat_expired(fake_cluster: FakeCluster,
                                                           registry: SessionRegistry) -> None:
     w = await fake_cluster.worker()

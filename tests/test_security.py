@@ -66,7 +66,7 @@ ACL_COMMANDS = (
     # scripts (registered once, called by SHA; redis-py loads them on NOSCRIPT)
     "evalsha", "script|load", "script|exists",
     # strings, keys, server time
-    "get", "set", "del", "exists", "rename", "pexpire", "pttl", "incr", "time", "ping",
+    "get", "mget", "set", "del", "exists", "rename", "pexpire", "pttl", "incr", "time", "ping",
     # session hashes
     "hget", "hmget", "hgetall", "hkeys", "hset", "hdel", "hexists", "hincrby",
     # journal and logs, strategy names
@@ -83,7 +83,8 @@ ACL_COMMANDS = (
 
 #: redis-py client methods the coordinator calls -> the command each sends (None: no command)
 _METHOD_COMMANDS: dict[str, str | None] = {
-    "delete": "del", "exists": "exists", "get": "get", "set": "set", "ping": "ping",
+    "delete": "del", "exists": "exists", "get": "get", "mget": "mget", "set": "set",
+    "ping": "ping",
     "time": "time", "hget": "hget", "hset": "hset", "hgetall": "hgetall", "hkeys": "hkeys",
     "lrange": "lrange", "sadd": "sadd", "smembers": "smembers", "zadd": "zadd",
     "zrange": "zrange", "zrangebyscore": "zrangebyscore", "zrem": "zrem", "xadd": "xadd",

@@ -207,6 +207,35 @@ async def test_live_step_is_handed_over_and_costs_the_worker_one_command(
     assert not await registry.client.exists(sk.lock)
 
 
+async def test_a_start_step_reads_the_session_once(
+    registry: SessionRegistry, worker: Worker, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """step_begin.lua takes lock A and reads the session with its journal (empty, at a start):
+    the step reads nothing more before its commit."""
+    done: list[str] = []
+    real = worker.client.execute_command
+
+    async def counting(*args: Any, **kw: Any) -> Any:
+        reply = await real(*args, **kw)  # counted once it ran (a NOSCRIPT reply is retried)
+        if args[0] == "EVALSHA":
+            done.append(_script_of(args[1]))
+        return reply
+
+    real_load = worker._load
+
+    async def load(*args: Any, **kw: Any) -> Any:
+        done.append("load")
+        return await real_load(*args, **kw)
+
+    monkeypatch.setattr(worker.client, "execute_command", counting)
+    monkeypatch.setattr(worker, "_load", load)
+    _, ev = await registry.start_execution("twrk-chain", {"k": 3, "tag": "s"})
+    assert isinstance(ev, Paused) and ev.queries[0].prompt == "s step 0 after ''"
+    # (the worker's GC sweep may take and release lock C meanwhile)
+    assert [c for c in done if c not in ("lock_acquire", "lock_release")] == [
+        "step_begin", "commit_step"], done
+
+
 def _script_of(sha: Any) -> str:
     for name in _NAMES:
         if hashlib.sha1(source(name).encode()).hexdigest() == str(sha):

@@ -27,7 +27,7 @@ import secrets
 import socket
 import uuid
 from collections import OrderedDict
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from redis.asyncio import Redis
@@ -41,10 +41,11 @@ from coordinator.keys import JOB_GROUP, Keys
 from coordinator.locks import FencedLock, LockFactory
 from coordinator.models import LlmQuery
 from coordinator.pubsub import Multiplexer
-from coordinator.records import SessionRecord, decode_queries, now_ms
+from coordinator.records import SessionRecord, as_hash, decode_queries, now_ms
 from coordinator.scripts import JobGroup, Scripts, Terminate
 from coordinator.settings import Settings
 from coordinator.states import Phase
+from coordinator.wire import batcher
 
 from . import catalog
 from .runtime import Ask, Crash, Done, Execution, JournalRound, Outcome, digest, journal_entry
@@ -88,6 +89,7 @@ class Worker:
         self.concurrency = max(1, concurrency)
         self.id = worker_id or f"{socket.gethostname()}-{secrets.token_hex(4)}"
         self.scripts = Scripts(client)
+        self._batch = batcher(client, self.scripts.wire)
         self.mux = Multiplexer(client, self.keys.process_channel(self.id))
         self.locks = LockFactory(client, self.keys, self.scripts, self.mux,
                                  lease_ms=self.settings.lease_ms, wait_s=self.settings.lock_wait_s)
@@ -188,9 +190,16 @@ class Worker:
             if "BUSYGROUP" not in str(exc):
                 raise
 
+    def report(self) -> dict[str, Any]:
+        """What the heartbeat publishes (``SessionRegistry.worker_stats``): load and counters,
+        so an operator sees from any process which worker is busy, replaying or fenced."""
+        return {"at": now_ms(), "concurrency": self.concurrency, "busy": len(self._tasks),
+                "live": len(self._live), **asdict(self.stats)}
+
     async def _beat(self) -> None:
         pipe = self.client.pipeline(transaction=False)
-        pipe.set(self.keys.worker(self.id), now_ms(), px=self.settings.heartbeat_ttl_ms)
+        pipe.set(self.keys.worker(self.id), pack(self.report()),
+                 px=self.settings.heartbeat_ttl_ms)
         pipe.zadd(self.keys.workers, {self.id: now_ms()})
         await pipe.execute()
 
@@ -367,8 +376,9 @@ class Worker:
         prefetched: list[Any] | None = None
         try:
             if lock.took(reply[:2], token):
-                prefetched = [_pairs(reply[2]), _pairs(reply[3]), _pairs(reply[4]),
-                              reply[5] if reply[5] else None]
+                # the journal: None when not asked for, [] when empty (a start)
+                prefetched = [as_hash(reply[2]), as_hash(reply[3]), as_hash(reply[4]),
+                              reply[5]]
             else:
                 await lock.acquire()
         except LockTimeout:
@@ -470,23 +480,19 @@ class Worker:
         return await self._commit(sid, lock, asked_from=rec.asked, outcome=outcome,
                                   journal_entry=entry, ex=ex)
 
-    def _queue_load(self, pipe: Any, sid: str, with_journal: bool) -> None:
-        sk = self.keys.session(sid)
-        pipe.hgetall(sk.session)
-        pipe.hgetall(sk.pending)
-        pipe.hgetall(sk.answers)
-        if with_journal:
-            pipe.lrange(sk.journal, 0, -1)
-
     async def _load(self, sid: str, *, with_journal: bool) -> _Loaded:
-        pipe = self.client.pipeline(transaction=False)
-        self._queue_load(pipe, sid, with_journal)
-        return self._parse_load(sid, await pipe.execute())
-
-    def _parse_load(self, sid: str, replies: list[Any]) -> _Loaded:
+        sk = self.keys.session(sid)
+        commands: list[tuple[Any, ...]] = [
+            ("HGETALL", sk.session), ("HGETALL", sk.pending), ("HGETALL", sk.answers)]
+        if with_journal:
+            commands.append(("LRANGE", sk.journal, 0, -1))
+        replies = await self._batch(commands)
         for reply in replies:
             if isinstance(reply, Exception):
                 raise reply
+        return self._parse_load(sid, [*map(as_hash, replies[:3]), *replies[3:]])
+
+    def _parse_load(self, sid: str, replies: list[Any]) -> _Loaded:
         if not replies[0]:
             raise NotFound(f"session {sid} vanished", session_id=sid)
         rec = SessionRecord.from_hash(sid, replies[0])
@@ -640,8 +646,3 @@ async def _best_effort(aw: Any) -> None:
     with contextlib.suppress(Exception, asyncio.TimeoutError):
         await asyncio.wait_for(aw, GOODBYE_S)
 
-
-def _pairs(flat: list[bytes]) -> dict[bytes, bytes]:
-    """A Lua HGETALL reply (flat list) as redis-py's hgetall would give it."""
-    it = iter(flat)
-    return dict(zip(it, it, strict=True))
