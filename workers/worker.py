@@ -242,7 +242,13 @@ class Worker:
             return 0
         entries = reply[0][1] if reply else []
         for entry_id, fields in entries:
-            self._spawn(self._job(entry_id.decode(), fields, defer=True))
+            if fields.get(b"h") and fields.get(b"k") == b"resume":
+                # A live holder heard of this round (and usually holds its lock already): it
+                # steps it, and its commit acknowledges this entry. Should it die, the entry
+                # is claimed from this worker's pending list once idle (XAUTOCLAIM).
+                self.stats.deferred += 1
+                continue
+            self._spawn(self._job(entry_id.decode(), fields))
         return len(entries)
 
     async def _claim_loop(self) -> None:
@@ -262,7 +268,7 @@ class Worker:
         entries = [e for e in reply[1] if e and e[1]]
         for entry_id, fields in entries:
             self.stats.claimed += 1
-            self._spawn(self._job(entry_id.decode(), fields, defer=False))
+            self._spawn(self._job(entry_id.decode(), fields))
         return len(entries)
 
     def _on_nudge(self, msg: bytes) -> None:
@@ -298,7 +304,7 @@ class Worker:
             except Exception:
                 log.exception("step failed unexpectedly; its job stays pending for a retry")
 
-    async def _job(self, entry_id: str, fields: dict[bytes, bytes], *, defer: bool) -> None:
+    async def _job(self, entry_id: str, fields: dict[bytes, bytes]) -> None:
         kind = fields.get(b"k", b"").decode(errors="replace")
         sid = fields.get(b"sid", b"").decode(errors="replace")
         if kind not in ("start", "resume") or not sid:
@@ -312,12 +318,6 @@ class Worker:
             pipe.xack(self.keys.jobs, JOB_GROUP, entry_id)
             pipe.xdel(self.keys.jobs, entry_id)
             await pipe.execute()
-            return
-        if defer and kind == "resume" and fields.get(b"h"):
-            # A live holder heard of this round (and usually holds its lock already): it
-            # steps it, and its commit acknowledges this entry. Should it die, the entry is
-            # claimed from this worker's pending list once idle (XAUTOCLAIM).
-            self.stats.deferred += 1
             return
         await self._step(sid, entry_id=entry_id)
 
