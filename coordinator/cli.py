@@ -110,12 +110,20 @@ def main(argv: list[str] | None = None) -> None:
         "status": _status, "cancel": _cancel, "serve": _serve, "mcp": _mcp,
     }[args.command]
     try:
-        code = asyncio.run(handler(args))
-    except SessionError as exc:
-        print(json.dumps(exc.to_json()), file=sys.stdout if args.command != "run" else sys.stderr)
-        code = 2
+        try:
+            code = asyncio.run(handler(args))
+        except SessionError as exc:
+            print(json.dumps(exc.to_json()),
+                  file=sys.stdout if args.command != "run" else sys.stderr)
+            code = 2
     except KeyboardInterrupt:
         code = 130
+    except BrokenPipeError:
+        # Whoever read our output went away (``| head``). What the command did is done; say
+        # nothing more, and exit as a shell reports a SIGPIPE, without a traceback (nor one
+        # from the interpreter's own flush of stdout at exit).
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        code = 128 + signal.SIGPIPE
     sys.exit(code)
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
 import random
 import re
 import signal
@@ -29,11 +30,14 @@ from coordinator.states import Phase
 from tests.helpers import assert_eventually
 from tests.procs import (
     FAST_SETTINGS,
+    ROOT,
     STRATEGIES,
     WAIT_S,
     WorkerPool,
     WorkerProc,
     answer_for,
+    clean_env,
+    cli_argv,
     run_cli,
 )
 from tests.strategies_mp import expected_rounds, prompt_for
@@ -304,6 +308,23 @@ async def test_cli_run_embedded_without_redis_url() -> None:
     assert len(body["result"]["critiques"]) == 1
     assert body["stats"]["llm_calls"] == 3 and body["stats"]["rounds"] == 3
     assert "embedded" in out.stderr
+
+
+async def test_cli_whose_reader_went_away_exits_quietly() -> None:
+    """``coordinator ... | head``: the reader closing the pipe early is no crash. The command
+    exits as a shell reports a SIGPIPE (141), with nothing on stderr but its own notes."""
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # the reader is gone before the first write
+    try:
+        proc = await asyncio.create_subprocess_exec(
+            *cli_argv("run", "reflect", "--task", "x", "--responder", "echo"),
+            cwd=ROOT, env=clean_env(), stdin=asyncio.subprocess.DEVNULL, stdout=write_end,
+            stderr=asyncio.subprocess.PIPE)
+    finally:
+        os.close(write_end)
+    _, err = await asyncio.wait_for(proc.communicate(), WAIT_S)
+    assert proc.returncode == 141, err.decode()
+    assert b"Traceback" not in err and b"BrokenPipe" not in err, err.decode()
 
 
 async def test_cli_run_against_real_server_with_a_worker_process(
