@@ -104,8 +104,9 @@ async def _state(url: str, quick: bool) -> dict[str, Any]:
             seconds, count = await state.snapshot_time(reg, 3 if size > 10_000 else 5)
             res["list_snapshots_ms"][str(count)] = seconds * 1000
             if size == 10_000:
-                # Alone, beside the observer, and beside two controls: the cheapest reader of
-                # the same sessions and a process that only spins a core.
+                # Alone, beside the observer, and beside three controls: the cheapest reader
+                # of the same sessions, the best case of a snapshot index, and a process that
+                # only spins a core.
                 feeds = await state.feed_beside_neighbours(reg, url, 300 if quick else 1000,
                                                            1 if quick else 3)
                 res["feed_alone"] = feeds.pop("alone")
@@ -206,10 +207,12 @@ def table(r: dict[str, Any], meta: dict[str, Any]) -> str:
                  f"{lat(st['feed_beside_list'])} |")
     for kind, label in (("read", "reads one field of each in a loop (bare socket + "
                                  "hiredis: the floor of any listing)"),
+                        ("blob", "reads all 10k snapshots prebuilt in one key (one GET, "
+                                 "decoded: the best case of a snapshot index)"),
                         ("spin", "only spins a core (no Redis at all)")):
         if f"feed_beside_{kind}" in st:
             x = st[f"feed_beside_{kind}"]
-            rounds = f"{x['loops']} loops" if kind == "read" else "control"
+            rounds = "control" if kind == "spin" else f"{x['loops']} loops"
             lines.append(f"| feed, 10k paused, while another process {label} ({rounds}) | "
                          f"{lat(x)} |")
     lines.append(f"| Redis memory per paused session (200-char prompt) | "

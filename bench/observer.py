@@ -8,6 +8,9 @@ that kind costs a feed on this machine, whatever the listing does:
 - ``read``: the floor of a listing: one HGET of one field of each paused session, packed once,
   200 per write on a bare asyncio socket and parsed by hiredis. No snapshot is built and no
   client library runs; no reader of 10k sessions does less.
+- ``blob``: the best case of a snapshot index kept up to date by every transition: all the
+  snapshots prebuilt in one key, read with one GET and decoded into dicts each round. Redis
+  does next to nothing; the observer's own CPU remains.
 - ``spin``: a process that only burns a core and never talks to Redis, the share of the
   interference that is CPU contention alone.
 """
@@ -20,10 +23,12 @@ import time
 from urllib.parse import urlparse
 
 import hiredis
+import msgpack
+from redis.asyncio import Redis
 
 from coordinator import SessionRegistry
 
-KINDS = ("list", "read", "spin")
+KINDS = ("list", "read", "blob", "spin")
 READ_BATCH = 200
 
 
@@ -64,6 +69,15 @@ class _Reader:
             await self._call(cmds[i : i + READ_BATCH])
 
 
+async def _blob(reg: SessionRegistry, raw: Redis, first: bool) -> None:
+    key = f"{reg.keys.namespace}:bench:snapshot-blob"
+    if first:
+        await raw.set(key, msgpack.packb(await reg.list_snapshots()))
+    snaps = msgpack.unpackb(await raw.get(key))
+    # as list_snapshots hands them out: a dict per session, its metrics a dict of their own
+    _ = {sid: {**snap, "metrics": {**snap["metrics"]}} for sid, snap in snaps.items()}
+
+
 async def _spin() -> None:
     until = time.perf_counter() + 0.05
     while time.perf_counter() < until:
@@ -75,6 +89,7 @@ async def main(url: str, namespace: str, kind: str) -> None:
     reg = SessionRegistry.from_url(url, namespace=namespace)
     reader = _Reader(url, reg)
     await reader.connect()
+    raw = Redis.from_url(url)
     loop = asyncio.get_running_loop()
     closed = loop.run_in_executor(None, sys.stdin.read)  # returns when the parent closes it
     rounds = 0
@@ -83,12 +98,15 @@ async def main(url: str, namespace: str, kind: str) -> None:
             await _list(reg)
         elif kind == "read":
             await reader.round()
+        elif kind == "blob":
+            await _blob(reg, raw, rounds == 0)
         else:
             await _spin()
         rounds += 1
         if rounds == 1:
             print("ready", flush=True)  # the parent measures from here on
     reader.w.close()
+    await raw.aclose()
     await reg.aclose()
     print(rounds, flush=True)
 
