@@ -81,15 +81,19 @@ class Sweeper:
     async def _forget_dead_workers(self) -> None:
         """Membership sweep: drop workers whose heartbeat key has expired from the index."""
         ids = [text(x) for x in await self._client.zrange(self._keys.workers, 0, -1)]
-        if not ids:
-            return
-        pipe = self._client.pipeline(transaction=False)
-        for wid in ids:
-            pipe.exists(self._keys.worker(wid))
-        alive = await pipe.execute()
-        dead = [wid for wid, ok in zip(ids, alive, strict=True) if not ok]
+        dead = await self._dead(ids)
         if dead:
             await self._client.zrem(self._keys.workers, *dead)
+
+    async def _dead(self, worker_ids: list[str]) -> list[str]:
+        """Those of ``worker_ids`` whose heartbeat key has expired (one round trip)."""
+        if not worker_ids:
+            return []
+        pipe = self._client.pipeline(transaction=False)
+        for wid in worker_ids:
+            pipe.exists(self._keys.worker(wid))
+        alive = await pipe.execute()
+        return [wid for wid, ok in zip(worker_ids, alive, strict=True) if not ok]
 
     async def _retire_dead_consumers(self) -> list[str]:
         """Drop the job group's consumers whose worker's heartbeat is gone and that hold no
@@ -101,15 +105,8 @@ class Sweeper:
             if "NOGROUP" in str(exc) or "no such key" in str(exc):
                 return []
             raise
-        names = [text(c["name"]) for c in consumers]
-        if not names:
-            return []
-        pipe = self._client.pipeline(transaction=False)
-        for name in names:
-            pipe.exists(self._keys.worker(name))
-        alive = await pipe.execute()
         retired = await self._group.retire(
-            [n for n, ok in zip(names, alive, strict=True) if not ok])
+            await self._dead([text(c["name"]) for c in consumers]))
         if retired:
             log.info("gc retired %d consumer(s) of dead workers from the job group",
                      len(retired))

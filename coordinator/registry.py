@@ -37,7 +37,7 @@ from .pubsub import Multiplexer, Subscription
 from .records import SessionRecord, as_hash, settled_event
 from .scripts import JobGroup, Scripts, Terminate, raise_for
 from .settings import Settings, connect
-from .wire import batcher
+from .wire import batcher, checked
 
 
 def new_session_id() -> str:
@@ -224,11 +224,8 @@ class SessionRegistry:
     async def _read_event(self, sid: str) -> tuple[FeedResult | None, int]:
         """The settled event now (None while running) and the round the session is in."""
         sk = self.keys.session(sid)
-        replies = await self._batch(
-            [("HGETALL", sk.session), ("HGETALL", sk.pending), ("HKEYS", sk.answers)])
-        for reply in replies:
-            if isinstance(reply, Exception):
-                raise reply
+        replies = checked(await self._batch(
+            [("HGETALL", sk.session), ("HGETALL", sk.pending), ("HKEYS", sk.answers)]))
         raw, pending = as_hash(replies[0]), as_hash(replies[1])
         answered = replies[2]
         if not raw:

@@ -217,6 +217,14 @@ async def _no_op(_: Exception) -> None:
     """The retry loop's failure hook: the broken connection is already dropped."""
 
 
+def checked(replies: list[Any]) -> list[Any]:
+    """A batch's replies, raising the first that is an error (for callers that need all)."""
+    for reply in replies:
+        if isinstance(reply, Exception):
+            raise reply
+    return replies
+
+
 def batcher(client: Redis, wire: Wire | None) -> Callable[[list[tuple[Any, ...]]],
                                                           Awaitable[list[Any]]]:
     """Runs command batches over ``wire``, or a redis-py pipeline where there is none."""

@@ -45,7 +45,7 @@ from coordinator.records import SessionRecord, as_hash, decode_queries, now_ms
 from coordinator.scripts import JobGroup, Scripts, Terminate
 from coordinator.settings import Settings
 from coordinator.states import Phase
-from coordinator.wire import batcher
+from coordinator.wire import batcher, checked
 
 from . import catalog
 from .runtime import Ask, Crash, Done, Execution, JournalRound, Outcome, digest, journal_entry
@@ -485,10 +485,7 @@ class Worker:
             ("HGETALL", sk.session), ("HGETALL", sk.pending), ("HGETALL", sk.answers)]
         if with_journal:
             commands.append(("LRANGE", sk.journal, 0, -1))
-        replies = await self._batch(commands)
-        for reply in replies:
-            if isinstance(reply, Exception):
-                raise reply
+        replies = checked(await self._batch(commands))
         return self._parse_load(sid, [*map(as_hash, replies[:3]), *replies[3:]])
 
     def _parse_load(self, sid: str, replies: list[Any]) -> _Loaded:
