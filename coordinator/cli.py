@@ -24,7 +24,8 @@ from .errors import InvalidInput, SessionError
 from .models import Finished, Paused, PendingFilter
 from .registry import SessionRegistry
 from .responders import Responder, make_responder
-from .settings import Settings, connect
+from .settings import Settings
+from .transport import Transport
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -137,8 +138,8 @@ async def _registry(args: argparse.Namespace) -> AsyncIterator[SessionRegistry]:
     if settings.url is None:
         raise InvalidInput("no Redis URL: pass --redis URL or set REDIS_URL "
                            "(only `coordinator run` has an embedded default)")
-    async with SessionRegistry(connect(settings.url), settings=settings,
-                               owns_client=True) as reg:
+    transport = Transport.from_url(settings.url, timeout_s=settings.redis_timeout_s)
+    async with SessionRegistry(transport, settings=settings) as reg:
         yield reg
 
 
@@ -178,15 +179,12 @@ async def _worker(args: argparse.Namespace) -> int:
     if settings.url is None:
         raise InvalidInput("a worker needs Redis: pass --redis URL or set REDIS_URL")
     catalog.load(args.modules)
-    client = connect(settings.url)
-    worker = Worker(client, settings, concurrency=args.concurrency)
+    transport = Transport.from_url(settings.url, timeout_s=settings.redis_timeout_s)
+    worker = Worker(transport, settings, concurrency=args.concurrency)
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, worker.stop)
-    try:
-        await worker.run()
-    finally:
-        await client.aclose()
+    await worker.run()
     return 0
 
 

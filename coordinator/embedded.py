@@ -12,6 +12,7 @@ from contextlib import asynccontextmanager
 
 from .registry import SessionRegistry
 from .settings import Settings
+from .transport import Transport
 
 
 @asynccontextmanager
@@ -26,18 +27,17 @@ async def embedded(
     catalog.load(modules or [])
     server = fakeredis.FakeServer()
     pool = [
-        Worker(fakeredis.FakeAsyncRedis(server=server), settings, concurrency=concurrency,
-               worker_id=f"embedded-{n}")
+        Worker(Transport.in_memory(server, timeout_s=settings.redis_timeout_s), settings,
+               concurrency=concurrency, worker_id=f"embedded-{n}")
         for n in range(workers)
     ]
     for worker in pool:
         await worker.start()
-    registry = SessionRegistry(fakeredis.FakeAsyncRedis(server=server), settings=settings,
-                               owns_client=True)
+    registry = SessionRegistry(Transport.in_memory(server, timeout_s=settings.redis_timeout_s),
+                               settings=settings)
     try:
         yield registry
     finally:
         await registry.aclose()
         for worker in pool:
             await worker.shutdown(grace_s=1.0)
-            await worker.client.aclose()

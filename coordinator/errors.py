@@ -16,10 +16,12 @@
     ├── BudgetExceeded                a strategy went over its calls / tokens / time budget
     ├── StepTimeout                   a strategy step ran longer than the step timeout
     ├── CorruptState                  bytes in Redis that do not decode as we wrote them
+    ├── Unavailable                   Redis did not answer within the call's bound (retry later)
+    ├── Misconfigured                 Redis refused us: bad credentials, no such database, ...
     └── LockError                     lock trouble
         ├── LockTimeout               the lock could not be had within its bounded wait
         ├── LockOrderError            registry lock C requested while holding a session lock A
-        └── FencedOut                 a write carried a stale fencing token (lease lost)
+        └── LockLost                  a release or renewal found the lease taken over
 
 Every error carries the structured fields that apply (``session_id``, ``query_id``,
 ``state``) so callers can act without parsing messages, and ``code``, a stable
@@ -111,6 +113,35 @@ class CorruptState(SessionError):
     code = "corrupt_state"
 
 
+class Unavailable(SessionError):
+    """Redis could not be reached, or did not answer, within the call's bound. Nothing the
+    call did is lost or half-done (every write is one atomic script, safe to repeat), so a
+    retry once Redis is back is safe. ``url`` has its password masked; ``cause`` says what
+    the last attempt met."""
+
+    code = "unavailable"
+
+    def __init__(self, message: str, *, url: str = "", cause: str = "",
+                 session_id: str | None = None) -> None:
+        super().__init__(message, session_id=session_id)
+        self.url = url
+        self.cause = cause
+
+    def to_json(self) -> dict[str, object]:
+        out = super().to_json()
+        if self.url:
+            out["redis"] = self.url
+        return out
+
+
+class Misconfigured(SessionError):
+    """Redis answered, but refused this client: wrong credentials, a database that does not
+    exist, a server that is not what the URL says. Retrying does not help; the message says
+    what to fix."""
+
+    code = "misconfigured"
+
+
 class LockError(SessionError):
     code = "lock_error"
 
@@ -123,5 +154,8 @@ class LockOrderError(LockError):
     code = "lock_order"
 
 
-class FencedOut(LockError):
-    code = "fenced_out"
+class LockLost(LockError):
+    """The lease ran out (its holder stalled) and another holder may have the lock now;
+    whatever the stale holder still writes is refused by the fence."""
+
+    code = "lock_lost"

@@ -14,15 +14,14 @@ import contextlib
 import logging
 from typing import Any
 
-from redis.asyncio import Redis
-from redis.exceptions import ResponseError
-
 from .codec import text
-from .errors import CorruptState, LockTimeout, NotFound
+from .errors import CorruptState, LockTimeout, NotFound, SessionError
 from .keys import JOB_GROUP, Keys
 from .locks import LockFactory
-from .scripts import JobGroup, Terminate
+from .records import as_hash
+from .scripts import Scripts, Terminate
 from .settings import Settings
+from .transport import Transport, checked
 
 log = logging.getLogger(__name__)
 
@@ -31,11 +30,11 @@ BATCH = 500
 
 class Sweeper:
     def __init__(
-        self, client: Redis, keys: Keys, locks: LockFactory, terminate: Terminate,
-        group: JobGroup, settings: Settings,
+        self, transport: Transport, keys: Keys, locks: LockFactory, terminate: Terminate,
+        scripts: Scripts, settings: Settings,
     ) -> None:
-        self._group = group
-        self._client = client
+        self._scripts = scripts
+        self._redis = transport
         self._keys = keys
         self._terminate = terminate
         self._locks = locks
@@ -54,13 +53,12 @@ class Sweeper:
         try:
             async with lock_c.kept_alive():
                 if now_ms is None:
-                    sec, usec = await self._client.time()
-                    limit = sec * 1000 + usec // 1000
+                    sec, usec = await self._redis.execute("TIME")
+                    limit = int(sec) * 1000 + int(usec) // 1000
                 else:
                     limit = now_ms
-                due: list[Any] = await self._client.zrangebyscore(
-                    self._keys.deadlines, "-inf", limit, start=0, num=BATCH
-                )
+                due: list[Any] = await self._redis.execute(
+                    "ZRANGEBYSCORE", self._keys.deadlines, "-inf", limit, "LIMIT", 0, BATCH)
                 for raw in due:
                     sid = text(raw)
                     try:
@@ -80,33 +78,33 @@ class Sweeper:
 
     async def _forget_dead_workers(self) -> None:
         """Membership sweep: drop workers whose heartbeat key has expired from the index."""
-        ids = [text(x) for x in await self._client.zrange(self._keys.workers, 0, -1)]
+        ids = [text(x) for x in await self._redis.execute("ZRANGE", self._keys.workers, 0, -1)]
         dead = await self._dead(ids)
         if dead:
-            await self._client.zrem(self._keys.workers, *dead)
+            await self._redis.execute("ZREM", self._keys.workers, *dead)
 
     async def _dead(self, worker_ids: list[str]) -> list[str]:
         """Those of ``worker_ids`` whose heartbeat key has expired (one round trip)."""
         if not worker_ids:
             return []
-        pipe = self._client.pipeline(transaction=False)
-        for wid in worker_ids:
-            pipe.exists(self._keys.worker(wid))
-        alive = await pipe.execute()
+        alive = checked(await self._redis.execute_many(
+            [("EXISTS", self._keys.worker(wid)) for wid in worker_ids]))
         return [wid for wid, ok in zip(worker_ids, alive, strict=True) if not ok]
 
     async def _retire_dead_consumers(self) -> list[str]:
         """Drop the job group's consumers whose worker's heartbeat is gone and that hold no
         job (a killed worker's, once its jobs were claimed; a stopped one's that could not
         say goodbye). Returns the names dropped."""
-        try:
-            consumers = await self._client.xinfo_consumers(self._keys.jobs, JOB_GROUP)
-        except ResponseError as exc:  # no stream or no group yet: nothing to retire
-            if "NOGROUP" in str(exc) or "no such key" in str(exc):
-                return []
-            raise
-        retired = await self._group.retire(
-            await self._dead([text(c["name"]) for c in consumers]))
+        (consumers,) = await self._redis.execute_many(
+            [("XINFO", "CONSUMERS", self._keys.jobs, JOB_GROUP)])
+        if isinstance(consumers, Exception):
+            if "NOGROUP" in str(consumers) or "no such key" in str(consumers):
+                return []  # no stream or no group yet: nothing to retire
+            raise SessionError(f"redis refused XINFO CONSUMERS: {consumers}")
+        # a flat field list from a server, a dict with text keys from fakeredis
+        names = [text(c["name"] if isinstance(c, dict) else as_hash(c)[b"name"])
+                 for c in consumers]
+        retired = await self._scripts.retire_consumers(await self._dead(names))
         if retired:
             log.info("gc retired %d consumer(s) of dead workers from the job group",
                      len(retired))
@@ -119,7 +117,7 @@ class Sweeper:
         except LockTimeout:
             return False  # mid-step: active by definition; the next sweep looks again
         except NotFound:
-            await self._client.zrem(self._keys.deadlines, sid)
+            await self._redis.execute("ZREM", self._keys.deadlines, sid)
             return False
         except CorruptState as exc:
             log.error("%s; failing the session", exc.message)

@@ -11,7 +11,6 @@ request bodies FastAPI rejects get the same shape (422), never a bare 500.
 
 from __future__ import annotations
 
-import asyncio
 import hmac
 import ipaddress
 import json
@@ -25,14 +24,14 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr
-from redis.exceptions import RedisError
 from starlette.exceptions import HTTPException
 
 from . import fronts
 from .errors import InvalidInput, SessionError, WaitTimeout
 from .models import Finished
 from .registry import SessionRegistry
-from .settings import Settings, connect
+from .settings import Settings
+from .transport import Target, Transport
 
 log = logging.getLogger(__name__)
 
@@ -179,7 +178,9 @@ def _factory_for(source: RegistryFactory | Settings) -> RegistryFactory:
     url = source.url
     if url is None:
         raise InvalidInput("the HTTP API needs Redis: pass --redis URL or set REDIS_URL")
-    return lambda: SessionRegistry(connect(url), settings=source, owns_client=True)
+    Target.parse(url)  # a bad URL is said at start, not on the first request
+    return lambda: SessionRegistry(
+        Transport.from_url(url, timeout_s=source.redis_timeout_s), settings=source)
 
 
 def create_app(
@@ -289,15 +290,14 @@ def _health_route(app: FastAPI, holder: _Holder) -> None:
     @app.get("/healthz", responses={200: {"model": Health}, 503: {"model": Health}})
     async def healthz() -> JSONResponse:
         """200 while Redis answers PING (``degraded`` when no worker heartbeat is live);
-        503 when Redis does not answer within 3 s."""
+        503 when Redis does not answer within 3 s, saying why."""
         reg = holder.get()
         try:
-            async with asyncio.timeout(3.0):
-                await reg.client.ping()
-                workers = await fronts.live_workers(reg)
-        except (RedisError, OSError, TimeoutError) as exc:
+            await reg.redis.ping(timeout=3.0)
+            workers = await fronts.live_workers(reg)
+        except SessionError as exc:
             return JSONResponse({"status": "error", "redis": "unreachable",
-                                 "error": str(exc) or type(exc).__name__}, status_code=503)
+                                 "type": exc.code, "error": exc.message}, status_code=503)
         return JSONResponse({"status": "ok" if workers else "degraded", "redis": "ok",
                              "workers": len(workers), "worker_ids": workers})
 
@@ -323,11 +323,6 @@ def _error_handlers(app: FastAPI) -> None:
                              "type": kind.get(exc.status_code, "http_error")},
                             status_code=exc.status_code, headers=exc.headers)
 
-    @app.exception_handler(RedisError)
-    async def redis_down(_: Request, exc: RedisError) -> JSONResponse:
-        log.warning("redis error: %s", exc)
-        return JSONResponse({"status": "error", "type": "unavailable",
-                             "error": f"redis is unavailable: {exc}"}, status_code=503)
 
 
 def _describe(errors: Any) -> str:

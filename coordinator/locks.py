@@ -1,7 +1,13 @@
-"""The two locks of the original engine, made distributed: lock C (registry) and lock A (session).
+"""The two locks of the original engine, made distributed.
 
-Both are redis-py ``Lock`` leases (owner token, compare-and-delete release, extend) with three
-additions:
+**Lock C** guards the registry as a whole (the original's mutex on its session map): here it
+is taken by registry-wide sweeps (GC). **Lock A** guards one session (the original's mutex per
+session): here it is held by the worker stepping that session, so a session is stepped by one
+worker at a time. The original always takes C before A, never A then C, and so do we.
+
+Both are leases in redis-py ``Lock``'s layout (the key holds the owner token with a PX lease;
+release is compare-and-delete; extend re-arms the lease), driven by our own scripts, with
+three additions:
 
 - a **fencing token**, handed out atomically with the lease (``lock_acquire.lua``): lock A's
   lives in the session hash (field ``fence``), lock C's in its own counter. Every state-changing
@@ -25,16 +31,13 @@ import uuid
 from collections.abc import AsyncIterator
 from contextvars import ContextVar
 from enum import StrEnum
+from types import SimpleNamespace
 from typing import Any
 
-from redis.asyncio import Redis
-from redis.asyncio.lock import Lock
-from redis.exceptions import LockNotOwnedError
-
-from .errors import CorruptState, LockOrderError, LockTimeout, NotFound
+from .errors import CorruptState, LockLost, LockOrderError, LockTimeout, NotFound
 from .keys import Keys
-from .pubsub import Multiplexer
-from .scripts import Scripts
+from .scripts import Lease, Scripts
+from .transport import Multiplexer
 
 log = logging.getLogger(__name__)
 
@@ -52,12 +55,11 @@ def held_locks() -> tuple[str, ...]:
     return _held.get()
 
 
-class FencedLock(Lock):
-    """A redis-py ``Lock`` whose acquisition also yields a fencing token."""
+class FencedLock:
+    """A lease whose acquisition also yields a fencing token."""
 
     def __init__(
         self,
-        client: Redis,
         name: str,
         *,
         kind: LockKind,
@@ -70,9 +72,9 @@ class FencedLock(Lock):
         wait_s: float,
         session_id: str | None = None,
     ) -> None:
-        super().__init__(
-            client, name, timeout=lease_ms / 1000, blocking_timeout=wait_s, thread_local=False
-        )
+        self.name = name
+        #: ``local.token``: the owner token while held (as in redis-py's ``Lock``).
+        self.local = SimpleNamespace(token=None)
         self.kind = kind
         self.fence: int | None = None
         self.lease_ms = lease_ms
@@ -94,25 +96,23 @@ class FencedLock(Lock):
                 session_id=self.session_id,
             )
 
-    def _acquire_call(self, token: str | bytes) -> tuple[list[str], list[Any]]:
-        return [str(self.name), self._fence_key], [token, self.lease_ms, self._fence_field]
-
     async def do_acquire(self, token: str | bytes) -> bool:
-        reply = await self._scripts.call_raw("lock_acquire", *self._acquire_call(token))
-        return self._accept(reply)
+        return self._accept(await self._scripts.lock_acquire(
+            self.name, self._fence_key, token=token, lease_ms=self.lease_ms,
+            fence_field=self._fence_field))
 
-    def took(self, reply: Any, token: str) -> bool:
-        """Adopt an acquisition made by a script that also did other work (``step_begin``):
-        ``reply`` is its ``{fence, pttl}`` head."""
+    def took(self, lease: Lease, token: str) -> bool:
+        """Adopt an acquisition made by a script that also did other work (``step_begin``,
+        or ``feed.lua``'s handoff)."""
         self._check_order()
-        if not self._accept(reply):
+        if not self._accept(lease):
             return False
         self.local.token = token.encode()
         _held.set((*_held.get(), self.kind.value))
         return True
 
-    def _accept(self, reply: Any) -> bool:
-        fence, pttl = reply
+    def _accept(self, lease: Lease) -> bool:
+        fence, pttl = lease.fence, lease.pttl
         if fence == -1:
             raise NotFound(f"session {self.session_id} not found", session_id=self.session_id)
         if fence == -2:
@@ -162,13 +162,25 @@ class FencedLock(Lock):
                 pttl_s = self._last_pttl / 1000 if self._last_pttl > 0 else left
                 await sub.get(min(left, pttl_s + 0.001))
 
-    async def do_release(self, expected_token: bytes) -> None:
-        released = await self._scripts.call_raw(
-            "lock_release", [str(self.name)], [expected_token, self._released_channel]
-        )
+    async def release(self) -> None:
+        """Release the lease; ``LockLost`` if it was no longer ours (it ran out)."""
+        token, self.local.token = self.local.token, None
+        if token is None:
+            raise LockLost(f"lock {self.label} is not held", session_id=self.session_id)
+        released = await self._scripts.lock_release(
+            self.name, token=token, released_channel=self._released_channel)
         self._forget()
         if not released:
-            raise LockNotOwnedError("Cannot release a lock that's no longer owned")
+            raise LockLost(f"lock {self.label} was no longer ours to release: its lease ran "
+                           "out and it may have been taken over", session_id=self.session_id)
+
+    async def extend(self) -> None:
+        """Re-arm the lease for ``lease_ms`` from now; ``LockLost`` if it is no longer ours."""
+        token = self.local.token
+        if token is None or not await self._scripts.lock_extend(
+                self.name, token=token, lease_ms=self.lease_ms):
+            raise LockLost(f"lock {self.label} was lost before it could be renewed",
+                           session_id=self.session_id)
 
     def mark_released(self) -> None:
         """The lease was released by a script that also committed state (one round trip)."""
@@ -189,7 +201,7 @@ class FencedLock(Lock):
         async def renew() -> None:
             while True:
                 try:
-                    await self.extend(self.lease_ms / 1000, replace_ttl=True)
+                    await self.extend()
                 except Exception as exc:  # the write path's fence check is the real guard
                     log.warning("lease on %s lost or not renewable: %s", self.label, exc)
                     return
@@ -213,10 +225,8 @@ class LockFactory:
     """Builds lock C and lock A with the right keys, fences, leases and waits."""
 
     def __init__(
-        self, client: Redis, keys: Keys, scripts: Scripts, mux: Multiplexer, *,
-        lease_ms: int, wait_s: float,
+        self, keys: Keys, scripts: Scripts, mux: Multiplexer, *, lease_ms: int, wait_s: float,
     ) -> None:
-        self._client = client
         self._keys = keys
         self._scripts = scripts
         self._mux = mux
@@ -226,7 +236,7 @@ class LockFactory:
     def registry(self, **overrides: Any) -> FencedLock:
         name = self._keys.registry_lock
         return FencedLock(
-            self._client, name, kind=LockKind.REGISTRY, scripts=self._scripts, mux=self._mux,
+            name, kind=LockKind.REGISTRY, scripts=self._scripts, mux=self._mux,
             released_channel=self._keys.lock_released(name),
             fence_key=self._keys.registry_fence,
             lease_ms=overrides.get("lease_ms", self.lease_ms),
@@ -236,7 +246,7 @@ class LockFactory:
     def session(self, sid: str, **overrides: Any) -> FencedLock:
         sk = self._keys.session(sid)
         return FencedLock(
-            self._client, sk.lock, kind=LockKind.SESSION, scripts=self._scripts, mux=self._mux,
+            sk.lock, kind=LockKind.SESSION, scripts=self._scripts, mux=self._mux,
             released_channel=self._keys.lock_released(sk.lock),
             fence_key=sk.session, fence_field="fence",
             lease_ms=overrides.get("lease_ms", self.lease_ms),

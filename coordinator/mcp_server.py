@@ -25,7 +25,8 @@ from pydantic import BaseModel, Field
 from . import fronts
 from .errors import SessionError
 from .registry import SessionRegistry
-from .settings import Settings, connect
+from .settings import Settings
+from .transport import Transport
 
 INSTRUCTIONS = (
     "Run reasoning strategies that pause to ask YOU questions. alc_run / alc_advice start "
@@ -139,5 +140,6 @@ async def run_stdio(settings: Settings, *, modules: list[str] | None = None) -> 
         async with embedded(settings, modules=modules) as reg:
             await build_server(reg).run_stdio_async()
         return
-    async with SessionRegistry(connect(settings.url), settings=settings, owns_client=True) as reg:
+    transport = Transport.from_url(settings.url, timeout_s=settings.redis_timeout_s)
+    async with SessionRegistry(transport, settings=settings) as reg:
         await build_server(reg).run_stdio_async()

@@ -16,8 +16,6 @@ import secrets
 import time
 from typing import Any
 
-from redis.asyncio import Redis
-
 from . import snapshot
 from .codec import check_json_able, check_text, estimate_tokens, pack, text, unpack
 from .errors import (
@@ -29,15 +27,12 @@ from .errors import (
     WaitTimeout,
 )
 from .events import parse_pause
-from .gc import Sweeper
-from .keys import JOB_GROUP, Keys
-from .locks import LockFactory
 from .models import Accepted, FeedResult, Finished, Paused, PendingFilter, QueryId
-from .pubsub import Multiplexer, Subscription
 from .records import SessionRecord, as_hash, settled_event
-from .scripts import JobGroup, Scripts, Terminate, raise_for
-from .settings import Settings, connect
-from .wire import batcher, checked
+from .scripts import raise_for
+from .services import Services
+from .settings import Settings
+from .transport import Subscription, Transport, checked
 
 
 def new_session_id() -> str:
@@ -46,35 +41,42 @@ def new_session_id() -> str:
 
 
 class SessionRegistry:
+    """The host's API. Every call is bounded (``Settings.redis_timeout_s`` per Redis call,
+    plus the call's own ``timeout`` where it waits on a session) and raises only
+    ``SessionError`` subclasses: ``Unavailable`` when Redis cannot be reached in time."""
+
     def __init__(
         self,
-        client: Redis,
+        transport: Transport,
         *,
         namespace: str | None = None,
         settings: Settings | None = None,
-        owns_client: bool = False,
     ) -> None:
         base = settings or Settings()
         self.settings = base if namespace is None else base.with_(namespace=namespace)
-        self.keys = Keys(self.settings.namespace)
-        self.client = client
-        self.scripts = Scripts(client)
-        self._batch = batcher(client, self.scripts.wire)
-        self.mux = Multiplexer(client, self.keys.process_channel(secrets.token_hex(8)))
-        self.locks = LockFactory(
-            client, self.keys, self.scripts, self.mux,
-            lease_ms=self.settings.lease_ms, wait_s=self.settings.lock_wait_s,
-        )
-        self.terminate = Terminate(self.scripts, self.keys, JOB_GROUP, self.settings.retention_ms)
-        self.sweeper = Sweeper(self.client, self.keys, self.locks, self.terminate,
-                               JobGroup(self.scripts, self.keys, JOB_GROUP), self.settings)
-        self._owns_client = owns_client
+        self.services = Services(transport, self.settings, process_id=secrets.token_hex(8))
+        self.redis = transport
+        self.keys = self.services.keys
+        self.scripts = self.services.scripts
+        self.mux = self.services.mux
+        self.locks = self.services.locks
+        self.terminate = self.services.terminate
+        self.sweeper = self.services.sweeper
         self._known_strategies: set[str] = set()
 
     @classmethod
     def from_url(cls, url: str, namespace: str = "alc", **overrides: Any) -> SessionRegistry:
+        """A registry on the Redis ``url`` names (checked at once: ``InvalidInput``); it
+        connects on first use and owns its connections (``aclose``)."""
         settings = Settings.from_url(url, namespace=namespace, **overrides)
-        return cls(connect(url), settings=settings, owns_client=True)
+        return cls(Transport.from_url(url, timeout_s=settings.redis_timeout_s),
+                   settings=settings)
+
+    @property
+    def client(self) -> Any:
+        """A plain redis-py client on the same server, for tools and tests that inspect
+        keys; the registry's own calls never use it."""
+        return self.redis.client
 
     # -- starting -------------------------------------------------------------------------
 
@@ -113,19 +115,16 @@ class SessionRegistry:
         if ttl_ms <= 0:
             raise InvalidInput(f"ttl must be positive, got {ttl!r}")
         sid = new_session_id()
-        reply = await self.scripts.call(
-            "create",
-            self.keys.script_keys(sid),
-            [sid, strategy, pack(input), pack(budget) if budget else "", ttl_ms,
-             self.settings.backstop_ms + ttl_ms, self.keys.jobs_wake],
-        )
+        reply = await self.scripts.create(
+            sid, strategy=strategy, input=pack(input), budget=pack(budget) if budget else b"",
+            ttl_ms=ttl_ms, backstop_ms=self.settings.backstop_ms + ttl_ms)
         raise_for(reply, session_id=sid)
         return sid
 
     async def _check_strategy(self, strategy: str) -> None:
         if strategy in self._known_strategies:
             return  # names are only ever added, so a positive answer stays true
-        known = await self.client.smembers(self.keys.strategies)
+        known = await self.redis.execute("SMEMBERS", self.keys.strategies)
         names = sorted(text(x) for x in known)
         self._known_strategies.update(names)
         if names and strategy not in names:
@@ -158,19 +157,14 @@ class SessionRegistry:
             record["u"] = usage
         sk = self.keys.session(session_id)
         async with await self.mux.subscribe(sk.channel) as sub:
-            reply = await self.scripts.call(
-                "feed",
-                [*self.keys.script_keys(session_id), sk.fed, sk.fed_prev, sk.lock],
-                [session_id, query_id, pack(record), len(response), tokens,
-                 self.settings.backstop_ms, self.keys.jobs_wake, secrets.token_hex(16),
-                 self.settings.lease_ms],
-            )
-            if reply.code == "ACCEPTED":
-                return Accepted(int(reply.args[0]))
-            if reply.code != "READY":
-                raise_for(reply, session_id=session_id, query_id=query_id)
+            reply = await self.scripts.feed(
+                session_id, query_id, answer=pack(record), response_chars=len(response),
+                response_tokens=tokens, backstop_ms=self.settings.backstop_ms,
+                token=secrets.token_hex(16), lease_ms=self.settings.lease_ms)
+            if not reply.ready:
+                return Accepted(reply.remaining)
             return await self._await_settled(session_id, sub, timeout,
-                                             after_asked=int(reply.args[0]))
+                                             after_asked=reply.asked)
 
     async def resolve_sole_pending_id(self, session_id: str) -> QueryId:
         event, _ = await self._read_event(session_id)
@@ -224,7 +218,7 @@ class SessionRegistry:
     async def _read_event(self, sid: str) -> tuple[FeedResult | None, int]:
         """The settled event now (None while running) and the round the session is in."""
         sk = self.keys.session(sid)
-        replies = checked(await self._batch(
+        replies = checked(await self.redis.execute_many(
             [("HGETALL", sk.session), ("HGETALL", sk.pending), ("HKEYS", sk.answers)]))
         raw, pending = as_hash(replies[0]), as_hash(replies[1])
         answered = replies[2]
@@ -246,10 +240,10 @@ class SessionRegistry:
     ) -> dict[str, dict[str, Any]]:
         """Snapshots of the sessions held in the registry (paused). Takes no lock."""
         pf = _filter(pending_filter)
-        sids = [text(s) for s in await self.client.zrange(self.keys.registry, 0, -1)]
+        sids = [text(s) for s in await self.redis.execute("ZRANGE", self.keys.registry, 0, -1)]
         return await snapshot.read_many(
-            self._batch, self.keys, sids, pending_filter=pf, include_history=include_history
-        )
+            self.redis.execute_many, self.keys, sids, pending_filter=pf,
+            include_history=include_history)
 
     async def status(
         self,
@@ -259,7 +253,7 @@ class SessionRegistry:
     ) -> dict[str, Any]:
         """One session's snapshot, live or finished (within retention), with its result."""
         snaps = await snapshot.read_many(
-            self._batch, self.keys, [session_id],
+            self.redis.execute_many, self.keys, [session_id],
             pending_filter=_filter(pending_filter), include_history=include_history,
         )
         if session_id not in snaps:
@@ -281,8 +275,12 @@ class SessionRegistry:
 
     async def workers(self) -> dict[str, int]:
         """Worker id -> last heartbeat (Unix ms), from the heartbeat index."""
-        rows: Any = await self.client.zrange(self.keys.workers, 0, -1, withscores=True)
-        return {text(k): int(v) for k, v in rows}
+        rows: list[Any] = await self.redis.execute("ZRANGE", self.keys.workers, 0, -1,
+                                                   "WITHSCORES")
+        # flat from a server, [member, score] pairs from fakeredis
+        pairs = rows if rows and isinstance(rows[0], list) else zip(rows[::2], rows[1::2],
+                                                                    strict=True)
+        return {text(k): int(float(v)) for k, v in pairs}
 
     async def worker_stats(self) -> dict[str, dict[str, Any]]:
         """Live workers (heartbeat key present) -> their last heartbeat's report: ``at`` (Unix
@@ -293,7 +291,8 @@ class SessionRegistry:
         ids = sorted(await self.workers())
         if not ids:
             return {}
-        blobs: list[Any] = await self.client.mget([self.keys.worker(wid) for wid in ids])
+        blobs: list[Any] = await self.redis.execute("MGET", *[self.keys.worker(wid)
+                                                              for wid in ids])
         out: dict[str, dict[str, Any]] = {}
         for wid, blob in zip(ids, blobs, strict=True):
             if blob is None:
@@ -307,11 +306,11 @@ class SessionRegistry:
 
     async def dead_letters(self, count: int = 20) -> tuple[int, list[dict[str, str]]]:
         """How many jobs were dead-lettered, and the newest ``count`` of them."""
-        pipe = self.client.pipeline(transaction=False)
-        pipe.xlen(self.keys.dead_letters)
-        pipe.xrevrange(self.keys.dead_letters, "+", "-", count=count)
-        total, rows = await pipe.execute()
-        entries = [{"id": text(i), **{text(k): text(v) for k, v in f.items()}} for i, f in rows]
+        total, rows = checked(await self.redis.execute_many([
+            ("XLEN", self.keys.dead_letters),
+            ("XREVRANGE", self.keys.dead_letters, "+", "-", "COUNT", count)]))
+        entries = [{"id": text(i), **{text(k): text(v) for k, v in as_hash(f).items()}}
+                   for i, f in rows]
         return int(total), entries
 
     async def gc_sweep(self, now_ms: int | None = None) -> list[str]:
@@ -319,10 +318,7 @@ class SessionRegistry:
         return await self.sweeper.sweep(now_ms=now_ms)
 
     async def aclose(self) -> None:
-        await self.mux.aclose()
-        await self.scripts.aclose()
-        if self._owns_client:
-            await self.client.aclose()
+        await self.services.aclose()
 
     async def __aenter__(self) -> SessionRegistry:
         return self

@@ -1,16 +1,10 @@
-"""All knobs in one place, with units in their names, and the Redis client they imply."""
+"""All knobs in one place, with units in their names."""
 
 from __future__ import annotations
 
 import os
 from dataclasses import dataclass, fields, replace
 from typing import Any
-
-from redis.asyncio import BlockingConnectionPool, Redis
-from redis.asyncio.retry import Retry
-from redis.backoff import ExponentialBackoff
-from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import TimeoutError as RedisTimeoutError
 
 MIB = 1024 * 1024
 
@@ -19,6 +13,9 @@ MIB = 1024 * 1024
 class Settings:
     url: str | None = None
     namespace: str = "alc"
+    #: Longest any one Redis call may take, connecting and retries included; then it raises
+    #: ``Unavailable``. Calls that wait on a session add their own ``timeout`` to this.
+    redis_timeout_s: float = 5.0
     #: Lease of lock A and lock C; a stalled holder loses its lock after this.
     lease_ms: int = 10_000
     #: How long a caller waits for a lock before ``LockTimeout``.
@@ -85,23 +82,3 @@ def _convert(name: str, raw: str, kind: type) -> Any:
         return kind(raw)
     except ValueError:
         raise ValueError(f"ALC_{name.upper()}={raw!r} is not a valid {kind.__name__}") from None
-
-
-def connect(url: str, *, max_connections: int = 64, **kwargs: Any) -> Redis:
-    """A client that rides out restarts and dropped connections with capped backoff.
-
-    The pool blocks (up to 20 s) when all its connections are busy instead of failing: a
-    host driving hundreds of sessions at once should queue for a connection, not crash.
-    """
-    retry = Retry(ExponentialBackoff(cap=1.0, base=0.02), retries=30)
-    pool = BlockingConnectionPool.from_url(
-        url,
-        max_connections=max_connections,
-        timeout=20,
-        retry=retry,
-        retry_on_error=[RedisConnectionError, RedisTimeoutError, ConnectionResetError],
-        socket_connect_timeout=5,
-        health_check_interval=30,
-        **kwargs,
-    )
-    return Redis.from_pool(pool)  # the client owns the pool: aclose() closes its connections

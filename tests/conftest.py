@@ -21,7 +21,7 @@ import pytest
 import redis
 
 from tests.helpers import GATES, Gate
-from tests.procs import WorkerPool, new_namespace
+from tests.procs import InProcessCluster, WorkerPool, new_namespace
 from tests.redis_proc import RedisProcess
 
 RedisServerFactory = Callable[..., RedisProcess]
@@ -105,57 +105,8 @@ def redis_url(shared_redis: RedisProcess) -> str:
 # processes would. Imports are local so the real-redis fixtures above never depend on them.
 
 
-class FakeCluster:
-    """A fakeredis server, a fresh namespace, and the registries / workers a test made on it
-    (all closed at teardown, workers first)."""
-
-    def __init__(self, settings: Any) -> None:
-        import fakeredis
-
-        self.server = fakeredis.FakeServer()
-        self.settings = settings
-        self._clients: list[Any] = []
-        self._registries: list[Any] = []
-        self._workers: list[Any] = []
-
-    def client(self) -> Any:
-        import fakeredis
-
-        client = fakeredis.FakeAsyncRedis(server=self.server)
-        self._clients.append(client)
-        return client
-
-    def registry(self, **overrides: Any) -> Any:
-        from coordinator.registry import SessionRegistry
-
-        reg = SessionRegistry(self.client(), settings=self.settings.with_(**overrides))
-        self._registries.append(reg)
-        return reg
-
-    async def worker(self, *, start: bool = True, concurrency: int = 4, **overrides: Any) -> Any:
-        from workers import catalog
-        from workers.worker import Worker
-
-        catalog.load([])
-        worker = Worker(self.client(), self.settings.with_(**overrides), concurrency=concurrency)
-        self._workers.append(worker)
-        if start:
-            await worker.start()
-        return worker
-
-    async def stop_worker(self, worker: Any, grace_s: float = 1.0) -> None:
-        """Shut ``worker`` down now (it is then left alone at teardown)."""
-        self._workers.remove(worker)
-        await worker.shutdown(grace_s=grace_s)
-
-    async def aclose(self) -> None:
-        for worker in reversed(self._workers):
-            await worker.shutdown(grace_s=1.0)
-        self._workers.clear()
-        for reg in self._registries:
-            await reg.aclose()
-        for client in self._clients:
-            await client.aclose()
+#: The in-process cluster on fakeredis (``InProcessCluster.fake``); the name tests import.
+FakeCluster = InProcessCluster
 
 
 @pytest.fixture
@@ -178,13 +129,11 @@ async def any_cluster(request: pytest.FixtureRequest, fake_settings: Any) -> Asy
     """The same in-process cluster on fakeredis and on a real redis-server."""
     import secrets
 
-    from tests.procs import InProcessCluster
-
     if request.param == "fakeredis":
-        cluster: Any = FakeCluster(fake_settings)
+        cluster = InProcessCluster.fake(fake_settings)
     else:
         url = request.getfixturevalue("redis_url")
-        cluster = InProcessCluster(url, fake_settings.with_(
+        cluster = InProcessCluster.real(url, fake_settings.with_(
             url=url, namespace=f"t{secrets.token_hex(4)}"))
     try:
         yield cluster
@@ -193,8 +142,8 @@ async def any_cluster(request: pytest.FixtureRequest, fake_settings: Any) -> Asy
 
 
 @pytest.fixture
-async def fake_cluster(fake_settings: Any) -> AsyncIterator[FakeCluster]:
-    cluster = FakeCluster(fake_settings)
+async def fake_cluster(fake_settings: Any) -> AsyncIterator[InProcessCluster]:
+    cluster = InProcessCluster.fake(fake_settings)
     try:
         yield cluster
     finally:

@@ -312,32 +312,57 @@ async def run_cli(*args: str, env: dict[str, str] | None = None,
 
 
 class InProcessCluster:
-    """Registries and in-process workers on a real redis-server, each with its own client
-    (as separate processes would have), so their counters and stats stay visible to the test.
-    The same interface as ``tests.conftest.FakeCluster``; ``aclose()`` closes everything."""
+    """Registries and in-process workers on one server, each with its own transport (as
+    separate processes would have), so their counters and stats stay visible to the test.
+    ``InProcessCluster.real(url, settings)`` runs on a redis-server, ``.fake(settings)`` on
+    a fakeredis server: the same code path either way. ``aclose()`` closes everything."""
 
-    def __init__(self, url: str, settings: Any) -> None:
+    def __init__(self, settings: Any, *, url: str | None = None, server: Any = None) -> None:
         self.url = url
+        self.server = server
         self.settings = settings
         self._registries: list[Any] = []
         self._workers: list[Any] = []
+        self._transports: list[Any] = []
+
+    @classmethod
+    def real(cls, url: str, settings: Any) -> InProcessCluster:
+        return cls(settings, url=url)
+
+    @classmethod
+    def fake(cls, settings: Any) -> InProcessCluster:
+        import fakeredis
+
+        return cls(settings, server=fakeredis.FakeServer())
+
+    def transport(self) -> Any:
+        """A transport of its own on this cluster's server (closed at teardown)."""
+        from coordinator.transport import Transport
+
+        if self.url is not None:
+            transport = Transport.from_url(self.url, timeout_s=self.settings.redis_timeout_s)
+        else:
+            transport = Transport.in_memory(self.server, timeout_s=self.settings.redis_timeout_s)
+        self._transports.append(transport)
+        return transport
+
+    def client(self) -> Any:
+        """A plain redis-py client on the server, for inspecting keys."""
+        return self.transport().client
 
     def registry(self, **overrides: Any) -> Any:
         from coordinator.registry import SessionRegistry
-        from coordinator.settings import connect
 
-        reg = SessionRegistry(connect(self.url), settings=self.settings.with_(**overrides),
-                              owns_client=True)
+        reg = SessionRegistry(self.transport(), settings=self.settings.with_(**overrides))
         self._registries.append(reg)
         return reg
 
     async def worker(self, *, start: bool = True, concurrency: int = 4, **overrides: Any) -> Any:
-        from coordinator.settings import connect
         from workers import catalog
         from workers.worker import Worker
 
         catalog.load([])
-        worker = Worker(connect(self.url), self.settings.with_(**overrides),
+        worker = Worker(self.transport(), self.settings.with_(**overrides),
                         concurrency=concurrency)
         self._workers.append(worker)
         if start:
@@ -348,18 +373,19 @@ class InProcessCluster:
         """Shut ``worker`` down now (it is then left alone at teardown)."""
         self._workers.remove(worker)
         await _bounded(worker.shutdown(grace_s=grace_s), f"worker {worker.id} shutdown")
-        await _bounded(worker.client.aclose(), f"worker {worker.id} client")
 
     async def aclose(self) -> None:
         """Bounded: a part that does not close in time fails the test, naming it and showing
         what every task was waiting on, instead of hanging the run."""
         for worker in reversed(self._workers):
             await _bounded(worker.shutdown(grace_s=1.0), f"worker {worker.id} shutdown")
-            await _bounded(worker.client.aclose(), f"worker {worker.id} client")
         self._workers.clear()
         for reg in self._registries:
             await _bounded(reg.aclose(), "registry aclose")
         self._registries.clear()
+        for transport in self._transports:
+            await _bounded(transport.aclose(), "transport aclose")
+        self._transports.clear()
 
 
 async def _bounded(aw: Any, what: str, seconds: float = 20.0) -> None:

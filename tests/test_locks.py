@@ -327,7 +327,7 @@ async def test_worker_commit_with_a_lapsed_lease_is_dropped(
     fake_cluster: FakeCluster, reg: SessionRegistry, sid: str
 ) -> None:
     stale, fresh = await lapse_and_retake(reg, sid)
-    worker = Worker(fake_cluster.client(), fake_cluster.settings)  # never started
+    worker = Worker(fake_cluster.transport(), fake_cluster.settings)  # never started
     try:
         applied = await worker._commit(sid, stale, asked_from=0, outcome=Done({"x": 1}),
                                        journal_entry=b"", ex=None)

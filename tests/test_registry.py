@@ -1024,7 +1024,8 @@ async def test_worker_stats_publish_each_workers_load_and_counters(
 
 async def test_gc_forgets_workers_whose_heartbeat_expired(fake_cluster: FakeCluster,
                                                           registry: SessionRegistry) -> None:
-    w = await fake_cluster.worker()
+    w = await fake_cluster.worker(start=False)  # no GC loop of its own: the test sweeps
+    await w._beat()
     await registry.client.zadd(registry.keys.workers, {"ghost": 1})  # its key expired long ago
     assert set(await registry.workers()) == {w.id, "ghost"}
     await registry.gc_sweep()
@@ -1033,7 +1034,7 @@ async def test_gc_forgets_workers_whose_heartbeat_expired(fake_cluster: FakeClus
 
 async def test_registry_as_async_context_manager(fake_cluster: FakeCluster) -> None:
     await fake_cluster.worker()
-    async with SessionRegistry(fake_cluster.client(), settings=fake_cluster.settings) as reg:
+    async with SessionRegistry(fake_cluster.transport(), settings=fake_cluster.settings) as reg:
         _, event = await reg.start_execution("treg-const", {"value": "ok"})
         assert isinstance(event, Finished) and event.result == "ok"
 

@@ -26,7 +26,8 @@ from coordinator import (
 from coordinator.codec import pack
 from coordinator.events import parse_handoff
 from coordinator.models import LlmQuery
-from coordinator.scripts import _NAMES, source
+from coordinator.scripts import NAMES, source
+from coordinator.transport import Transport
 from tests.conftest import FakeCluster
 from tests.helpers import assert_eventually
 from workers import catalog, strategy
@@ -189,17 +190,17 @@ async def test_live_step_is_handed_over_and_costs_the_worker_one_command(
     sk = registry.keys.session(sid)
     fence = int(await registry.client.hget(sk.session, "fence"))
     sent: list[str] = []
-    real = worker.client.execute_command
 
-    async def counting(*args: Any, **kw: Any) -> Any:
+    def counting(args: tuple[Any, ...]) -> None:
         if not _gc_lock_call(worker, args):
             sent.append(args[0] if args[0] != "EVALSHA" else f"EVALSHA {_script_of(args[1])}")
-        return await real(*args, **kw)
 
-    monkeypatch.setattr(worker.client, "execute_command", counting)
+    worker.redis.trace = counting
     nxt = await registry.feed_response(sid, "q-0", "line 1\nline 2\n\u00e9")
     assert isinstance(nxt, Paused) and nxt.queries[0].prompt == \
         "one step 1 after 'line 1\\nline 2\\n\u00e9'"
+    # the host hears the pause the commit published before the worker reads its reply
+    await assert_eventually(lambda: worker.stats.steps >= 2, message="commit reply")
     assert sent == ["EVALSHA commit_step"], sent
     assert worker.stats.live_resumes == 1 and worker.stats.replays == 0
     # one acquisition (the feed's, for the holder), committed: no attempt left over
@@ -214,13 +215,10 @@ async def test_a_start_step_reads_the_session_once(
     """step_begin.lua takes lock A and reads the session with its journal (empty, at a start):
     the step reads nothing more before its commit."""
     done: list[str] = []
-    real = worker.client.execute_command
 
-    async def counting(*args: Any, **kw: Any) -> Any:
-        reply = await real(*args, **kw)  # counted once it ran (a NOSCRIPT reply is retried)
+    def counting(args: tuple[Any, ...]) -> None:  # traced once it ran (not on NOSCRIPT)
         if args[0] == "EVALSHA" and not _gc_lock_call(worker, args):
             done.append(_script_of(args[1]))
-        return reply
 
     real_load = worker._load
 
@@ -228,23 +226,24 @@ async def test_a_start_step_reads_the_session_once(
         done.append("load")
         return await real_load(*args, **kw)
 
-    monkeypatch.setattr(worker.client, "execute_command", counting)
+    worker.redis.trace = counting
     monkeypatch.setattr(worker, "_load", load)
     _, ev = await registry.start_execution("twrk-chain", {"k": 3, "tag": "s"})
     assert isinstance(ev, Paused) and ev.queries[0].prompt == "s step 0 after ''"
+    await assert_eventually(lambda: worker.stats.steps >= 1, message="commit reply")
     assert done == ["step_begin", "commit_step"], done
 
 
 def _gc_lock_call(worker: Worker, args: tuple[Any, ...]) -> bool:
     """The worker's GC sweep (started with the worker) taking or releasing lock C, or loading
     the lock scripts to do so: not a step's command."""
-    if args[0] == "SCRIPT LOAD":  # redis-py's Script, after a NOSCRIPT
-        return args[1] in (source("lock_acquire"), source("lock_release"))
+    if args[0] == "SCRIPT":  # a script loaded after a NOSCRIPT
+        return True
     return args[0] == "EVALSHA" and args[3] == worker.keys.registry_lock
 
 
 def _script_of(sha: Any) -> str:
-    for name in _NAMES:
+    for name in NAMES:
         if hashlib.sha1(source(name).encode()).hexdigest() == str(sha):
             return name
     return str(sha)
@@ -764,13 +763,13 @@ async def test_a_batch_of_5000_queries_commits_on_a_real_redis(
 ) -> None:
     """A pause writes its queries in chunks: Lua's ``unpack`` could
     not spread 10,000 arguments into one command."""
-    from coordinator.settings import Settings, connect
+    from coordinator.settings import Settings
 
     settings = Settings(namespace=namespace)
     catalog.load([])
-    worker = Worker(connect(redis_url), settings)
+    worker = Worker(Transport.from_url(redis_url), settings)
     await worker.start()
-    reg = SessionRegistry(connect(redis_url), settings=settings, owns_client=True)
+    reg = SessionRegistry(Transport.from_url(redis_url), settings=settings)
     try:
         sid, event = await reg.start_execution("twrk-batch", {"n": 5000}, timeout=30)
         assert isinstance(event, Paused) and len(event.queries) == 5000
@@ -783,7 +782,6 @@ async def test_a_batch_of_5000_queries_commits_on_a_real_redis(
         assert len(done.result) == 5000
     finally:
         await worker.shutdown(1.0)
-        await worker.client.aclose()
         await reg.aclose()
 
 
@@ -800,13 +798,13 @@ async def logged_batches(ctx: Context, rounds: int = 3, **_: Any) -> list[list[s
 async def test_every_session_key_always_carries_an_expiry(redis_url: str, namespace: str) -> None:
     """The backstop TTL is renewed lazily (not on every feed), so check the invariant it
     must keep: at every point of a run, each key of the session that exists expires."""
-    from coordinator.settings import Settings, connect
+    from coordinator.settings import Settings
 
     settings = Settings(namespace=namespace)
     catalog.load([])
-    worker = Worker(connect(redis_url), settings)
+    worker = Worker(Transport.from_url(redis_url), settings)
     await worker.start()
-    reg = SessionRegistry(connect(redis_url), settings=settings, owns_client=True)
+    reg = SessionRegistry(Transport.from_url(redis_url), settings=settings)
 
     async def check(sid: str, when: str) -> int:
         sk = reg.keys.session(sid)
@@ -828,5 +826,4 @@ async def test_every_session_key_always_carries_an_expiry(redis_url: str, namesp
             [f"A{r}", f"B{r}"] for r in range(3)]
     finally:
         await worker.shutdown(1.0)
-        await worker.client.aclose()
         await reg.aclose()

@@ -30,22 +30,18 @@ from collections import OrderedDict
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from redis.asyncio import Redis
-from redis.exceptions import ResponseError
-
 from coordinator.codec import estimate_tokens, pack, unpack
 from coordinator.errors import CorruptState, LockTimeout, NotFound, SessionError
 from coordinator.events import Handoff, parse_handoff, pause_event
-from coordinator.gc import Sweeper
-from coordinator.keys import JOB_GROUP, Keys
-from coordinator.locks import FencedLock, LockFactory
+from coordinator.keys import JOB_GROUP
+from coordinator.locks import FencedLock
 from coordinator.models import LlmQuery
-from coordinator.pubsub import Multiplexer
 from coordinator.records import SessionRecord, as_hash, decode_queries, now_ms
-from coordinator.scripts import JobGroup, Scripts, Terminate
+from coordinator.scripts import Lease
+from coordinator.services import Services
 from coordinator.settings import Settings
 from coordinator.states import Phase
-from coordinator.wire import batcher, checked
+from coordinator.transport import Transport, checked
 
 from . import catalog
 from .runtime import Ask, Crash, Done, Execution, JournalRound, Outcome, digest, journal_entry
@@ -77,26 +73,23 @@ class _Loaded:
 class Worker:
     def __init__(
         self,
-        client: Redis,
+        transport: Transport,
         settings: Settings | None = None,
         *,
         concurrency: int = 8,
         worker_id: str | None = None,
     ) -> None:
         self.settings = settings or Settings()
-        self.keys = Keys(self.settings.namespace)
-        self.client = client
         self.concurrency = max(1, concurrency)
         self.id = worker_id or f"{socket.gethostname()}-{secrets.token_hex(4)}"
-        self.scripts = Scripts(client)
-        self._batch = batcher(client, self.scripts.wire)
-        self.mux = Multiplexer(client, self.keys.process_channel(self.id))
-        self.locks = LockFactory(client, self.keys, self.scripts, self.mux,
-                                 lease_ms=self.settings.lease_ms, wait_s=self.settings.lock_wait_s)
-        self.terminate = Terminate(self.scripts, self.keys, JOB_GROUP, self.settings.retention_ms)
-        self.group = JobGroup(self.scripts, self.keys, JOB_GROUP)
-        self.sweeper = Sweeper(client, self.keys, self.locks, self.terminate, self.group,
-                               self.settings)
+        self.services = Services(transport, self.settings, process_id=self.id)
+        self.redis = transport
+        self.keys = self.services.keys
+        self.scripts = self.services.scripts
+        self.mux = self.services.mux
+        self.locks = self.services.locks
+        self.terminate = self.services.terminate
+        self.sweeper = self.services.sweeper
         self.stats = WorkerStats()
         self._nudge_channel = self.keys.worker_nudge(self.id)
         self._live: OrderedDict[str, Execution] = OrderedDict()
@@ -110,9 +103,14 @@ class Worker:
 
     # -- lifecycle -----------------------------------------------------------------------
 
+    @property
+    def client(self) -> Any:
+        """A plain redis-py client on the same server, for tools and tests."""
+        return self.redis.client
+
     async def start(self) -> None:
         await self._ensure_group()
-        await self.client.sadd(self.keys.strategies, *catalog.names())
+        await self.redis.execute("SADD", self.keys.strategies, *catalog.names())
         await self._beat()
         await self.mux.start()
         wake = await self.mux.subscribe(self.keys.jobs_wake)
@@ -173,22 +171,19 @@ class Worker:
         for ex in self._live.values():
             ex.close()
         self._live.clear()
-        pipe = self.client.pipeline(transaction=False)
-        pipe.delete(self.keys.worker(self.id))
-        pipe.zrem(self.keys.workers, self.id)
-        await _best_effort(pipe.execute())
+        await _best_effort(self.redis.execute_many([
+            ("DEL", self.keys.worker(self.id)), ("ZREM", self.keys.workers, self.id)]))
         # Leave the job group too, unless a step cut short still holds a job (then another
         # worker claims it, and a later GC sweep retires this consumer).
-        await _best_effort(self.group.retire([self.id]))
+        await _best_effort(self.scripts.retire_consumers([self.id]))
         await _best_effort(self.mux.aclose())
-        await self.scripts.aclose()
+        await self.services.aclose()
 
     async def _ensure_group(self) -> None:
-        try:
-            await self.client.xgroup_create(self.keys.jobs, JOB_GROUP, id="0", mkstream=True)
-        except ResponseError as exc:
-            if "BUSYGROUP" not in str(exc):
-                raise
+        (reply,) = await self.redis.execute_many(
+            [("XGROUP", "CREATE", self.keys.jobs, JOB_GROUP, "0", "MKSTREAM")])
+        if isinstance(reply, Exception) and "BUSYGROUP" not in str(reply):
+            raise SessionError(f"cannot create the job group: {reply}")
 
     def report(self) -> dict[str, Any]:
         """What the heartbeat publishes (``SessionRegistry.worker_stats``): load and counters,
@@ -197,11 +192,10 @@ class Worker:
                 "live": len(self._live), **asdict(self.stats)}
 
     async def _beat(self) -> None:
-        pipe = self.client.pipeline(transaction=False)
-        pipe.set(self.keys.worker(self.id), pack(self.report()),
-                 px=self.settings.heartbeat_ttl_ms)
-        pipe.zadd(self.keys.workers, {self.id: now_ms()})
-        await pipe.execute()
+        checked(await self.redis.execute_many([
+            ("SET", self.keys.worker(self.id), pack(self.report()), "PX",
+             self.settings.heartbeat_ttl_ms),
+            ("ZADD", self.keys.workers, now_ms(), self.id)]))
 
     async def _heartbeat_loop(self) -> None:
         while not self._stop.is_set():  # re-checked: a cancel may be swallowed below
@@ -232,14 +226,13 @@ class Worker:
         free = self.concurrency - len(self._tasks)
         # Never blocking (the wake-up channel says when to read), so it can share the Wire
         # with the scripts: redis-py would spend ~200 µs of CPU on each of these reads.
-        (reply,) = await self._batch([("XREADGROUP", "GROUP", JOB_GROUP, self.id, "COUNT",
-                                       max(1, free), "STREAMS", self.keys.jobs, ">")])
-        if isinstance(reply, ResponseError) and "NOGROUP" in str(reply):
+        (reply,) = await self.redis.execute_many([
+            ("XREADGROUP", "GROUP", JOB_GROUP, self.id, "COUNT", max(1, free), "STREAMS",
+             self.keys.jobs, ">")])
+        if isinstance(reply, Exception) and "NOGROUP" in str(reply):
             await self._ensure_group()
             return 0
-        if isinstance(reply, Exception):
-            raise reply
-        entries = _stream_entries(reply)
+        entries = _stream_entries(checked([reply])[0])
         for entry_id, fields in entries:
             if fields.get(b"h") and fields.get(b"k") == b"resume":
                 # A live holder heard of this round (and usually holds its lock already): it
@@ -260,11 +253,10 @@ class Worker:
                 log.warning("autoclaim failed: %s", exc)
 
     async def claim_once(self) -> int:
-        reply: Any = await self.client.xautoclaim(
-            self.keys.jobs, JOB_GROUP, self.id,
-            min_idle_time=self.settings.claim_idle_ms, start_id="0-0", count=100,
-        )
-        entries = [e for e in reply[1] if e and e[1]]
+        reply: Any = await self.redis.execute(
+            "XAUTOCLAIM", self.keys.jobs, JOB_GROUP, self.id, self.settings.claim_idle_ms,
+            "0-0", "COUNT", 100)
+        entries = [(e[0], as_hash(e[1])) for e in reply[1] if e and e[1]]
         for entry_id, fields in entries:
             self.stats.claimed += 1
             self._spawn(self._job(entry_id.decode(), fields))
@@ -309,22 +301,18 @@ class Worker:
         if kind not in ("start", "resume") or not sid:
             log.error("job %s has unknown kind %r; moving it to the dead letters", entry_id, kind)
             self.stats.dead_letters += 1
-            pipe = self.client.pipeline(transaction=False)
-            pipe.xadd(self.keys.dead_letters, {"sid": sid, "job": entry_id,
-                                               "reason": f"unknown job kind {kind!r}",
-                                               "error": "", "at": now_ms()},
-                      maxlen=10_000, approximate=True)
-            pipe.xack(self.keys.jobs, JOB_GROUP, entry_id)
-            pipe.xdel(self.keys.jobs, entry_id)
-            await pipe.execute()
+            checked(await self.redis.execute_many([
+                ("XADD", self.keys.dead_letters, "MAXLEN", "~", 10_000, "*", "sid", sid,
+                 "job", entry_id, "reason", f"unknown job kind {kind!r}", "error", "",
+                 "at", now_ms()),
+                ("XACK", self.keys.jobs, JOB_GROUP, entry_id),
+                ("XDEL", self.keys.jobs, entry_id)]))
             return
         await self._step(sid, entry_id=entry_id)
 
     async def _drop_entry(self, entry_id: str) -> None:
-        pipe = self.client.pipeline(transaction=False)
-        pipe.xack(self.keys.jobs, JOB_GROUP, entry_id)
-        pipe.xdel(self.keys.jobs, entry_id)
-        await pipe.execute()
+        checked(await self.redis.execute_many([
+            ("XACK", self.keys.jobs, JOB_GROUP, entry_id), ("XDEL", self.keys.jobs, entry_id)]))
 
     # -- one step ------------------------------------------------------------------------
 
@@ -348,8 +336,8 @@ class Worker:
             self.stats.step_errors += 1
             log.exception("step of session %s failed; it will be retried", sid)
             with contextlib.suppress(Exception):
-                await self.client.hset(self.keys.session(sid).session, "last_error",
-                                       f"{type(exc).__name__}: {exc}"[:2000])
+                await self.redis.execute("HSET", self.keys.session(sid).session, "last_error",
+                                         f"{type(exc).__name__}: {exc}"[:2000])
         finally:
             self._busy.discard(sid)
             queued = self._queued.pop(sid, None)
@@ -361,23 +349,19 @@ class Worker:
     ) -> None:
         lock = self.locks.session(sid)
         if handoff is not None:
-            lock.took([handoff.fence, 0], handoff.token)
+            lock.took(Lease(handoff.fence, 0), handoff.token)
             await self._run_locked(sid, lock, entry_id, None, handoff)
             return
-        sk = self.keys.session(sid)
         token = uuid.uuid4().hex
         # Take the lock and read the session in one command (step_begin.lua); only when the
         # lock is busy do we fall back to the lock's own bounded wait, then read.
-        reply = await self.scripts.call_raw(
-            "step_begin", [sk.lock, sk.session, sk.pending, sk.answers, sk.journal],
-            [token, lock.lease_ms, "0" if sid in self._live else "1"],
-        )
         prefetched: list[Any] | None = None
         try:
-            if lock.took(reply[:2], token):
+            begun = await self.scripts.step_begin(sid, token=token, lease_ms=lock.lease_ms,
+                                                  with_journal=sid not in self._live)
+            if lock.took(begun.lease, token):
                 # the journal: None when not asked for, [] when empty (a start)
-                prefetched = [as_hash(reply[2]), as_hash(reply[3]), as_hash(reply[4]),
-                              reply[5]]
+                prefetched = [begun.session, begun.pending, begun.answers, begun.journal]
             else:
                 await lock.acquire()
         except LockTimeout:
@@ -485,7 +469,7 @@ class Worker:
             ("HGETALL", sk.session), ("HGETALL", sk.pending), ("HGETALL", sk.answers)]
         if with_journal:
             commands.append(("LRANGE", sk.journal, 0, -1))
-        replies = checked(await self._batch(commands))
+        replies = checked(await self.redis.execute_many(commands))
         return self._parse_load(sid, [*map(as_hash, replies[:3]), *replies[3:]])
 
     def _parse_load(self, sid: str, replies: list[Any]) -> _Loaded:
@@ -565,32 +549,32 @@ class Worker:
         journal_entry: bytes,
         ex: Execution | None,
     ) -> bool:
-        sk = self.keys.session(sid)
         ctx = ex.ctx if ex is not None else None
         logs = [pack(x) for x in ctx.logs] if ctx else []
         progress = pack(ctx.last_progress) if ctx and ctx.last_progress else b""
         queries: list[LlmQuery] = outcome.queries if isinstance(outcome, Ask) else []
-        args: list[Any] = [
-            sid, lock.fence, asked_from, lock.local.token,
-            JOB_GROUP, sk.channel, self.keys.lock_released(sk.lock), self.id,
-            self._nudge_channel, self.settings.backstop_ms, self.settings.retention_ms,
-            journal_entry, progress, len(queries), sum(len(q.prompt) for q in queries),
-            sum(estimate_tokens(len(q.prompt)) for q in queries),
-        ]
+        rest: list[Any] = [len(logs), *logs]
         if isinstance(outcome, Ask):
             records = [q.to_record() for q in queries]
-            event = pause_event(asked_from + 1, records)
-            args += ["pause", event, len(logs), *logs, pack([q.id for q in queries]),
-                     len(queries)]
+            kind, event = "pause", pause_event(asked_from + 1, records)
+            rest += [pack([q.id for q in queries]), len(queries)]
             for q, rec in zip(queries, records, strict=True):
-                args += [q.id, pack(rec)]
+                rest += [q.id, pack(rec)]
         elif isinstance(outcome, Done):
-            args += ["complete", b"complete", len(logs), *logs, pack(outcome.result)]
+            kind, event = "complete", b"complete"
+            rest.append(pack(outcome.result))
         else:
-            args += ["fail", b"fail", len(logs), *logs, outcome.error]
-        reply = await self.scripts.call(
-            "commit_step", [*self.keys.script_keys(sid), sk.lock, sk.fed, sk.fed_prev], args
-        )
+            kind, event = "fail", b"fail"
+            rest.append(outcome.error)
+        assert lock.fence is not None and lock.local.token is not None
+        reply = await self.scripts.commit_step(
+            sid, fence=lock.fence, asked=asked_from, token=lock.local.token, holder=self.id,
+            holder_channel=self._nudge_channel, backstop_ms=self.settings.backstop_ms,
+            retention_ms=self.settings.retention_ms, journal_entry=journal_entry,
+            progress=progress, llm_calls=len(queries),
+            prompt_chars=sum(len(q.prompt) for q in queries),
+            prompt_tokens=sum(estimate_tokens(len(q.prompt)) for q in queries),
+            outcome=kind, event=event, rest=rest)
         if ctx is not None:
             ctx.logs.clear()
             ctx.last_progress = None

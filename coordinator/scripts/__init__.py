@@ -1,19 +1,21 @@
-"""The Lua scripts, loaded once from their ``.lua`` files and called by SHA.
+"""The Lua scripts: loaded once from their ``.lua`` files, called by SHA, one typed method each.
 
-Each script's header comment documents its KEYS and ARGV. The wrappers here are the only
-callers: they put the keys in the order the header gives and turn the scripts' return codes
-into our exceptions, so no other module knows a script's calling convention.
+Each script's header names its KEYS and ARGV in order (``-- KEYS: session pending ...`` and
+``-- ARGV: sid query_id ...``; a last name starting with ``*`` takes a list). That header is
+the only statement of a script's calling convention: ``Script.bind`` orders the named keys
+and arguments by it and refuses a call that names others, so no list of KEYS or ARGV is built
+by hand anywhere. The methods of ``Scripts`` are the only callers; they return typed replies
+and leave the mapping of error codes to exceptions to ``raise_for``.
 """
 
 from __future__ import annotations
 
+import hashlib
+import re
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from importlib import resources
 from typing import Any
-
-from redis.asyncio import Redis
-from redis.commands.core import AsyncScript
-from redis.exceptions import NoScriptError
 
 from ..errors import (
     AlreadyResponded,
@@ -22,30 +24,115 @@ from ..errors import (
     SessionError,
     UnknownQuery,
 )
-from ..keys import Keys
-from ..wire import Wire
+from ..keys import JOB_GROUP, Keys
+from ..records import as_hash
+from ..transport import Transport
 
-_NAMES = (
+NAMES = (
     "create", "feed", "commit_step", "terminate", "lock_acquire", "lock_release",
-    "step_begin", "retire_consumers",
+    "lock_extend", "step_begin", "retire_consumers",
 )
+_SECTION = re.compile(r"^-- (KEYS|ARGV):(.*)$")
+_MORE = re.compile(r"^--\s{2,}(\S.*)$")
 
 
 def source(name: str) -> str:
     return resources.files(__package__).joinpath(f"{name}.lua").read_text(encoding="utf-8")
 
 
+def header(text: str) -> dict[str, tuple[str, ...]]:
+    """The ``KEYS`` and ``ARGV`` names a script's header declares, in order."""
+    out: dict[str, list[str]] = {}
+    current: list[str] | None = None
+    for line in text.splitlines():
+        if not line.startswith("--"):
+            break
+        if m := _SECTION.match(line):
+            current = out.setdefault(m.group(1), [])
+            current.extend(m.group(2).split())
+        elif current is not None and (m := _MORE.match(line)):
+            current.extend(m.group(1).split())
+        else:
+            current = None
+    return {k: tuple(v) for k, v in out.items()}
+
+
+@dataclass(frozen=True, slots=True)
+class Script:
+    name: str
+    source: str
+    sha: str
+    keys: tuple[str, ...]
+    argv: tuple[str, ...]
+
+    @classmethod
+    def load(cls, name: str) -> Script:
+        text = source(name)
+        decl = header(text)
+        if "KEYS" not in decl or "ARGV" not in decl:
+            raise RuntimeError(f"{name}.lua declares no KEYS/ARGV header")
+        return cls(name, text, hashlib.sha1(text.encode()).hexdigest(), decl["KEYS"],
+                   decl["ARGV"])
+
+    def bind(self, keys: Mapping[str, str], argv: Mapping[str, Any]) -> tuple[list[str],
+                                                                             list[Any]]:
+        """KEYS and ARGV in header order; a name missing or unknown is a bug, said here."""
+        if len(keys) != len(self.keys) or len(argv) != len(self.argv):
+            raise TypeError(f"{self.name}.lua takes KEYS {self.keys} and ARGV {self.argv}; "
+                            f"got {tuple(keys)} and {tuple(argv)}")
+        key_list = [keys[k] for k in self.keys]
+        args: list[Any] = []
+        for name in self.argv:
+            if name.startswith("*"):
+                args.extend(argv[name])
+            else:
+                args.append(argv[name])
+        return key_list, args
+
+
+_SCRIPTS = {name: Script.load(name) for name in NAMES}
+
+
 @dataclass(frozen=True, slots=True)
 class Reply:
-    """A script's reply: a status code and its arguments, bytes decoded where textual."""
+    """A script's reply: a status code and its arguments."""
 
     code: str
-    args: tuple[Any, ...]
+    args: tuple[Any, ...] = ()
 
 
-def parse(raw: Any) -> Reply:
+def _parse(raw: Any) -> Reply:
     code = raw[0].decode() if isinstance(raw[0], bytes) else str(raw[0])
     return Reply(code, tuple(raw[1:]))
+
+
+@dataclass(frozen=True, slots=True)
+class FeedReply:
+    """``ready``: this answer completed the round (``asked`` is the round); else
+    ``remaining`` answers are still missing."""
+
+    ready: bool
+    remaining: int = 0
+    asked: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class Lease:
+    """What a lock acquisition got: ``fence`` > 0 when taken, else the holder's ``pttl``."""
+
+    fence: int
+    pttl: int
+
+
+@dataclass(frozen=True, slots=True)
+class StepBegin:
+    """``step_begin``: the lease, and when taken, the session as the step needs it."""
+
+    lease: Lease
+    session: dict[bytes, bytes]
+    pending: dict[bytes, bytes]
+    answers: dict[bytes, bytes]
+    journal: list[bytes] | None
 
 
 def raise_for(reply: Reply, *, session_id: str, query_id: str | None = None) -> None:
@@ -90,78 +177,141 @@ def _text(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
 
-class Terminate:
-    """Typed front of ``terminate.lua``: the ways a session ends from outside its strategy."""
+class Scripts:
+    """One typed method per script. ``keys`` names every key, so callers pass a session id
+    and the values; nothing else knows which keys a script touches."""
 
-    def __init__(self, scripts: Scripts, keys: Keys, group: str, retention_ms: int) -> None:
-        self._scripts = scripts
+    def __init__(self, transport: Transport, keys: Keys) -> None:
+        self._transport = transport
         self._keys = keys
-        self._group = group
+
+    async def _run(self, name: str, keys: Mapping[str, str], argv: Mapping[str, Any],
+                   timeout: float | None = None) -> Any:
+        script = _SCRIPTS[name]
+        key_list, args = script.bind(keys, argv)
+        return await self._transport.evalsha(script.sha, script.source, key_list, args,
+                                             timeout=timeout)
+
+    def _session(self, sid: str, *, extra: bool = False) -> dict[str, str]:
+        sk = self._keys.session(sid)
+        keys = {"session": sk.session, "pending": sk.pending, "answers": sk.answers,
+                "journal": sk.journal, "logs": sk.logs, "registry": self._keys.registry,
+                "deadlines": self._keys.deadlines, "jobs": self._keys.jobs,
+                "dead": self._keys.dead_letters}
+        if extra:
+            keys.update(lock=sk.lock, fed=sk.fed, fed_prev=sk.fed_prev)
+        return keys
+
+    async def create(self, sid: str, *, strategy: str, input: bytes, budget: bytes,
+                     ttl_ms: int, backstop_ms: int) -> Reply:
+        return _parse(await self._run("create", self._session(sid), {
+            "sid": sid, "strategy": strategy, "input": input, "budget": budget,
+            "ttl_ms": ttl_ms, "backstop_ms": backstop_ms,
+            "wake_channel": self._keys.jobs_wake}))
+
+    async def feed(self, sid: str, query_id: str, *, answer: bytes, response_chars: int,
+                   response_tokens: int, backstop_ms: int, token: str, lease_ms: int,
+                   timeout: float | None = None) -> FeedReply:
+        """Raises the session errors (``raise_for``) for a refused answer."""
+        reply = _parse(await self._run("feed", self._session(sid, extra=True), {
+            "sid": sid, "query_id": query_id, "answer": answer,
+            "response_chars": response_chars, "response_tokens": response_tokens,
+            "backstop_ms": backstop_ms, "wake_channel": self._keys.jobs_wake, "token": token,
+            "lease_ms": lease_ms}, timeout))
+        if reply.code == "ACCEPTED":
+            return FeedReply(False, remaining=int(reply.args[0]))
+        if reply.code == "READY":
+            return FeedReply(True, asked=int(reply.args[0]))
+        raise_for(reply, session_id=sid, query_id=query_id)
+        raise AssertionError("unreachable")
+
+    async def commit_step(self, sid: str, *, fence: int, asked: int, token: str | bytes,
+                          holder: str, holder_channel: str, backstop_ms: int,
+                          retention_ms: int, journal_entry: bytes, progress: bytes,
+                          llm_calls: int, prompt_chars: int, prompt_tokens: int, outcome: str,
+                          event: bytes, rest: Sequence[Any]) -> Reply:
+        """``OK`` | ``NOT_FOUND`` | ``FENCED`` (fence) | ``STALE`` (asked) |
+        ``INVALID_TRANSITION`` (phase); ``rest`` as the script's header describes."""
+        sk = self._keys.session(sid)
+        return _parse(await self._run("commit_step", self._session(sid, extra=True), {
+            "sid": sid, "fence": fence, "asked": asked, "token": token, "group": JOB_GROUP,
+            "channel": sk.channel, "released_channel": self._keys.lock_released(sk.lock),
+            "holder": holder, "holder_channel": holder_channel, "backstop_ms": backstop_ms,
+            "retention_ms": retention_ms, "journal_entry": journal_entry,
+            "progress": progress, "llm_calls": llm_calls, "prompt_chars": prompt_chars,
+            "prompt_tokens": prompt_tokens, "outcome": outcome, "event": event,
+            "*rest": rest}))
+
+    async def terminate(self, sid: str, mode: str, *, retention_ms: int,
+                        now_ms: int | None = None, error: str = "",
+                        dead_letter: str = "") -> Reply:
+        """``OK`` | ``NOT_FOUND`` | ``INVALID_TRANSITION`` (phase) | ``ALIVE`` (deadline)."""
+        return _parse(await self._run("terminate", self._session(sid), {
+            "sid": sid, "mode": mode, "group": JOB_GROUP,
+            "channel": self._keys.session(sid).channel, "retention_ms": retention_ms,
+            "now_ms": "" if now_ms is None else now_ms, "error": error,
+            "dead_letter": dead_letter}))
+
+    async def lock_acquire(self, lock: str, fence_key: str, *, token: str | bytes,
+                           lease_ms: int, fence_field: str) -> Lease:
+        return _lease(await self._run("lock_acquire", {"lock": lock, "fence": fence_key},
+                                      {"token": token, "lease_ms": lease_ms,
+                                       "fence_field": fence_field}))
+
+    async def lock_release(self, lock: str, *, token: bytes, released_channel: str) -> bool:
+        return bool(await self._run("lock_release", {"lock": lock},
+                                    {"token": token, "released_channel": released_channel}))
+
+    async def lock_extend(self, lock: str, *, token: bytes, lease_ms: int) -> bool:
+        return bool(await self._run("lock_extend", {"lock": lock},
+                                    {"token": token, "lease_ms": lease_ms}))
+
+    async def step_begin(self, sid: str, *, token: str, lease_ms: int,
+                         with_journal: bool) -> StepBegin:
+        sk = self._keys.session(sid)
+        raw = await self._run("step_begin", {
+            "lock": sk.lock, "session": sk.session, "pending": sk.pending,
+            "answers": sk.answers, "journal": sk.journal},
+            {"token": token, "lease_ms": lease_ms, "with_journal": "1" if with_journal else "0"})
+        lease = _lease(raw[:2])
+        if lease.fence <= 0:
+            return StepBegin(lease, {}, {}, {}, None)
+        return StepBegin(lease, as_hash(raw[2]), as_hash(raw[3]), as_hash(raw[4]),
+                         raw[5] if isinstance(raw[5], list) else None)
+
+    async def retire_consumers(self, names: Sequence[str]) -> list[str]:
+        """Drop those of ``names`` that hold no pending job; returns the ones dropped."""
+        if not names:
+            return []
+        raw = await self._run("retire_consumers", {"jobs": self._keys.jobs},
+                              {"group": JOB_GROUP, "*names": names})
+        return [_text(x) for x in raw]
+
+
+def _lease(raw: Any) -> Lease:
+    """-1: nothing to lock (the session is gone); -2: its fence is not a number (corrupt);
+    0: held by another (``pttl`` says for how long); above 0: taken, with that fence."""
+    return Lease(int(raw[0]), int(raw[1]))
+
+
+
+class Terminate:
+    """The ways a session ends from outside its strategy (``terminate.lua``)."""
+
+    def __init__(self, scripts: Scripts, retention_ms: int) -> None:
+        self._scripts = scripts
         self._retention_ms = retention_ms
 
-    async def _run(self, sid: str, mode: str, *, now_ms: int | None = None, error: str = "",
-                   dead_letter: str = "") -> Reply:
-        return await self._scripts.call(
-            "terminate", self._keys.script_keys(sid),
-            [sid, mode, self._group, self._keys.session(sid).channel, self._retention_ms,
-             "" if now_ms is None else now_ms, error, dead_letter],
-        )
-
     async def cancel(self, sid: str) -> Reply:
-        return await self._run(sid, "cancel")
+        return await self._scripts.terminate(sid, "cancel", retention_ms=self._retention_ms)
 
     async def expire(self, sid: str, *, now_ms: int | None, error: str) -> Reply:
         """Expire ``sid`` if it is still idle past its deadline (re-checked atomically)."""
-        return await self._run(sid, "expire", now_ms=now_ms, error=error)
+        return await self._scripts.terminate(sid, "expire", retention_ms=self._retention_ms,
+                                             now_ms=now_ms, error=error)
 
     async def fail(self, sid: str, error: str, *, dead_letter: str = "") -> Reply:
         """Fail ``sid`` with ``error``; with ``dead_letter`` (the reason), also record its job
         in the dead-letter stream."""
-        return await self._run(sid, "fail", error=error, dead_letter=dead_letter)
-
-
-class JobGroup:
-    """Typed front of ``retire_consumers.lua``: the job group's consumers, one per worker
-    process that ever read a job."""
-
-    def __init__(self, scripts: Scripts, keys: Keys, group: str) -> None:
-        self._scripts = scripts
-        self._keys = keys
-        self._group = group
-
-    async def retire(self, names: list[str]) -> list[str]:
-        """Drop those of ``names`` that hold no pending job; returns the ones dropped."""
-        if not names:
-            return []
-        raw = await self._scripts.call_raw("retire_consumers", [self._keys.jobs],
-                                           [self._group, *names])
-        return [_text(x) for x in raw]
-
-
-class Scripts:
-    """One client's registered scripts, called by SHA (and loaded again on NOSCRIPT, after a
-    restart or a SCRIPT FLUSH). On a real Redis they travel over a ``Wire``; on fakeredis
-    through redis-py's ``Script`` objects."""
-
-    def __init__(self, client: Redis) -> None:
-        self._by_name: dict[str, AsyncScript] = {
-            name: client.register_script(source(name)) for name in _NAMES
-        }
-        self.wire = Wire.for_client(client)
-
-    async def call(self, name: str, keys: list[str], args: list[Any]) -> Reply:
-        return parse(await self.call_raw(name, keys, args))
-
-    async def call_raw(self, name: str, keys: list[str], args: list[Any]) -> Any:
-        if self.wire is None:
-            return await self._by_name[name](keys=keys, args=args)
-        script = self._by_name[name]
-        try:
-            return await self.wire.execute("EVALSHA", script.sha, len(keys), *keys, *args)
-        except NoScriptError:
-            await self.wire.execute("SCRIPT", "LOAD", script.script)
-            return await self.wire.execute("EVALSHA", script.sha, len(keys), *keys, *args)
-
-    async def aclose(self) -> None:
-        if self.wire is not None:
-            await self.wire.aclose()
+        return await self._scripts.terminate(sid, "fail", retention_ms=self._retention_ms,
+                                             error=error, dead_letter=dead_letter)

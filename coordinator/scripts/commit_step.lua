@@ -1,6 +1,11 @@
 -- commit_step.lua: apply one strategy step (pause, complete or fail) exactly once, fenced.
 -- A worker computed the step under lock A; this checks that its lease is still the newest
 -- (fence), that nobody applied this round already (asked), and that the session still runs.
+-- KEYS: session pending answers journal logs registry deadlines jobs dead lock fed fed_prev
+-- ARGV: sid fence asked token group channel released_channel holder holder_channel
+--       backstop_ms retention_ms journal_entry progress llm_calls prompt_chars prompt_tokens
+--       outcome event *rest
+-- Transitions: running -> paused | completed | failed.
 -- KEYS[1..5] session data keys (session, pending, answers, journal, logs)
 -- KEYS[6] registry zset   KEYS[7] deadlines zset   KEYS[8] jobs stream   KEYS[9] dead letters
 -- KEYS[10] lock A   KEYS[11] feed tokens of this round   KEYS[12] of the round before

@@ -1,4 +1,7 @@
 -- create.lua: a new session, and the start job that will run it to its first event.
+-- KEYS: session pending answers journal logs registry deadlines jobs dead
+-- ARGV: sid strategy input budget ttl_ms backstop_ms wake_channel
+-- Transition: (none) -> running.
 -- KEYS[1..5] session data keys (session, pending, answers, journal, logs)
 -- KEYS[6] registry zset   KEYS[7] deadlines zset   KEYS[8] jobs stream   KEYS[9] dead letters
 -- ARGV[1] session id   ARGV[2] strategy name   ARGV[3] packed input   ARGV[4] packed budget or ''

@@ -1,11 +1,15 @@
 -- feed.lua: record one answer of the current round; on the last one, queue the resume job.
+-- KEYS: session pending answers journal logs registry deadlines jobs dead lock fed fed_prev
+-- ARGV: sid query_id answer response_chars response_tokens backstop_ms wake_channel token
+--       lease_ms
 -- KEYS[1..5] session data keys (session, pending, answers, journal, logs)
 -- KEYS[6] registry zset   KEYS[7] deadlines zset   KEYS[8] jobs stream   KEYS[9] dead letters
+-- KEYS[10] lock A   KEYS[11] feed tokens of this round   KEYS[12] of the round before
 -- ARGV[1] session id   ARGV[2] query id   ARGV[3] packed answer
 -- ARGV[4] response chars   ARGV[5] response tokens   ARGV[6] backstop expiry ms
 -- ARGV[7] jobs wake channel   ARGV[8] this feed call's token (random, unique per call)
--- KEYS[10] feed tokens of this round   KEYS[11] feed tokens of the round before
--- KEYS[12] lock A   ARGV[9] lease ms of lock A
+-- ARGV[9] lease ms of lock A
+-- Transition: paused -> running (the last answer of a round).
 -- Returns {'ACCEPTED', remaining} | {'READY', asked} | {'NOT_FOUND'} | {'UNKNOWN_QUERY'}
 --       | {'ALREADY_RESPONDED'} | {'INVALID_TRANSITION', phase}
 -- Reads the session hash once and writes it once: each redis.call costs about a microsecond
@@ -22,10 +26,10 @@ end
 if f[2] == ARGV[8] then
   return {'READY', tonumber(f[3])}
 end
-if redis.call('HGET', KEYS[10], ARGV[2]) == ARGV[8] then
+if redis.call('HGET', KEYS[11], ARGV[2]) == ARGV[8] then
   return {'ACCEPTED', math.max(0, tonumber(f[4]))}
 end
-if redis.call('HGET', KEYS[11], ARGV[2]) == ARGV[8] then
+if redis.call('HGET', KEYS[12], ARGV[2]) == ARGV[8] then
   return {'ACCEPTED', 0}
 end
 if phase ~= 'paused' then
@@ -40,8 +44,8 @@ end
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 redis.call('HSET', KEYS[3], ARGV[2], ARGV[3])
-redis.call('HSET', KEYS[10], ARGV[2], ARGV[8])
-redis.call('PEXPIRE', KEYS[10], ARGV[6])
+redis.call('HSET', KEYS[11], ARGV[2], ARGV[8])
+redis.call('PEXPIRE', KEYS[11], ARGV[6])
 local remaining = tonumber(f[4]) - 1
 local set = {'remaining', remaining, 'last_activity_at', now,
   'm:response_chars', tonumber(f[7] or '0') + tonumber(ARGV[4]),
@@ -78,7 +82,7 @@ local nudge = f[10]
 local heard = false
 if nudge then
   local fence = tonumber(f[11] or '0')
-  if fence and redis.call('EXISTS', KEYS[12]) == 0 then
+  if fence and redis.call('EXISTS', KEYS[10]) == 0 then
     local ans = redis.call('HGETALL', KEYS[3])
     local parts = {'H', ARGV[1], fence + 1, ARGV[8], asked, f[12] or '0', #ans / 2}
     for j = 1, #ans, 2 do
@@ -87,7 +91,7 @@ if nudge then
       parts[#parts + 1] = ans[j + 1]
     end
     if redis.call('PUBLISH', nudge, table.concat(parts, '\n')) > 0 then
-      redis.call('SET', KEYS[12], ARGV[8], 'PX', ARGV[9])
+      redis.call('SET', KEYS[10], ARGV[8], 'PX', ARGV[9])
       set[#set + 1] = 'fence'
       set[#set + 1] = fence + 1
       heard = true

@@ -1,6 +1,8 @@
 -- lock_acquire.lua: take a lease and hand out the next fencing token in the same step.
 -- Same layout as redis-py's Lock (the value is the owner token, PX is the lease), so its
 -- release and extend scripts keep working on our locks.
+-- KEYS: lock fence
+-- ARGV: token lease_ms fence_field
 -- KEYS[1] lock key   KEYS[2] fence holder: a session hash (ARGV[3] names the field) or,
 --                    with ARGV[3] == '', a plain counter key
 -- ARGV[1] owner token   ARGV[2] lease ms   ARGV[3] fence field or ''

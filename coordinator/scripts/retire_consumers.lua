@@ -8,6 +8,8 @@
 -- Retiring a consumer whose worker is alive after all costs nothing: its next read or claim
 -- makes it again.
 --
+-- KEYS: jobs
+-- ARGV: group *names
 -- KEYS[1] the jobs stream
 -- ARGV[1] the consumer group, ARGV[2..] consumer names
 -- Returns the names retired.

@@ -1,6 +1,8 @@
 -- step_begin.lua: take lock A and read what a step needs, in one command.
 -- The same lease and fence as lock_acquire.lua (this is its hot-path form: a worker starting
 -- a step would otherwise spend a command on the lock and three on reads, every step).
+-- KEYS: lock session pending answers journal
+-- ARGV: token lease_ms with_journal
 -- KEYS[1] lock A   KEYS[2] session hash   KEYS[3] pending   KEYS[4] answers   KEYS[5] journal
 -- ARGV[1] owner token   ARGV[2] lease ms   ARGV[3] '1' to include the journal
 -- Returns {-1, 0} when the session is gone, {-2, 0} when its fence is not a number (corrupt;

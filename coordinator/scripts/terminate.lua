@@ -1,5 +1,8 @@
 -- terminate.lua: end a live session from outside its strategy: cancel it, expire it when
 -- idle, or fail it (its state is unreadable, or its job failed too many times in a row).
+-- KEYS: session pending answers journal logs registry deadlines jobs dead
+-- ARGV: sid mode group channel retention_ms now_ms error dead_letter
+-- Transitions: running | paused -> cancelled (cancel), failed (expire, fail).
 -- KEYS[1..5] session data keys (session, pending, answers, journal, logs)
 -- KEYS[6] registry zset   KEYS[7] deadlines zset   KEYS[8] jobs stream   KEYS[9] dead letters
 -- ARGV[1] session id   ARGV[2] mode: 'cancel' | 'expire' | 'fail'   ARGV[3] job group

@@ -1,4 +1,4 @@
-"""One pub/sub connection per process, fanned out to in-process queues.
+"""One pub/sub connection per process, fanned out to in-process waiters.
 
 Pub/sub only wakes a waiter; the Redis keys hold the truth. The protocol every waiter follows:
 subscribe (and wait for Redis to confirm it), check the state, wait a bounded slice, re-check.
@@ -8,12 +8,10 @@ a ``RESYNC`` marker once its channel is confirmed again, telling its waiter to r
 Unsubscribing lingers a few seconds, because a host usually waits on the same session again
 right after (the next round), and a warm subscription saves a round trip per step.
 
-Every live step wakes one waiter on the host and one on the worker, so the read path is on
-the critical path of step latency. On a real Redis the connection is opened by redis-py (so
-every URL option applies: ACL user, password, TLS, database, timeouts) and then taken over:
-hiredis parses pushes right in the transport's ``data_received``, with no task wake-up and
-no response dict per message (about a third of redis-py's per-message CPU). In-memory
-servers (fakeredis) have no socket to take over and keep redis-py's ``PubSub``.
+The connection is redis-py's (public API: ``make_connection``, ``connect``,
+``send_packed_command``, ``read_response``), so every URL option applies and the same code
+serves a real server and fakeredis. One task reads pushes and hands each message to its
+waiters straight from the read: no queue, no response dict per message.
 """
 
 from __future__ import annotations
@@ -25,16 +23,14 @@ import logging
 from collections.abc import Callable
 from typing import Any, Final
 
-import hiredis
-from redis.asyncio import Redis
-from redis.asyncio.client import PubSub
+from redis.asyncio import ConnectionPool
 from redis.asyncio.connection import AbstractConnection
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from .errors import WaitTimeout
-from .takeover import abandon, on_socket, take_over
+from ..errors import Unavailable
+from .pipe import pack
 
 log = logging.getLogger(__name__)
 
@@ -113,95 +109,121 @@ def _expire(waiter: asyncio.Future[bytes | _Resync | None]) -> None:
         waiter.set_result(None)
 
 
-class _Wire(asyncio.Protocol):
-    """A redis-py connection after its handshake, with its transport taken over."""
+class _Listener:
+    """A subscribed connection and the task that reads its pushes. Opened with redis-py's
+    public connection API (``make_connection``, ``connect``: every URL option applies),
+    written with ``send_packed_command`` and read with ``read_response``."""
 
-    def __init__(self, on_push: Callable[[Any], None]) -> None:
-        self._conn: AbstractConnection | None = None
-        self._transport: asyncio.Transport  # set by open(), before any use
-        self._parser = hiredis.Reader()
+    def __init__(self, conn: AbstractConnection, on_push: Callable[[Any], None]) -> None:
+        self._conn = conn
         self._on_push = on_push
         #: Resolves (to the cause, if any) when the connection is gone.
-        self.lost: asyncio.Future[Exception | None] = asyncio.get_running_loop().create_future()
+        self.lost: asyncio.Future[BaseException | None] = (
+            asyncio.get_running_loop().create_future())
+        self._task = asyncio.create_task(self._read(), name="redis-pubsub")
 
     @classmethod
-    async def open(cls, client: Redis, on_push: Callable[[Any], None]) -> _Wire:
-        wire = cls(on_push)
-        wire._conn, wire._transport = await take_over(client, wire)
-        return wire
-
-    def send(self, command: str, *channels: str) -> None:
-        args: tuple[Any, ...] = (command, *channels)  # hiredis's stub wants a 1-tuple
-        self._transport.write(hiredis.pack_command(args))
-
-    def data_received(self, data: bytes) -> None:
-        parser = self._parser
-        parser.feed(data)
+    async def open(cls, pool: ConnectionPool, on_push: Callable[[Any], None],
+                   timeout_s: float) -> _Listener:
+        conn: AbstractConnection = pool.make_connection()  # type: ignore[no-untyped-call]
         try:
-            while (reply := parser.gets()) is not False:
-                self._on_push(reply)
-        except hiredis.ProtocolError as exc:
-            self.connection_lost(exc)
-            self._transport.abort()
+            async with asyncio.timeout(timeout_s):
+                await conn.connect()  # type: ignore[no-untyped-call]
+        except TimeoutError:
+            await _close(conn)
+            raise RedisTimeoutError(f"connecting to redis took longer than {timeout_s:g} s") \
+                from None
+        except BaseException:
+            await _close(conn)
+            raise
+        return cls(conn, on_push)
 
-    def connection_lost(self, exc: Exception | None) -> None:
+    async def send(self, command: str, *channels: str) -> None:
+        if self.lost.done():
+            return  # the reconnect subscribes every channel anew
+        try:
+            await self._conn.send_packed_command(pack((command, *channels)), check_health=False)
+        except Exception as exc:
+            self._done(exc)
+
+    async def _read(self) -> None:
+        try:
+            while True:
+                self._on_push(await self._conn.read_response())
+        except asyncio.CancelledError:
+            self._done(None)
+            raise
+        except BaseException as exc:  # every failure ends this connection
+            self._done(exc)
+
+    def _done(self, exc: BaseException | None) -> None:
         if not self.lost.done():
             self.lost.set_result(exc)
+        if not self._task.done() and self._task is not asyncio.current_task():
+            self._task.cancel()
 
-    def close(self) -> None:
-        self._transport.close()
-        abandon(self._conn)
+    async def close(self) -> None:
+        self._done(None)
+        with contextlib.suppress(BaseException):
+            await self._task
+        await _close(self._conn)
+
+
+async def _close(conn: AbstractConnection) -> None:
+    with contextlib.suppress(Exception):
+        await conn.disconnect(nowait=True)
 
 
 class Multiplexer:
     def __init__(
         self,
-        client: Redis,
+        pool: ConnectionPool,
         home_channel: str,
         *,
+        safe_url: str = "redis",
+        timeout_s: float = 5.0,
         linger_s: float = 5.0,
-        confirm_timeout_s: float = 10.0,
     ) -> None:
-        self._client = client
+        self._pool = pool
         self._home = home_channel
+        self._safe_url = safe_url
+        self._timeout_s = timeout_s
         self._linger_s = linger_s
-        self._confirm_timeout_s = confirm_timeout_s
-        self._raw = on_socket(client)
-        self._wire: _Wire | None = None  # real Redis: the live connection, None while down
-        self._ps: PubSub | None = None  # in-memory server
+        self._conn: _Listener | None = None  # the live connection, None while down
         self._subs: dict[str, set[Subscription]] = {}
         self._confirmed: set[str] = set()
         self._confirm_waiters: dict[str, asyncio.Event] = {}
         self._linger: dict[str, asyncio.TimerHandle] = {}
         self._resync_pending: set[str] = set()
         self._requested: set[str] = set()  # SUBSCRIBE sent, confirmation not yet seen
-        self._reader: asyncio.Task[None] | None = None
+        self._keeper: asyncio.Task[None] | None = None
         self._lock = asyncio.Lock()
         self._closed = False
         self.reconnects = 0
 
     async def start(self) -> None:
-        # Under the lock, and the reader set only once connected: two first subscribes racing
+        # Under the lock, and the keeper set only once connected: two first subscribes racing
         # here would otherwise each open a connection and one SUBSCRIBE would go unread.
         async with self._lock:
-            if self._reader is not None:
+            if self._keeper is not None:
                 return
-            if self._raw:
-                await self._reconnect()
-                loop = self._keep_connected()
-            else:
-                ps = self._client.pubsub()
-                await ps.subscribe(self._home)
-                self._ps = ps
-                loop = self._read_loop()
-            self._reader = asyncio.create_task(loop, name=f"pubsub:{self._home}")
+            try:
+                async with asyncio.timeout(self._timeout_s):
+                    await self._reconnect()
+            except (TimeoutError, RedisError, OSError) as exc:
+                raise Unavailable(
+                    f"cannot subscribe at redis {self._safe_url}: {_cause(exc)}",
+                    url=self._safe_url, cause=_cause(exc)) from None
+            self._keeper = asyncio.create_task(self._keep_connected(),
+                                               name=f"pubsub:{self._home}")
 
     async def subscribe(
         self, channel: str, on_message: Callable[[bytes], None] | None = None
     ) -> Subscription:
         """A subscription whose channel Redis has confirmed: nothing published after
-        this returns can be missed (short of a dropped connection, see RESYNC)."""
-        if self._reader is None:
+        this returns can be missed (short of a dropped connection, see RESYNC). Raises
+        ``Unavailable`` when Redis cannot confirm it within the transport's bound."""
+        if self._keeper is None:
             await self.start()
         sub = Subscription(self, channel, on_message)
         handle = self._linger.pop(channel, None)
@@ -212,31 +234,26 @@ class Multiplexer:
         if channel in self._confirmed:
             return sub
         event = self._confirm_waiters.setdefault(channel, asyncio.Event())
-        async with self._lock:
-            if channel not in self._confirmed and channel not in self._requested:
-                self._requested.add(channel)
-                if self._ps is not None:
-                    await self._ps.subscribe(channel)
-                elif self._wire is not None and not self._wire.lost.done():
-                    self._wire.send("SUBSCRIBE", channel)
-                else:  # down: reconnect now, as redis-py's own subscribe would
-                    try:
-                        await self._reconnect()  # which subscribes this channel too
-                    except BaseException:
-                        self._requested.discard(channel)
-                        self._release(sub)
-                        raise
         try:
-            await asyncio.wait_for(event.wait(), self._confirm_timeout_s)
-        except TimeoutError:
+            async with asyncio.timeout(self._timeout_s):
+                async with self._lock:
+                    if channel not in self._confirmed and channel not in self._requested:
+                        self._requested.add(channel)
+                        if self._conn is not None and not self._conn.lost.done():
+                            await self._conn.send("SUBSCRIBE", channel)
+                        else:  # down: reconnect now (which subscribes this channel too)
+                            await self._reconnect()
+                await event.wait()
+        except BaseException as exc:
             self._requested.discard(channel)  # so the next subscribe sends SUBSCRIBE again
             self._release(sub)
-            raise WaitTimeout(
-                f"redis did not confirm the subscription to {channel} within "
-                f"{self._confirm_timeout_s} s; is the server reachable?"
-            ) from None
+            if isinstance(exc, TimeoutError | RedisError | OSError):
+                raise Unavailable(
+                    f"redis at {self._safe_url} did not confirm the subscription to "
+                    f"{channel} within {self._timeout_s:g} s ({_cause(exc)}); is it reachable?",
+                    url=self._safe_url, cause=_cause(exc)) from None
+            raise
         return sub
-
     def _release(self, sub: Subscription) -> None:
         subs = self._subs.get(sub.channel)
         if subs is None or sub not in subs:
@@ -260,53 +277,49 @@ class Multiplexer:
         self._linger.pop(channel, None)
         async with self._lock:
             # Re-checked under the lock: a subscribe may have come in while we waited.
-            if self._subs.get(channel) or self._reader is None or self._closed:
+            if self._subs.get(channel) or self._keeper is None or self._closed:
                 return
             self._subs.pop(channel, None)
             self._confirmed.discard(channel)
             self._requested.discard(channel)
             self._resync_pending.discard(channel)
             self._confirm_waiters.pop(channel, None)
-            if self._wire is not None:
-                self._wire.send("UNSUBSCRIBE", channel)
-            elif self._ps is not None:
-                with contextlib.suppress(RedisConnectionError, RedisTimeoutError, OSError):
-                    await self._ps.unsubscribe(channel)
+            if self._conn is not None:
+                await self._conn.send("UNSUBSCRIBE", channel)
 
-    # -- real Redis: our own connection ---------------------------------------------------
-
-    async def _connect(self) -> _Wire:
-        return await _Wire.open(self._client, self._on_push)
+    # -- the connection ------------------------------------------------------------------
 
     async def _reconnect(self) -> None:
         """Under the lock: a new connection, subscribed to every channel in use (lingering
         ones too: their RESYNC may be pending, and their waiter may come back)."""
-        if self._wire is not None:
-            if not self._wire.lost.done():
+        if self._conn is not None:
+            if not self._conn.lost.done():
                 return
-            self._lost(self._wire)
-        wire = await self._connect()
+            await self._lost(self._conn)
+        conn = await _Listener.open(self._pool, self._on_push, self._timeout_s)
         if self._closed:  # aclose ran while we connected: it could not close this one
-            wire.close()
+            await conn.close()
             raise RedisConnectionError("the multiplexer is closed")
         channels = {self._home, *self._subs}
         self._requested |= channels
-        wire.send("SUBSCRIBE", *channels)
-        self._wire = wire
+        self._conn = conn
+        await conn.send("SUBSCRIBE", *channels)
 
-    def _lost(self, wire: _Wire) -> None:
-        if wire is not self._wire:
+    async def _lost(self, conn: _Listener) -> None:
+        if conn is not self._conn:
             return  # already handled (by a subscribe that found the connection down)
-        self._wire = None
-        wire.close()
-        self._on_broken(wire.lost.result() or RedisConnectionError("closed by the server"))
+        self._conn = None
+        await conn.close()
+        cause = conn.lost.result() if conn.lost.done() else None
+        self._on_broken(cause or RedisConnectionError("closed by the server"))
 
     async def _keep_connected(self) -> None:
         backoff = 0.05
         while not self._closed:
-            if (wire := self._wire) is not None:
-                await asyncio.shield(wire.lost)  # aclose cancels us, not the connection's fate
-                self._lost(wire)
+            if (conn := self._conn) is not None:
+                await asyncio.shield(conn.lost)  # aclose cancels us, not the connection's fate
+                async with self._lock:
+                    await self._lost(conn)
                 backoff = 0.05
             await asyncio.sleep(backoff)
             backoff = min(backoff * 2, 2.0)
@@ -318,7 +331,8 @@ class Multiplexer:
 
     def _on_push(self, reply: Any) -> None:
         if not (isinstance(reply, list) and len(reply) == 3):
-            log.warning("unexpected reply on the pub/sub connection: %r", reply)
+            if not (isinstance(reply, list) and reply and reply[0] == b"pong"):
+                log.warning("unexpected reply on the pub/sub connection: %r", reply)
             return
         kind, raw, data = reply
         channel = raw.decode()
@@ -328,47 +342,6 @@ class Multiplexer:
         elif kind == b"subscribe":
             self._on_confirmed(channel)
         elif kind == b"unsubscribe":
-            self._confirmed.discard(channel)
-
-    # -- in-memory server: redis-py's PubSub ----------------------------------------------
-
-    async def _read_loop(self) -> None:
-        assert self._ps is not None
-        backoff = 0.05
-        while not self._closed:
-            try:
-                msg = await self._ps.get_message(ignore_subscribe_messages=False, timeout=None)
-            except asyncio.CancelledError:
-                raise
-            except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
-                self._on_broken(exc)
-                self._on_unreachable(exc)  # redis-py's Retry has given up
-                await asyncio.sleep(backoff)
-                backoff = min(backoff * 2, 2.0)
-                continue
-            backoff = 0.05
-            if msg is not None:
-                self._dispatch(msg)
-
-    def _dispatch(self, msg: dict[str, object]) -> None:
-        kind = msg.get("type")
-        raw = msg.get("channel")
-        channel = raw.decode() if isinstance(raw, bytes) else str(raw)
-        if kind == "message":
-            data = msg.get("data")
-            payload = data if isinstance(data, bytes) else str(data).encode()
-            for sub in list(self._subs.get(channel, ())):
-                sub._put(payload)
-        elif kind == "subscribe":
-            if channel in self._confirmed and channel not in self._requested:
-                # Confirmed again without our asking: redis-py reconnected and re-subscribed
-                # by itself, so messages may have been lost in between.
-                if channel == self._home:  # re-subscribed first: count the reconnect once
-                    self.reconnects += 1
-                    log.warning("pub/sub connection was re-established; waiters re-check")
-                self._resync_pending.add(channel)
-            self._on_confirmed(channel)
-        elif kind == "unsubscribe":
             self._confirmed.discard(channel)
 
     # -- both -----------------------------------------------------------------------------
@@ -408,19 +381,21 @@ class Multiplexer:
         for handle in self._linger.values():
             handle.cancel()
         self._linger.clear()
-        if self._reader is not None:
-            self._reader.cancel()
+        if self._keeper is not None:
+            self._keeper.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
-                await self._reader
-        # UNSUBSCRIBE explicitly, not only by closing: a pooled or in-memory connection may
-        # outlive this object, and nobody should count it as a listener.
-        if self._wire is not None:
-            self._wire.send("UNSUBSCRIBE")
-            self._wire.close()
-            self._wire = None
-        if self._ps is not None:
+                await self._keeper
+        # UNSUBSCRIBE explicitly, not only by closing: nobody should count this process as
+        # a listener for a moment longer than it is one.
+        if self._conn is not None:
+            conn, self._conn = self._conn, None
             with contextlib.suppress(Exception):
-                await self._ps.unsubscribe()
-            with contextlib.suppress(Exception):
-                await self._ps.aclose()  # type: ignore[no-untyped-call]
-        self._ps = None
+                async with asyncio.timeout(1.0):
+                    await conn.send("UNSUBSCRIBE")
+            await conn.close()
+
+
+def _cause(exc: BaseException) -> str:
+    if isinstance(exc, TimeoutError) and not str(exc):
+        return "timed out"
+    return str(exc) or type(exc).__name__
