@@ -193,6 +193,13 @@ class FencedLock:
             held.remove(self.kind.value)
             _held.set(tuple(held))
 
+    async def __aenter__(self) -> FencedLock:
+        await self.acquire()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.release()
+
     @contextlib.asynccontextmanager
     async def kept_alive(self) -> AsyncIterator[None]:
         """Extend the lease every third of its length while the body runs, so a long step

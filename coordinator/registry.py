@@ -160,7 +160,7 @@ class SessionRegistry:
             reply = await self.scripts.feed(
                 session_id, query_id, answer=pack(record), response_chars=len(response),
                 response_tokens=tokens, backstop_ms=self.settings.backstop_ms,
-                token=secrets.token_hex(16), lease_ms=self.settings.lease_ms)
+                token=secrets.token_hex(16), lease_ms=self.settings.lease_ms, timeout=timeout)
             if not reply.ready:
                 return Accepted(reply.remaining)
             return await self._await_settled(session_id, sub, timeout,
@@ -194,6 +194,9 @@ class SessionRegistry:
         """Wait for the session to pause after round ``after_asked`` or to finish.
         ``after_asked`` None: first read the state (and take its round from it)."""
         bound = self.settings.wait_timeout_s if timeout is None else timeout
+        if not isinstance(bound, int | float) or not 0 <= bound < 1e9:  # NaN fails this too
+            raise InvalidInput(f"timeout must be a number of seconds >= 0, got {timeout!r}",
+                               session_id=sid)
         deadline = time.monotonic() + bound
         check = after_asked is None
         while True:

@@ -8,10 +8,9 @@ import time
 from typing import Any
 
 import pytest
-from redis.exceptions import LockNotOwnedError
 
 from coordinator import LockOrderError, LockTimeout, NotFound, SessionRegistry
-from coordinator.keys import JOB_GROUP
+from coordinator.errors import LockLost
 from coordinator.locks import FencedLock, held_locks
 from coordinator.scripts import Reply
 from tests.conftest import FakeCluster
@@ -229,7 +228,7 @@ async def test_a_lapsed_lease_lets_a_waiter_in_without_release(reg: SessionRegis
     await taker.acquire()  # sleeps until the lease would expire, then takes it
     assert time.monotonic() - t0 < 2.0
     assert stalled.fence is not None and taker.fence == stalled.fence + 1
-    with pytest.raises(LockNotOwnedError):
+    with pytest.raises(LockLost):
         await stalled.release()
     await taker.release()
     assert held_locks() == ()
@@ -239,7 +238,7 @@ async def test_release_after_the_lease_lapsed(reg: SessionRegistry, sid: str) ->
     lock_a = reg.locks.session(sid, lease_ms=30)
     await lock_a.acquire()
     await assert_eventually(lambda: _gone(reg, str(lock_a.name)), timeout=5)
-    with pytest.raises(LockNotOwnedError):
+    with pytest.raises(LockLost):
         await lock_a.release()
     assert held_locks() == ()  # the guard forgot the lost lock: C may be taken now
     lock_c = reg.locks.registry()
@@ -268,19 +267,15 @@ async def test_kept_alive_renews_the_lease(reg: SessionRegistry, sid: str) -> No
 # -- stale fences are rejected by the commit --------------------------------------------------
 
 
-def commit_args(reg: SessionRegistry, sid: str, lock: FencedLock, *, asked: int,
-                error: str) -> tuple[list[str], list[Any]]:
-    """``commit_step.lua``'s keys and a 'fail' outcome's arguments, as ``Worker._commit``
-    lays them out."""
-    sk = reg.keys.session(sid)
-    keys = [*reg.keys.script_keys(sid), sk.lock, sk.fed, sk.fed_prev]
-    args: list[Any] = [
-        sid, lock.fence, asked, lock.local.token, JOB_GROUP, sk.channel,
-        reg.keys.lock_released(sk.lock), "w-test", reg.keys.worker_nudge("w-test"),
-        reg.settings.backstop_ms, reg.settings.retention_ms, b"", b"", 0, 0, 0,
-        "fail", b"fail", 0, error,
-    ]
-    return keys, args
+async def commit_fail(reg: SessionRegistry, sid: str, lock: FencedLock, *, asked: int,
+                      error: str) -> Any:
+    """``commit_step.lua`` with a 'fail' outcome, as ``Worker._commit`` makes it."""
+    assert lock.fence is not None and lock.local.token is not None
+    return await reg.scripts.commit_step(
+        sid, fence=lock.fence, asked=asked, token=lock.local.token, holder="w-test",
+        holder_channel=reg.keys.worker_nudge("w-test"), backstop_ms=reg.settings.backstop_ms,
+        retention_ms=reg.settings.retention_ms, journal_entry=b"", progress=b"", llm_calls=0,
+        prompt_chars=0, prompt_tokens=0, outcome="fail", event=b"fail", rest=[0, error])
 
 
 async def lapse_and_retake(reg: SessionRegistry, sid: str) -> tuple[FencedLock, FencedLock]:
@@ -297,15 +292,13 @@ async def lapse_and_retake(reg: SessionRegistry, sid: str) -> tuple[FencedLock, 
 
 async def test_commit_with_a_stale_fence_is_fenced(reg: SessionRegistry, sid: str) -> None:
     stale, fresh = await lapse_and_retake(reg, sid)
-    reply = await reg.scripts.call("commit_step", *commit_args(reg, sid, stale, asked=0,
-                                                               error="stale write"))
+    reply = await commit_fail(reg, sid, stale, asked=0, error="stale write")
     assert reply == Reply("FENCED", (str(fresh.fence).encode(),))
     status = await reg.status(sid)
     assert status["phase"] == "running" and "error" not in status  # nothing was written
     assert await reg.client.get(str(fresh.name)) == fresh.local.token  # fresh still holds A
 
-    reply = await reg.scripts.call("commit_step", *commit_args(reg, sid, fresh, asked=0,
-                                                               error="fresh write"))
+    reply = await commit_fail(reg, sid, fresh, asked=0, error="fresh write")
     assert reply.code == "OK"
     status = await reg.status(sid)
     assert (status["phase"], status["error"]) == ("failed", "fresh write")
@@ -316,8 +309,7 @@ async def test_commit_with_a_stale_fence_is_fenced(reg: SessionRegistry, sid: st
 async def test_commit_from_a_stale_round_is_stale(reg: SessionRegistry, sid: str) -> None:
     lock_a = reg.locks.session(sid)
     await lock_a.acquire()
-    reply = await reg.scripts.call("commit_step", *commit_args(reg, sid, lock_a, asked=3,
-                                                               error="old round"))
+    reply = await commit_fail(reg, sid, lock_a, asked=3, error="old round")
     assert reply == Reply("STALE", (0,))
     assert (await reg.status(sid))["phase"] == "running"
     await lock_a.release()

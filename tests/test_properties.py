@@ -57,7 +57,7 @@ from coordinator.models import Accepted, Finished, Paused
 from coordinator.registry import SessionRegistry
 from coordinator.settings import Settings
 from coordinator.states import Phase
-from tests.conftest import FakeCluster
+from tests.procs import InProcessCluster
 from tests.redis_proc import RedisProcess
 from workers import strategy
 from workers.context import Context
@@ -298,15 +298,11 @@ def prop_settings(ns: str) -> Settings:
     return Settings(namespace=ns, wait_slice_s=0.05, wait_timeout_s=20.0, lock_wait_s=5.0)
 
 
-# -- on fakeredis ----------------------------------------------------------------------------
+def run_on(cluster: InProcessCluster, plan: Plan) -> None:
+    """One example: a worker and ``REGISTRIES`` registries, each on its own transport (as
+    separate processes would be), driving ``plan``."""
 
-
-@settings(max_examples=40, deadline=None,
-          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
-@given(plan=plans)
-def test_concurrent_feeds_follow_the_rules_on_fakeredis(plan: Plan) -> None:
     async def main() -> None:
-        cluster = FakeCluster(prop_settings(f"tp{secrets.token_hex(4)}"))
         try:
             await cluster.worker(concurrency=4)
 
@@ -320,6 +316,16 @@ def test_concurrent_feeds_follow_the_rules_on_fakeredis(plan: Plan) -> None:
     asyncio.run(main())
 
 
+# -- on fakeredis ----------------------------------------------------------------------------
+
+
+@settings(max_examples=40, deadline=None,
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+@given(plan=plans)
+def test_concurrent_feeds_follow_the_rules_on_fakeredis(plan: Plan) -> None:
+    run_on(InProcessCluster.fake(prop_settings(f"tp{secrets.token_hex(4)}")), plan)
+
+
 # -- on a real server ------------------------------------------------------------------------
 
 
@@ -329,38 +335,7 @@ def test_concurrent_feeds_follow_the_rules_on_fakeredis(plan: Plan) -> None:
 @given(plan=plans)
 def test_concurrent_feeds_follow_the_rules_on_redis(shared_redis: RedisProcess,
                                                    plan: Plan) -> None:
-    """The same property over TCP, where the feeds of a wave really are in flight together
-    on three connections. Clients are plain redis-py clients (the property is about the
-    scripts and the registry, not the client's retry policy)."""
-    from redis.asyncio import Redis
-
-    from workers import catalog
-    from workers.worker import Worker
-
-    async def main() -> None:
-        ns_settings = prop_settings(f"tp{secrets.token_hex(4)}")
-        clients: list[Redis] = []
-        regs: list[SessionRegistry] = []
-        catalog.load([])
-        worker_client = Redis.from_url(shared_redis.url)
-        clients.append(worker_client)
-        worker = Worker(worker_client, ns_settings, concurrency=4)
-        try:
-            await worker.start()
-
-            async def make_regs() -> list[SessionRegistry]:
-                for _ in range(REGISTRIES):
-                    client = Redis.from_url(shared_redis.url)
-                    clients.append(client)
-                    regs.append(SessionRegistry(client, settings=ns_settings))
-                return regs
-
-            await run_plan(plan, make_regs)
-        finally:
-            await worker.shutdown(grace_s=1.0)
-            for reg in regs:
-                await reg.aclose()
-            for client in clients:
-                await client.aclose()
-
-    asyncio.run(main())
+    """The same property over TCP, through the production transport, where the feeds of a
+    wave really are in flight together on three connections."""
+    run_on(InProcessCluster.real(shared_redis.url, prop_settings(f"tp{secrets.token_hex(4)}")),
+           plan)

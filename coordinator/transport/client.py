@@ -77,7 +77,8 @@ class Transport:
         pool = target.pool(socket_timeout=None, socket_connect_timeout=connect_s)
 
         def admin() -> Redis:
-            return Redis(connection_pool=target.pool(
+            # from_pool: the client owns the pool, so its aclose() closes the connections
+            return Redis.from_pool(target.pool(
                 socket_timeout=timeout_s, socket_connect_timeout=connect_s))
 
         return cls(pool, safe_url=target.safe_url, timeout_s=timeout_s, admin=admin)
@@ -178,13 +179,16 @@ class Transport:
         budget = self.timeout_s if timeout is None else max(0.001, min(timeout, self.timeout_s))
         deadline = loop.time() + budget
         backoff = 0.02
+        cause: BaseException | None = None
         while True:
             left = deadline - loop.time()
+            if cause is not None and left <= 0.01:  # not worth another attempt
+                raise self._unavailable(what, cause, budget) from None
             try:
                 return await attempt(left)
             except ReadOnlyError as exc:  # a demoted primary: reconnect (Sentinel re-resolves)
                 self._pipe.reset(exc)
-                cause: BaseException = exc
+                cause = exc
             except AuthenticationError as exc:
                 raise self._refused(exc) from None
             except ResponseError as exc:
@@ -193,12 +197,15 @@ class Transport:
                 cause = exc
             except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
                 if _unresolvable(exc):
-                    raise self._unavailable(what, exc, budget) from None
+                    raise Unavailable(
+                        f"redis at {self.safe_url} cannot be reached: its host name does not "
+                        f"resolve ({_cause(exc)}); check the host in the URL",
+                        url=self.safe_url, cause=_cause(exc)) from None
                 cause = exc
             except RedisError as exc:
                 raise SessionError(f"redis at {self.safe_url} failed {what}: {exc}") from None
             left = deadline - loop.time()
-            if left <= 0:
+            if left <= 0.01:
                 raise self._unavailable(what, cause, budget) from None
             log.debug("redis %s: %s failed (%s); retrying in %.2f s", self.safe_url, what,
                       cause, min(backoff, left))
@@ -209,7 +216,7 @@ class Transport:
         text = _cause(cause)
         return Unavailable(
             f"redis at {self.safe_url} is unavailable: {what} got no answer within "
-            f"{budget:g} s ({text}); nothing was lost, retry once it is back",
+            f"{budget:g} s (last error: {text}); nothing was half-done, retry once it is back",
             url=self.safe_url, cause=text)
 
     def _refused(self, exc: BaseException) -> Misconfigured:

@@ -221,10 +221,9 @@ class Pipe:
         self._closed = True
         conn = self._conn
         reader = self._reader
-        if conn is not None:
+        if conn is not None:  # cancels the reader, which closes the connection
             self._broken(conn, RedisConnectionError("this client was closed"))
         if reader is not None:
-            reader.cancel()
             with contextlib.suppress(BaseException):
                 await reader
         if self._watchdog is not None:
