@@ -141,9 +141,31 @@ async def any_cluster(request: pytest.FixtureRequest, fake_settings: Any) -> Asy
         await cluster.aclose()
 
 
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    """Modules that set ``ON_BOTH_SERVERS = True`` (the core specifications) run every test
+    that uses the in-process cluster twice: on fakeredis and on a real redis-server, through
+    the same production transport."""
+    if getattr(metafunc.module, "ON_BOTH_SERVERS", False) and \
+            "server_kind" in metafunc.fixturenames:
+        metafunc.parametrize("server_kind", ["fakeredis", pytest.param(
+            "redis-server", marks=pytest.mark.redis)], indirect=True)
+
+
 @pytest.fixture
-async def fake_cluster(fake_settings: Any) -> AsyncIterator[InProcessCluster]:
-    cluster = InProcessCluster.fake(fake_settings)
+def server_kind(request: pytest.FixtureRequest) -> str:
+    return str(getattr(request, "param", "fakeredis"))
+
+
+@pytest.fixture
+async def fake_cluster(fake_settings: Any, server_kind: str,
+                       request: pytest.FixtureRequest) -> AsyncIterator[InProcessCluster]:
+    """The in-process cluster: on fakeredis, or (in ``ON_BOTH_SERVERS`` modules) on the
+    shared redis-server as well."""
+    if server_kind == "fakeredis":
+        cluster = InProcessCluster.fake(fake_settings)
+    else:
+        url = request.getfixturevalue("redis_url")
+        cluster = InProcessCluster.real(url, fake_settings.with_(url=url))
     try:
         yield cluster
     finally:

@@ -18,6 +18,9 @@ from tests.helpers import assert_eventually
 from workers.runtime import Crash, Done
 from workers.worker import Worker
 
+#: The core specification: every test below runs on fakeredis and on a real redis-server.
+ON_BOTH_SERVERS = True
+
 # The sessions here never run (no worker in these tests), so any name will do.
 STRATEGY = "tlock-never-run"
 

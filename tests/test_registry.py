@@ -39,6 +39,9 @@ from tests.helpers import assert_eventually
 from workers import strategy
 from workers.context import Context
 
+#: The core specification: every test below runs on fakeredis and on a real redis-server.
+ON_BOTH_SERVERS = True
+
 # -- test strategies (names unique to this module) --------------------------------------------
 
 class Gate:

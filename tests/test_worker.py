@@ -35,6 +35,9 @@ from workers.context import Context
 from workers.runtime import Ask, Crash, Done, Execution, JournalRound, digest
 from workers.worker import Worker
 
+#: The core specification: every test below runs on fakeredis and on a real redis-server.
+ON_BOTH_SERVERS = True
+
 # -- test strategies (names unique to this module) --------------------------------------------
 
 
