@@ -114,10 +114,11 @@ class CorruptState(SessionError):
 
 
 class Unavailable(SessionError):
-    """Redis could not be reached, or did not answer, within the call's bound. Nothing the
-    call did is lost or half-done (every write is one atomic script, safe to repeat), so a
-    retry once Redis is back is safe. ``url`` has its password masked; ``cause`` says what
-    the last attempt met."""
+    """Redis could not be reached, or did not answer, within the call's bound. A write is
+    never half-done (each is one atomic script), but one sent to a server that froze may
+    still be applied when it resumes: re-read the session (``status``/``wait_event``) before
+    repeating a write. ``url`` has its password masked; ``cause`` says what the last attempt
+    met."""
 
     code = "unavailable"
 

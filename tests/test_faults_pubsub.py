@@ -29,10 +29,10 @@ import redis
 
 from coordinator.errors import WaitTimeout
 from coordinator.models import Finished, LlmQuery, Paused
-from coordinator.pubsub import RESYNC, Multiplexer
 from coordinator.registry import SessionRegistry
-from coordinator.settings import Settings, connect
+from coordinator.settings import Settings
 from coordinator.states import Phase
+from coordinator.transport import RESYNC, Multiplexer, Target
 from tests.helpers import GATES, Gate, assert_eventually
 from tests.procs import FAST_ENV, InProcessCluster, WorkerPool
 from tests.redis_proc import RedisProcess
@@ -79,8 +79,8 @@ class Cluster(InProcessCluster):
     """In-process registries and workers on a private server, and an admin connection."""
 
     def __init__(self, url: str) -> None:
-        super().__init__(url, Settings(url=url, namespace=f"ps{secrets.token_hex(4)}",
-                                       wait_slice_s=SLICE_S, wait_timeout_s=WAIT_TIMEOUT_S))
+        super().__init__(Settings(url=url, namespace=f"ps{secrets.token_hex(4)}",
+                                  wait_slice_s=SLICE_S, wait_timeout_s=WAIT_TIMEOUT_S), url=url)
         self.admin = redis.Redis.from_url(url, socket_timeout=BOUND_S + 5)
 
     def kill_pubsub(self) -> int:
@@ -106,6 +106,20 @@ async def cluster(redis_server: RedisProcess) -> AsyncIterator[Cluster]:
         await c.aclose()
 
 
+@contextlib.asynccontextmanager
+async def multiplexer(url: str, home: str, **options: Any) -> AsyncIterator[Multiplexer]:
+    """A multiplexer on a pool of its own (as ``Transport.multiplexer`` builds one, with the
+    options that does not expose); closed, with its pool, on exit."""
+    target = Target.parse(url)
+    pool = target.pool()
+    mux = Multiplexer(pool, home, safe_url=target.safe_url, **options)
+    try:
+        yield mux
+    finally:
+        await mux.aclose()
+        await pool.disconnect()
+
+
 def expected_pause(tag: str, first: str) -> Paused:
     return Paused((LlmQuery(id="q-0", prompt=f"{tag} second after {first}"),))
 
@@ -116,10 +130,8 @@ def expected_pause(tag: str, first: str) -> Paused:
 async def test_multiplexer_counts_the_reconnect_and_resyncs_its_waiters(
     cluster: Cluster,
 ) -> None:
-    client = connect(cluster.url)
-    mux = Multiplexer(client, f"{cluster.settings.namespace}:proc:test")
     channel = f"{cluster.settings.namespace}:test-channel"
-    try:
+    async with multiplexer(cluster.url, f"{cluster.settings.namespace}:proc:test") as mux:
         sub = await mux.subscribe(channel)
         assert mux.reconnects == 0
         assert cluster.kill_pubsub() == 1
@@ -135,19 +147,15 @@ async def test_multiplexer_counts_the_reconnect_and_resyncs_its_waiters(
         cluster.admin.publish(channel, b"after")
         assert await sub.get(BOUND_S) == b"after"
         sub.close()
-    finally:
-        await mux.aclose()
-        await client.aclose()
 
 
 async def test_multiplexer_keeps_lingering_channels_warm_across_kills(cluster: Cluster) -> None:
     """A lingering (released, not yet unsubscribed) channel is re-subscribed with the rest, so
     it stays warm and its pending RESYNC cannot stop later reconnects from being counted; on
     close, Redis no longer counts the multiplexer as a listener."""
-    client = connect(cluster.url)
-    mux = Multiplexer(client, f"{cluster.settings.namespace}:proc:test", linger_s=600)
     warm, live = (f"{cluster.settings.namespace}:{name}" for name in ("warm", "live"))
-    try:
+    home = f"{cluster.settings.namespace}:proc:test"
+    async with multiplexer(cluster.url, home, linger_s=600) as mux:
         (await mux.subscribe(warm)).close()
         sub = await mux.subscribe(live)
         for kills in (1, 2):
@@ -159,9 +167,6 @@ async def test_multiplexer_keeps_lingering_channels_warm_across_kills(cluster: C
         async with await mux.subscribe(warm) as again:
             cluster.admin.publish(warm, b"still warm")
             assert await again.get(BOUND_S) == b"still warm"
-    finally:
-        await mux.aclose()
-        await client.aclose()
     await assert_eventually(lambda: cluster.subscribers(live) == 0, timeout=BOUND_S,
                             message="the closed multiplexer is still subscribed")
 
@@ -171,38 +176,28 @@ async def test_subscribe_racing_a_kill_is_confirmed_on_the_new_connection(
 ) -> None:
     """SUBSCRIBE written to a connection that is already dead (its loss not yet seen) is sent
     again on the new one: the caller gets a working subscription, not a WaitTimeout."""
-    client = connect(cluster.url)
-    mux = Multiplexer(client, f"{cluster.settings.namespace}:proc:test")
     channel = f"{cluster.settings.namespace}:late"
-    try:
+    async with multiplexer(cluster.url, f"{cluster.settings.namespace}:proc:test") as mux:
         await mux.start()
         assert cluster.kill_pubsub() == 1  # this loop has not run since: the loss is unseen
         sub = await within(mux.subscribe(channel), "the racing subscribe", mux)
         assert mux.reconnects == 1
         cluster.admin.publish(channel, b"hello")
         assert await sub.get(BOUND_S) == b"hello"
-    finally:
-        await mux.aclose()
-        await client.aclose()
 
 
 async def test_multiplexer_reads_bursts_and_large_messages(cluster: Cluster) -> None:
     """Many pushes in one read and one push over many reads are all delivered, in order."""
-    client = connect(cluster.url)
-    mux = Multiplexer(client, f"{cluster.settings.namespace}:proc:test")
     channel = f"{cluster.settings.namespace}:burst"
     sent = [b"small-%d" % n for n in range(20)] + [b"x" * (3 * 1024 * 1024)] + [b"last"]
-    try:
-        async with await mux.subscribe(channel) as sub:
-            pipe = cluster.admin.pipeline(transaction=False)
-            for payload in sent:
-                pipe.publish(channel, payload)
-            pipe.execute()
-            got = [await sub.get(BOUND_S) for _ in sent]
-            assert got == sent
-    finally:
-        await mux.aclose()
-        await client.aclose()
+    home = f"{cluster.settings.namespace}:proc:test"
+    async with multiplexer(cluster.url, home) as mux, await mux.subscribe(channel) as sub:
+        pipe = cluster.admin.pipeline(transaction=False)
+        for payload in sent:
+            pipe.publish(channel, payload)
+        pipe.execute()
+        got = [await sub.get(BOUND_S) for _ in sent]
+        assert got == sent
 
 
 # -- natural timing: kill while they wait -------------------------------------------------------

@@ -19,9 +19,10 @@ real worker processes (``coordinator worker``) and registries in this process:
   finished session paused again; re-attaching with ``wait_event`` and answering what it shows
   finishes every session correctly; a host that goes on from its stale view is not stopped.
 - **a reply lost on the wire** (a proxy drops the reply to one command and closes the
-  connection, as a restart or a network cut does): redis-py's Retry sends the command again.
-- **an outage longer than the client's retry budget**: what a caller sees, and that a worker
-  keeps all its loops running.
+  connection, as a restart or a network cut does): the transport sends the command again,
+  and every script recognises its own repetition.
+- **an outage longer than a call's budget** (``Settings.redis_timeout_s``): the caller gets
+  ``Unavailable`` within it, and a worker keeps all its loops running.
 
 No sleeps synchronise anything: waits are events, task completions, or ``assert_eventually``
 on Redis state. Servers, proxies and worker processes are torn down whatever the outcome.
@@ -43,17 +44,18 @@ from typing import Any
 import pytest
 from redis.asyncio import Redis
 from redis.asyncio.retry import Retry
-from redis.backoff import NoBackoff
+from redis.backoff import ExponentialBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from coordinator.codec import unpack
-from coordinator.errors import AlreadyResponded, InvalidTransition, NotFound
+from coordinator.errors import AlreadyResponded, InvalidTransition, NotFound, Unavailable
 from coordinator.keys import JOB_GROUP, Keys
 from coordinator.models import Accepted, Finished, Paused
-from coordinator.pubsub import RESYNC, Multiplexer
 from coordinator.registry import SessionRegistry
-from coordinator.settings import Settings, connect
+from coordinator.settings import Settings
 from coordinator.states import Phase
+from coordinator.transport import RESYNC, Transport
 from tests.conftest import RedisServerFactory
 from tests.helpers import assert_eventually
 from tests.procs import FAST_SETTINGS, WorkerPool, answer_for
@@ -87,6 +89,15 @@ def round_of(prompt: str) -> int:
 
 def new_namespace() -> str:
     return f"fr{secrets.token_hex(4)}"
+
+
+def observer_client(url: str) -> Redis:
+    """A plain redis-py client for reading what the server holds, which rides out the
+    test's own restarts (capped backoff, ~25 s): the observer is not what is under test."""
+    return Redis.from_url(
+        url, retry=Retry(ExponentialBackoff(cap=1.0, base=0.02), retries=30),
+        retry_on_error=[RedisConnectionError, RedisTimeoutError, ConnectionResetError],
+        socket_connect_timeout=5)
 
 
 # -- what the host saw, and what the server holds ---------------------------------------------
@@ -261,7 +272,7 @@ async def rig(server: RedisProcess, tmp_path: Path, workers: int = 2) -> AsyncIt
     namespace = new_namespace()
     pool = WorkerPool(server.url, namespace, tmp_path)
     regs: list[SessionRegistry] = []
-    observer = connect(server.url)
+    observer = observer_client(server.url)
     try:
         for _ in range(workers):
             await pool.start(concurrency=4)
@@ -639,6 +650,7 @@ class WireRig:
     reg: SessionRegistry  # talks to Redis through the proxy
     proxy: DropReplyProxy
     worker: Any
+    observer: Redis  # straight to Redis, for reading what the server holds
 
 
 @pytest.fixture
@@ -652,27 +664,28 @@ async def wire(redis_url: str) -> AsyncIterator[WireRig]:
     proxy = DropReplyProxy(port)
     await proxy.start()
     settings = Settings(namespace=new_namespace(), wait_slice_s=0.1, wait_timeout_s=10.0)
-    worker = Worker(connect(redis_url), settings, concurrency=4)
+    worker = Worker(Transport.from_url(redis_url), settings, concurrency=4)
     await worker.start()
-    reg = SessionRegistry(connect(proxy.url), settings=settings, owns_client=True)
+    reg = SessionRegistry(Transport.from_url(proxy.url), settings=settings)
+    observer = Redis.from_url(redis_url)
     try:
         # Warm the scripts up, so an armed drop hits the command itself, not a NOSCRIPT.
         sid, ev = await reg.start_execution("mp-rounds", {"tag": "warm", "rounds": 1,
                                                           "width": 2})
         assert isinstance(ev, Paused)
         await reg.feed_response(sid, "q-0", "warm")
-        yield WireRig(reg, proxy, worker)
+        yield WireRig(reg, proxy, worker, observer)
     finally:
         await reg.aclose()
         await worker.shutdown(grace_s=1.0)
-        await worker.client.aclose()
+        await observer.aclose()
         await proxy.aclose()
 
 
 async def test_feed_whose_reply_was_lost_is_not_reported_as_a_duplicate(wire: WireRig) -> None:
-    """redis-py's Retry re-sends a command whose reply was lost. For ``feed.lua`` the second
-    run finds its own answer and says ALREADY_RESPONDED: the host is told its (recorded)
-    answer was refused. Expected: the feed's real outcome, ``Accepted(1)``."""
+    """The transport re-sends a command whose reply was lost. ``feed.lua``'s second run must
+    recognise its own answer (by the call's token), not say ALREADY_RESPONDED (which would
+    tell the host its recorded answer was refused): the feed's real outcome, ``Accepted(1)``."""
     reg = wire.reg
     sid, _ = await reg.start_execution("mp-rounds", {"tag": "w1", "rounds": 1, "width": 2})
     wire.proxy.arm(b"LOST-REPLY-1")
@@ -682,7 +695,7 @@ async def test_feed_whose_reply_was_lost_is_not_reported_as_a_duplicate(wire: Wi
     except AlreadyResponded as exc:
         result = exc
     assert wire.proxy.dropped == 1
-    truth = await read_truth(reg.client, reg.keys, sid)
+    truth = await read_truth(wire.observer, reg.keys, sid)
     assert truth.answers == {"q-0": "LOST-REPLY-1 answer"}  # recorded once
     assert result == Accepted(1), (
         f"the feed was recorded, but the caller got {result!r}: a retried feed.lua call "
@@ -691,8 +704,8 @@ async def test_feed_whose_reply_was_lost_is_not_reported_as_a_duplicate(wire: Wi
 
 async def test_last_feed_whose_reply_was_lost_returns_the_next_event(wire: WireRig) -> None:
     """The round's last answer: the retried call finds the session running (or already at
-    its next event) and raises InvalidTransition, so the caller loses the event it waits
-    for. Expected: the next event (here the session's result)."""
+    its next event); it must not raise InvalidTransition (the caller would lose the event it
+    waits for). Expected: the next event (here the session's result)."""
     reg = wire.reg
     sid, _ = await reg.start_execution("mp-rounds", {"tag": "w2", "rounds": 1, "width": 1})
     wire.proxy.arm(b"LOST-REPLY-2")
@@ -710,11 +723,11 @@ async def test_last_feed_whose_reply_was_lost_returns_the_next_event(wire: WireR
 
 
 async def test_submit_whose_reply_was_lost_returns_the_session(wire: WireRig) -> None:
-    """``create.lua`` re-sent finds its own session and says EXISTS, which ``submit`` turns
-    into an untyped ``SessionError`` ("unexpected script reply EXISTS"), while the session it
-    created runs on, unknown to the caller. Expected: the session id."""
+    """``create.lua`` re-sent finds its own session; ``submit`` must not turn that into an
+    error (the session it created would run on, unknown to the caller). Expected: the
+    session id."""
     reg = wire.reg
-    before = await reg.client.zcard(reg.keys.deadlines)
+    before = await wire.observer.zcard(reg.keys.deadlines)
     wire.proxy.arm(b"LOST-REPLY-3")
     result: Any
     try:
@@ -723,7 +736,7 @@ async def test_submit_whose_reply_was_lost_returns_the_session(wire: WireRig) ->
     except Exception as exc:
         result = exc
     assert wire.proxy.dropped == 1
-    assert await reg.client.zcard(reg.keys.deadlines) == before + 1  # created once
+    assert await wire.observer.zcard(reg.keys.deadlines) == before + 1  # created once
     assert isinstance(result, str), (
         f"the session was created, but submit raised {result!r}; the caller cannot reach it")
     ev = await reg.wait_event(result)
@@ -743,8 +756,9 @@ async def test_commit_whose_reply_was_lost_is_applied_once(
     proxy = DropReplyProxy(port)
     await proxy.start()
     settings = Settings(namespace=new_namespace(), wait_slice_s=0.1, wait_timeout_s=10.0)
-    worker = Worker(connect(proxy.url), settings, concurrency=2)
-    reg = SessionRegistry(connect(redis_url), settings=settings, owns_client=True)
+    worker = Worker(Transport.from_url(proxy.url), settings, concurrency=2)
+    reg = SessionRegistry(Transport.from_url(redis_url), settings=settings)
+    observer = Redis.from_url(redis_url)
     try:
         await worker.start()
         # warm the worker's scripts up, so the drop hits the commit, not a NOSCRIPT reply
@@ -764,27 +778,27 @@ async def test_commit_whose_reply_was_lost_is_applied_once(
                              "rounds": expected_rounds("LOSTCOMMIT", 3, 2, answer_for)}
         assert ev.metrics["pauses"] == 3 and ev.metrics["rounds"] == 3
         assert ev.metrics["llm_calls"] == 6  # counted once, not twice
-        assert await reg.client.llen(reg.keys.session(sid).journal) == 3
+        assert await observer.llen(reg.keys.session(sid).journal) == 3
         assert worker.stats.replays >= 1  # the live execution was dropped with the reply
     finally:
         await reg.aclose()
         await worker.shutdown(grace_s=1.0)
-        await worker.client.aclose()
+        await observer.aclose()
         await proxy.aclose()
 
 
 async def test_waiters_are_told_to_recheck_after_a_restart(
     redis_server_factory: RedisServerFactory,
 ) -> None:
-    """``coordinator/pubsub.py`` promises: "after a reconnect every subscription gets a
-    RESYNC marker once its channel is confirmed again", because messages published while the
-    connection was down are lost. redis-py's own Retry reconnects and re-subscribes the
-    PubSub connection inside ``get_message`` without raising, so the multiplexer never sees
-    the break: no RESYNC, ``reconnects`` stays 0, and a waiter learns of what it missed only
-    when its wait slice runs out (a worker's lost nudge: only at the next autoclaim)."""
+    """``coordinator/transport/pubsub.py`` promises: "after a reconnect every subscription
+    gets a RESYNC marker once its channel is confirmed again", because messages published
+    while the connection was down are lost. The multiplexer owns its connection (nothing
+    below it reconnects behind its back), so it sees the break, counts it and resyncs: a
+    waiter does not have to wait out its slice (a worker's lost nudge: the next autoclaim)."""
     server = redis_server_factory(appendonly=True, appendfsync="always")
-    client = connect(server.url)
-    mux = Multiplexer(client, "fr-home")
+    transport = Transport.from_url(server.url)
+    mux = transport.multiplexer("fr-home")
+    client = observer_client(server.url)
     try:
         sub = await mux.subscribe("fr-chan")
         await asyncio.to_thread(server.stop)
@@ -801,66 +815,73 @@ async def test_waiters_are_told_to_recheck_after_a_restart(
         assert first is RESYNC, (
             f"after the restart the waiter got {first!r}, not RESYNC (mux.reconnects "
             f"{mux.reconnects}); messages published while it was away are lost unseen")
+        assert mux.reconnects >= 1
         await client.publish("fr-chan", "after")
         assert await sub.get(WAIT_S) == b"after"  # and the subscription works again
     finally:
-        await mux.aclose()
+        await transport.aclose()
         await client.aclose()
 
 
-# -- 4. an outage longer than the client's retry budget -----------------------------------------
+# -- 4. an outage longer than a call's budget ----------------------------------------------------
+
+#: The budget of each Redis call in the outage test (``Settings.redis_timeout_s``).
+OUTAGE_BUDGET_S = 1.0
 
 
-def short_retry_client(url: str) -> Redis:
-    """What ``connect()`` builds, with a retry budget of two immediate retries instead of
-    ~25 s: an outage then outlasts the budget, as a long one outlasts ``connect()``'s."""
-    return Redis.from_url(
-        url, retry=Retry(NoBackoff(), retries=2),
-        retry_on_error=[RedisConnectionError, ConnectionResetError], socket_connect_timeout=2,
-    )
-
-
-async def test_outage_longer_than_the_retry_budget(
+async def test_outage_longer_than_the_call_budget(
     redis_server_factory: RedisServerFactory,
 ) -> None:
-    """A call made while Redis is down past the retry budget raises redis-py's
-    ``ConnectionError`` (not a ``SessionError``); once Redis is back the same registry and
-    worker carry on, and every worker loop (jobs, nudges, heartbeat, autoclaim, gc) still
-    runs, so a session held live by the worker resumes at once."""
+    """A call made while Redis is down past its budget raises ``Unavailable`` (a
+    ``SessionError``, never redis-py's own errors) within that budget; once Redis is back the
+    same registry and worker carry on, and every worker loop (jobs, nudges, heartbeat,
+    autoclaim, gc) still runs, so a session held live by the worker resumes at once."""
     from workers import catalog
     from workers.worker import Worker
 
     server = redis_server_factory(appendonly=True, appendfsync="always")
     catalog.load(["tests.strategies_mp"])
-    settings = Settings(namespace=new_namespace(), wait_slice_s=0.1, wait_timeout_s=10.0)
-    worker = Worker(short_retry_client(server.url), settings, concurrency=2)
-    reg = SessionRegistry(short_retry_client(server.url), settings=settings, owns_client=True)
-    # Record which worker loop saw a claim fail while Redis was down (the nudge loop claims
-    # on every RESYNC its subscription gets when the pub/sub connection breaks).
+    settings = Settings(namespace=new_namespace(), wait_slice_s=0.1, wait_timeout_s=10.0,
+                        redis_timeout_s=OUTAGE_BUDGET_S)
+    worker = Worker(Transport.from_url(server.url, timeout_s=OUTAGE_BUDGET_S), settings,
+                    concurrency=2)
+    reg = SessionRegistry(Transport.from_url(server.url, timeout_s=OUTAGE_BUDGET_S),
+                          settings=settings)
+    # Record which worker task saw a Redis call fail while Redis was down, and how (the
+    # nudge loop claims on every RESYNC its subscription gets when the pub/sub connection
+    # breaks). Spied on the worker's transport, whatever object of the worker makes the call.
     failed_in: list[str] = []
-    claim_once = worker.claim_once
+    other_errors: list[str] = []
+    execute = worker.redis.execute
 
-    async def spied_claim_once() -> int:
+    async def spied_execute(*args: Any, **kwargs: Any) -> Any:
         try:
-            return await claim_once()
-        except Exception:
+            return await execute(*args, **kwargs)
+        except Exception as exc:
             task = asyncio.current_task()
             failed_in.append(task.get_name() if task else "?")
+            if not isinstance(exc, Unavailable):
+                other_errors.append(f"{args[0]}: {exc!r}")
             raise
 
-    worker.claim_once = spied_claim_once  # type: ignore[method-assign]
+    worker.redis.execute = spied_execute  # type: ignore[method-assign]
     try:
         await worker.start()
         sid, ev = await reg.start_execution("mp-rounds", {"tag": "o", "rounds": 2, "width": 1})
         assert isinstance(ev, Paused)
 
         await asyncio.to_thread(server.stop)
-        with pytest.raises(RedisConnectionError):
+        started = time.monotonic()
+        with pytest.raises(Unavailable) as info:
             await reg.feed_response(sid, "q-0", "during the outage")
+        assert time.monotonic() - started < OUTAGE_BUDGET_S + 3.0  # bounded, not ~25 s
+        assert info.value.url == server.url
         await assert_eventually(lambda: "nudges" in failed_in, timeout=WAIT_S,
                                 message="the nudge loop never met the outage")
         await asyncio.to_thread(server.start)
 
+        assert not other_errors, f"calls in the outage failed with more than Unavailable: " \
+            f"{other_errors}"
         dead = {t.get_name(): repr(t.exception()) for t in worker._loops if t.done()}
         assert not dead, f"worker loops died in the outage and stay dead: {dead}"
         ev = await reg.feed_response(sid, "q-0", answer_for(prompt_for("o", 0, 0)))
@@ -871,7 +892,6 @@ async def test_outage_longer_than_the_retry_budget(
     finally:
         await reg.aclose()
         await worker.shutdown(grace_s=1.0)
-        await worker.client.aclose()
 
 
 @pytest.mark.redis

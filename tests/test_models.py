@@ -231,20 +231,33 @@ def test_session_ids_are_unique_and_their_random_part_varies() -> None:
 
 def test_error_tree() -> None:
     assert issubclass(errors.PayloadTooLarge, errors.InvalidInput)
-    for cls in (errors.LockTimeout, errors.LockOrderError, errors.FencedOut):
+    for cls in (errors.LockTimeout, errors.LockOrderError, errors.LockLost):
         assert issubclass(cls, errors.LockError)
+    assert not hasattr(errors, "FencedOut")  # replaced by LockLost
     leaves = [
         errors.NotFound, errors.UnknownQuery, errors.AlreadyResponded, errors.NoPendingQuery,
         errors.InvalidTransition, errors.WaitTimeout, errors.InvalidInput,
         errors.PayloadTooLarge, errors.UnknownStrategy, errors.NonDeterminism,
-        errors.BudgetExceeded, errors.StepTimeout, errors.CorruptState, errors.LockError,
-        errors.LockTimeout, errors.LockOrderError, errors.FencedOut,
+        errors.BudgetExceeded, errors.StepTimeout, errors.CorruptState, errors.Unavailable,
+        errors.Misconfigured, errors.LockError, errors.LockTimeout, errors.LockOrderError,
+        errors.LockLost,
     ]
     for cls in leaves:
         assert issubclass(cls, errors.SessionError)
     codes = [cls.code for cls in leaves]
     assert len(set(codes)) == len(codes)
     assert all(re.fullmatch(r"[a-z_]+", c) for c in codes)
+
+
+def test_unavailable_carries_the_masked_url_and_its_cause() -> None:
+    e = errors.Unavailable("redis at redis://:***@h:1/0 is unavailable", url="redis://:***@h:1/0",
+                           cause="Connection refused")
+    assert (e.url, e.cause, e.code) == ("redis://:***@h:1/0", "Connection refused",
+                                        "unavailable")
+    assert e.to_json() == {"status": "error", "error": e.message, "type": "unavailable",
+                           "redis": "redis://:***@h:1/0"}
+    assert "redis" not in errors.Unavailable("down").to_json()
+    assert errors.Misconfigured("no db").to_json()["type"] == "misconfigured"
 
 
 def test_error_to_json_carries_only_the_fields_set() -> None:

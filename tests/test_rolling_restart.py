@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 
 from coordinator import Finished, Paused, SessionRegistry, Settings
-from coordinator.settings import connect
+from coordinator.transport import Transport
 from tests.helpers import assert_eventually
 from tests.procs import FAST_SETTINGS, WAIT_S, WorkerPool, answer_for
 from tests.strategies_mp import expected_rounds
@@ -21,7 +21,7 @@ pytestmark = [pytest.mark.redis, pytest.mark.slow]
 
 @pytest.fixture
 async def registry(redis_url: str, namespace: str) -> AsyncIterator[SessionRegistry]:
-    reg = SessionRegistry(connect(redis_url), owns_client=True,
+    reg = SessionRegistry(Transport.from_url(redis_url),
                           settings=Settings(namespace=namespace, **FAST_SETTINGS))
     yield reg
     await reg.aclose()

@@ -59,9 +59,9 @@ WAIT_S = 30.0
 # -- (a) least-privilege ACL --------------------------------------------------------------------
 
 #: Every command the coordinator sends, directly or from its Lua scripts (ACL rules apply to
-#: commands a script calls too), or that redis-py sends for it (EVALSHA / SCRIPT LOAD /
-#: SCRIPT EXISTS for registered scripts, PING for health checks, SUBSCRIBE / UNSUBSCRIBE for
-#: pub/sub). Found by running the flow under ``-@all`` plus this list, with the ACL log empty.
+#: commands a script calls too), through its transport (EVALSHA, and SCRIPT LOAD on NOSCRIPT;
+#: PING; SUBSCRIBE / UNSUBSCRIBE on the pub/sub connection). Found by running the flow under
+#: ``-@all`` plus this list, with the ACL log empty.
 ACL_COMMANDS = (
     # scripts (registered once, called by SHA; redis-py loads them on NOSCRIPT)
     "evalsha", "script|load", "script|exists",
@@ -142,20 +142,15 @@ async def run_whole_flow(url: str, namespace: str, tmp_path: Path) -> list[str]:
 
 
 def test_acl_rule_set_covers_every_command_the_code_sends() -> None:
-    """Static guard for the rule set: every command in the Lua scripts (ours and redis-py's
-    lock scripts) and every client method the coordinator and workers call is granted. A new
-    command fails here first: add it to ACL_COMMANDS and to docs/guarantees.md."""
+    """Static guard for the rule set: every command in the Lua scripts (the locks are ours
+    too now), every command the coordinator and workers write raw through the transport, and
+    every redis-py client method they call is granted. A new command fails here first: add
+    it to ACL_COMMANDS and to docs/guarantees.md."""
     import re
-
-    from redis.asyncio.lock import Lock
 
     granted = set(ACL_COMMANDS)
     lua = [p.read_text() for p in ROOT.joinpath("coordinator", "scripts").glob("*.lua")]
-    lua += [Lock.LUA_RELEASE_SCRIPT, Lock.LUA_EXTEND_SCRIPT, Lock.LUA_REACQUIRE_SCRIPT]
-    # A container command's grant names its subcommand too (``XGROUP DELCONSUMER`` needs
-    # ``xgroup|delconsumer``).
-    containers = {"xgroup", "xinfo", "script", "client", "object", "config"}
-    in_scripts = {f"{cmd.lower()}|{sub.lower()}" if cmd.lower() in containers else cmd.lower()
+    in_scripts = {f"{cmd.lower()}|{sub.lower()}" if cmd.lower() in CONTAINERS else cmd.lower()
                   for src in lua
                   for cmd, sub in re.findall(
                       r"redis\.p?call\(\s*'([A-Za-z]+)'(?:\s*,\s*'([A-Za-z]+)')?", src)}
@@ -183,13 +178,18 @@ def test_acl_rule_set_covers_every_command_the_code_sends() -> None:
         f"{sorted(unknown_methods)}")
 
 
+#: A container command's grant names its subcommand too (``XGROUP DELCONSUMER`` needs
+#: ``xgroup|delconsumer``).
+CONTAINERS = {"xgroup", "xinfo", "script", "client", "object", "config"}
+
+
 def _raw_commands_not_granted(path: Path, granted: set[str]) -> list[str]:
     import re
 
     missing: list[str] = []
-    # Commands written raw (``Wire.execute("EVALSHA", ...)``, batches of tuples such as
-    # ``("HMGET", key, ...)``, ``hiredis.pack_command(("SUBSCRIBE", ...))``): upper-case
-    # string literals opening a call's arguments or a tuple.
+    # Commands written raw (``transport.execute("SMEMBERS", ...)``, batches of tuples such
+    # as ``("HMGET", key, ...)``, ``pack(("EVALSHA", ...))``, ``conn.send("SUBSCRIBE", ...)``):
+    # upper-case string literals opening a call's arguments or a tuple.
     # (A tuple of all-literal strings is data, such as a table header, not a command.)
     for node in ast.walk(ast.parse(path.read_text())):
         elts: list[ast.expr] = []
@@ -203,8 +203,8 @@ def _raw_commands_not_granted(path: Path, granted: set[str]) -> list[str]:
                  if isinstance(e, ast.Constant) and isinstance(e.value, str)]
         if words and re.fullmatch(r"[A-Z]+", words[0]):
             raw = words[0].lower()
-            if raw == "script" and len(words) > 1:  # a container command
-                raw = f"script|{words[1].lower()}"
+            if raw in CONTAINERS and len(words) > 1:
+                raw = f"{raw}|{words[1].lower()}"
             if raw not in granted:
                 missing.append(f"{raw} ({path.relative_to(ROOT)}:{node.lineno})")
     return missing
@@ -299,12 +299,15 @@ def test_least_privilege_user_cannot_leave_its_namespace(acl_server: AclServer) 
 
 @pytest.mark.redis
 async def test_registry_on_another_namespace_is_refused_by_redis(acl_server: AclServer) -> None:
-    """A registry configured with a namespace the user was not granted gets redis-py's
-    ``NoPermissionError`` on its first call; nothing is written."""
+    """A registry configured with a namespace the user was not granted is refused on its
+    first call, with a ``SessionError`` that says so (never redis-py's own
+    ``NoPermissionError``); nothing is written."""
     async with SessionRegistry.from_url(acl_server.url, namespace="other",
                                         wait_timeout_s=5) as reg:
-        with pytest.raises(NoPermissionError):
+        with pytest.raises(SessionError, match="no permissions") as info:
             await reg.submit("mp-rounds", {"tag": "x"})
+        assert not isinstance(info.value, redis.RedisError)
+        assert "secret" not in str(info.value)
     assert acl_server.admin.keys("other:*") == []
 
 

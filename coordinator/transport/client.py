@@ -25,6 +25,7 @@ from typing import Any, TypeVar
 from redis.asyncio import ConnectionPool, Redis
 from redis.exceptions import (
     AuthenticationError,
+    NoPermissionError,
     NoScriptError,
     ReadOnlyError,
     RedisError,
@@ -216,7 +217,8 @@ class Transport:
         text = _cause(cause)
         return Unavailable(
             f"redis at {self.safe_url} is unavailable: {what} got no answer within "
-            f"{budget:g} s (last error: {text}); nothing was half-done, retry once it is back",
+            f"{budget:g} s (last error: {text}); a write may or may not have been applied (each "
+            "is all or nothing): re-read the session once Redis is back before repeating it",
             url=self.safe_url, cause=text)
 
     def _refused(self, exc: BaseException) -> Misconfigured:
@@ -241,6 +243,9 @@ def checked(replies: list[Any]) -> list[Any]:
 
 def _refusal(exc: ResponseError, what: str) -> SessionError:
     text = str(exc)
+    if text.startswith("NOPERM") or isinstance(exc, NoPermissionError):
+        return Misconfigured(f"redis refused {what}: {text}; the URL's user lacks a "
+                             "permission the coordinator needs (see the README's ACL notes)")
     if text.startswith("WRONGTYPE"):
         return CorruptState(f"redis refused {what}: {text}; a key holds data this "
                             "coordinator did not write")

@@ -207,13 +207,22 @@ class Multiplexer:
         async with self._lock:
             if self._keeper is not None:
                 return
-            try:
-                async with asyncio.timeout(self._timeout_s):
-                    await self._reconnect()
-            except (TimeoutError, RedisError, OSError) as exc:
-                raise Unavailable(
-                    f"cannot subscribe at redis {self._safe_url}: {_cause(exc)}",
-                    url=self._safe_url, cause=_cause(exc)) from None
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + self._timeout_s
+            backoff = 0.02
+            while True:  # within the transport's budget, as every other call
+                try:
+                    async with asyncio.timeout(max(0.01, deadline - loop.time())):
+                        await self._reconnect()
+                    break
+                except (TimeoutError, RedisError, OSError) as exc:
+                    if loop.time() + backoff >= deadline:
+                        raise Unavailable(
+                            f"redis at {self._safe_url} is unavailable: cannot subscribe "
+                            f"within {self._timeout_s:g} s (last error: {_cause(exc)})",
+                            url=self._safe_url, cause=_cause(exc)) from None
+                    await asyncio.sleep(backoff)
+                    backoff = min(backoff * 2, 0.5)
             self._keeper = asyncio.create_task(self._keep_connected(),
                                                name=f"pubsub:{self._home}")
 
