@@ -1,0 +1,236 @@
+"""Where a worker's steps come from, and how many it runs at once.
+
+Three sources, each covering what the others can miss:
+
+- the **stream** ``ns:jobs`` (consumer group ``workers``) is the truth: every start and every
+  completed round is a job there, acknowledged only by the commit that applies it
+  (``commit_step.lua`` XACKs the session's current job). The read never blocks, so it can
+  share the connection with the scripts; the jobs-wake channel says when to read again, and
+  a bounded wait covers a lost wake-up.
+- **claims** (XAUTOCLAIM): a job whose worker died or stalled stays pending, and is taken
+  over once idle for ``claim_idle_ms``.
+- **nudges** on this worker's channel: the feed that completes a round of a session this
+  worker holds live tells it at once, usually with a handoff (lock A taken in this worker's
+  name, the round's answers included), so the live path needs no hop through the stream.
+  The round's job is in the stream too, marked with the holder (field ``h``): others leave
+  it pending for the holder, and if the holder dies it is claimed like any other job. Nudges
+  lost while the pub/sub connection was down are made up for by a claim on RESYNC.
+
+The heartbeat lives here too: it is what tells the others (and their GC) that this
+consumer is alive and its pending jobs are not to be retired.
+
+Every loop re-checks the stop flag on each turn: a cancel swallowed inside a Redis call must
+not keep a worker from shutting down.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable, Coroutine
+from typing import Any
+
+from coordinator.errors import SessionError
+from coordinator.events import parse_handoff
+from coordinator.keys import JOB_GROUP
+from coordinator.records import as_hash, now_ms
+from coordinator.services import Services
+from coordinator.transport import Subscription, checked
+
+from .step import StepRequest, WorkerStats
+
+log = logging.getLogger(__name__)
+
+
+async def every(
+    interval_s: float, fn: Callable[[], Awaitable[object]], stop: asyncio.Event, what: str
+) -> None:
+    """Call ``fn`` every ``interval_s`` seconds until ``stop`` is set, logging its failures
+    (``what`` names it) instead of dying of them."""
+    while not stop.is_set():  # re-checked: a cancel may be swallowed below
+        await asyncio.sleep(interval_s)
+        try:
+            await fn()
+        except Exception as exc:
+            log.warning("%s failed: %s", what, exc)
+
+
+class Pool:
+    """The steps in flight: at most ``concurrency`` run at once, and the job read takes only
+    as many jobs as there is room for, so the rest stay in the stream for other workers."""
+
+    def __init__(self, concurrency: int) -> None:
+        self.concurrency = concurrency
+        self.tasks: set[asyncio.Task[None]] = set()
+        self._slots = asyncio.Semaphore(concurrency)
+
+    def spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.create_task(self._slotted(coro))
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+
+    async def _slotted(self, coro: Coroutine[Any, Any, None]) -> None:
+        async with self._slots:
+            try:
+                await coro
+            except Exception:
+                log.exception("step failed unexpectedly; its job stays pending for a retry")
+
+    async def room(self) -> int:
+        """How many more tasks fit, once at least one does."""
+        while len(self.tasks) >= self.concurrency:
+            await asyncio.wait(set(self.tasks), return_when=asyncio.FIRST_COMPLETED)
+        return self.concurrency - len(self.tasks)
+
+    async def drain(self, grace_s: float, cancel_wait_s: float) -> None:
+        """Let the tasks finish within ``grace_s``, then cancel the rest (their jobs stay
+        pending, for another worker to claim) and give them ``cancel_wait_s`` to unwind."""
+        if not self.tasks:
+            return
+        _, late = await asyncio.wait(set(self.tasks), timeout=grace_s)
+        for task in late:
+            task.cancel()
+        if late:
+            await asyncio.wait(late, timeout=cancel_wait_s)
+
+
+class Intake:
+    """Turns jobs, claims and nudges into ``StepRequest``s handed to ``submit``."""
+
+    def __init__(
+        self,
+        services: Services,
+        *,
+        worker_id: str,
+        stats: WorkerStats,
+        pool: Pool,
+        submit: Callable[[StepRequest], None],
+        stop: asyncio.Event,
+    ) -> None:
+        self.id = worker_id
+        self.settings = services.settings
+        self.redis = services.transport
+        self.keys = services.keys
+        self.mux = services.mux
+        self.stats = stats
+        self.nudge_channel = self.keys.worker_nudge(worker_id)
+        self._pool = pool
+        self._submit = submit
+        self._stop = stop
+
+    async def start(self, beat: Callable[[], Awaitable[None]]) -> list[asyncio.Task[None]]:
+        """Subscribe, then run the loops (and ``beat``, the heartbeat); returns their tasks."""
+        settings = self.settings
+        wake = await self.mux.subscribe(self.keys.jobs_wake)
+        nudge = await self.mux.subscribe(self.nudge_channel, on_message=self.on_nudge)
+        return [
+            asyncio.create_task(self._job_loop(wake), name="jobs"),
+            asyncio.create_task(self._nudge_loop(nudge), name="nudges"),
+            asyncio.create_task(every(settings.heartbeat_ttl_ms / 3000, beat, self._stop,
+                                      "heartbeat"), name="heartbeat"),
+            asyncio.create_task(every(settings.claim_idle_ms / 2000, self.claim_once,
+                                      self._stop, "autoclaim"), name="autoclaim"),
+        ]
+
+    async def ensure_group(self) -> None:
+        (reply,) = await self.redis.execute_many(
+            [("XGROUP", "CREATE", self.keys.jobs, JOB_GROUP, "0", "MKSTREAM")])
+        if isinstance(reply, Exception) and "BUSYGROUP" not in str(reply):
+            raise SessionError(f"cannot create the job group: {reply}")
+
+    # -- the stream ----------------------------------------------------------------------
+
+    async def _job_loop(self, wake: Subscription) -> None:
+        """Read new jobs while there are free slots; otherwise await a wake-up (bounded)."""
+        while not self._stop.is_set():
+            try:
+                got = await self.run_once()
+            except Exception as exc:
+                log.warning("reading jobs failed (%s); retrying", exc)
+                got = 0
+                await asyncio.sleep(0.1)
+            if got == 0:
+                await wake.get(self.settings.wait_slice_s)
+
+    async def run_once(self) -> int:
+        """Read the jobs this worker has room for and start them; returns how many."""
+        free = await self._pool.room()
+        # Never blocking (the wake-up channel says when to read), so it can share the Wire
+        # with the scripts: redis-py would spend ~200 µs of CPU on each of these reads.
+        (reply,) = await self.redis.execute_many([
+            ("XREADGROUP", "GROUP", JOB_GROUP, self.id, "COUNT", max(1, free), "STREAMS",
+             self.keys.jobs, ">")])
+        if isinstance(reply, Exception) and "NOGROUP" in str(reply):
+            await self.ensure_group()
+            return 0
+        entries = _stream_entries(checked([reply])[0])
+        for entry_id, fields in entries:
+            if fields.get(b"h") and fields.get(b"k") == b"resume":
+                # A live holder heard of this round (and usually holds its lock already): it
+                # steps it, and its commit acknowledges this entry. Should it die, the entry
+                # is claimed from this worker's pending list once idle (XAUTOCLAIM).
+                self.stats.deferred += 1
+                continue
+            self._take(entry_id.decode(), fields)
+        return len(entries)
+
+    async def claim_once(self) -> int:
+        """Take over jobs left pending too long by a dead or stalled worker."""
+        reply: Any = await self.redis.execute(
+            "XAUTOCLAIM", self.keys.jobs, JOB_GROUP, self.id, self.settings.claim_idle_ms,
+            "0-0", "COUNT", 100)
+        entries = [(e[0], as_hash(e[1])) for e in reply[1] if e and e[1]]
+        for entry_id, fields in entries:
+            self.stats.claimed += 1
+            self._take(entry_id.decode(), fields)
+        return len(entries)
+
+    def _take(self, entry_id: str, fields: dict[bytes, bytes]) -> None:
+        kind = fields.get(b"k", b"").decode(errors="replace")
+        sid = fields.get(b"sid", b"").decode(errors="replace")
+        if kind in ("start", "resume") and sid:
+            self._submit(StepRequest(sid, entry_id=entry_id))
+        else:
+            self._pool.spawn(self._dead_letter(entry_id, sid, kind))
+
+    async def _dead_letter(self, entry_id: str, sid: str, kind: str) -> None:
+        log.error("job %s has unknown kind %r; moving it to the dead letters", entry_id, kind)
+        self.stats.dead_letters += 1
+        checked(await self.redis.execute_many([
+            ("XADD", self.keys.dead_letters, "MAXLEN", "~", 10_000, "*", "sid", sid,
+             "job", entry_id, "reason", f"unknown job kind {kind!r}", "error", "",
+             "at", now_ms()),
+            ("XACK", self.keys.jobs, JOB_GROUP, entry_id),
+            ("XDEL", self.keys.jobs, entry_id)]))
+
+    # -- nudges --------------------------------------------------------------------------
+
+    def on_nudge(self, msg: bytes) -> None:
+        """Straight from the pub/sub connection's parser: start the step at once."""
+        try:
+            handoff = parse_handoff(msg)
+            sid = handoff.sid if handoff is not None else msg.decode()
+        except (ValueError, UnicodeDecodeError) as exc:
+            # Its lease runs out and the round's job is claimed from the stream.
+            log.error("unreadable nudge ignored (%s): %r", exc, msg[:80])
+            return
+        self._submit(StepRequest(sid, handoff=handoff))
+
+    async def _nudge_loop(self, nudge: Subscription) -> None:
+        """Nudges themselves go to ``on_nudge``; this loop hears RESYNC: nudges may have
+        been lost while the connection was down, and the stream has their jobs."""
+        while not self._stop.is_set():  # re-checked: a cancel may be swallowed below
+            if await nudge.get(self.settings.wait_slice_s) is not None:
+                try:
+                    await self.claim_once()
+                except Exception as exc:  # Redis still away: the claim loop retries later
+                    log.warning("autoclaim after a pub/sub reconnect failed: %s", exc)
+
+
+def _stream_entries(reply: Any) -> list[tuple[bytes, dict[bytes, bytes]]]:
+    """XREADGROUP of one stream, as the Wire (flat field lists) or a redis-py pipeline (field
+    dicts; a dict keyed by stream under RESP3) gives it: its entries, fields as a dict."""
+    if not reply:
+        return []
+    stream = next(iter(reply.values())) if isinstance(reply, dict) else reply[0][1]
+    return [(entry_id, as_hash(fields)) for entry_id, fields in stream]

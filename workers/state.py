@@ -1,0 +1,97 @@
+"""A session's stored state, turned into what a strategy needs: the round's answers, and an
+execution rebuilt from the journal when the worker holds none in memory.
+
+Apart from the step because none of it touches Redis or lock A: it decodes what the step
+read and re-runs a strategy, so it can be checked on its own. Replay is what lets any worker
+take over any session (its holder died, or evicted it to bound memory), and it must land
+exactly where the session is: a strategy that asks anything else on the way, or at the end,
+fails the session as non-deterministic rather than resume from a state nobody answered.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from coordinator.codec import unpack
+from coordinator.errors import CorruptState, NotFound, SessionError
+from coordinator.records import SessionRecord, decode_queries
+
+from . import catalog
+from .runtime import Ask, Crash, Execution, JournalRound, Outcome, digest, journal_entry
+
+
+@dataclass(slots=True)
+class Loaded:
+    """The session as a step read it; ``journal`` None when not read, [] when empty."""
+
+    rec: SessionRecord
+    pending: dict[bytes, bytes]
+    answers: dict[bytes, bytes]
+    journal: list[bytes] | None = None
+
+    @classmethod
+    def parse(
+        cls, sid: str, session: dict[bytes, bytes], pending: dict[bytes, bytes],
+        answers: dict[bytes, bytes], journal: list[bytes] | None,
+    ) -> Loaded:
+        if not session:
+            raise NotFound(f"session {sid} vanished", session_id=sid)
+        return cls(SessionRecord.from_hash(sid, session), pending, answers, journal)
+
+
+def round_answers(data: Loaded) -> tuple[list[str] | None, bytes]:
+    """The answered round in query order, and its journal entry (none for a start)."""
+    rec = data.rec
+    if rec.asked == 0:
+        return None, b""
+    queries = decode_queries(rec, data.pending)
+    answers = []
+    for q in queries:
+        raw = data.answers.get(q.id.encode())
+        if raw is None:
+            raise CorruptState(f"session {rec.sid} is running round {rec.asked} but "
+                               f"query {q.id} has no answer", session_id=rec.sid)
+        answers.append(str(unpack(raw, what="answer", session_id=rec.sid)["r"]))
+    return answers, journal_entry(queries, answers)
+
+
+def new_execution(rec: SessionRecord, *, max_result_bytes: int) -> Execution | Crash:
+    """A new execution of the session's strategy; a Crash when no such strategy is here."""
+    try:
+        fn = catalog.get(rec.strategy)
+    except SessionError as exc:
+        return Crash(exc.message)
+    return Execution(fn, rec.input or {}, budget=rec.budget, started_at_ms=rec.started_at,
+                     max_result_bytes=max_result_bytes)
+
+
+def read_journal(data: Loaded) -> list[JournalRound]:
+    """The journal's rounds as ``journal_entry`` wrote them."""
+    rounds = []
+    for raw in data.journal or []:
+        d, triples = unpack(raw, what="journal entry", session_id=data.rec.sid)
+        rounds.append(JournalRound(d, [t[2] for t in triples]))
+    return rounds
+
+
+async def replay(
+    ex: Execution, data: Loaded, journal: list[JournalRound], answers: list[str],
+    timeout_s: float,
+) -> tuple[Execution | None, Outcome]:
+    """Run the new ``ex`` through ``journal``, check that it asks the session's pending
+    questions again, and resume it with their ``answers``."""
+    rec = data.rec
+    try:
+        out = await ex.replay(journal, timeout_s)
+        current = decode_queries(rec, data.pending)
+        if not isinstance(out, Ask) or digest(out.queries) != digest(current):
+            ex.close()
+            return None, Crash(
+                f"non-determinism: on replay, round {rec.asked} did not ask the questions "
+                "that were answered; strategies must ask the same questions given the "
+                "same answers"
+            )
+        return ex, await ex.step(answers, timeout_s)
+    except SessionError as exc:
+        ex.close()
+        return None, Crash(exc.message)

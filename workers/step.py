@@ -1,0 +1,380 @@
+"""One step of one session: lock A, the session's state, the strategy, the commit.
+
+A step is asked for by a stream job, a nudge or a handoff, but which of its four paths it
+takes (see ``StepRequest``) depends on what this worker still holds, which only the step can
+tell: hence one request type, and one way through lock A, the checks and the commit.
+
+The commit (``commit_step.lua``) carries lock A's fencing token and the round the step began
+from, so whatever crashed or stalled meanwhile, a step applies at most once and never over
+newer state; the checks before it (an old job, an ended session, a step failing again and
+again) keep a redelivered or poisoned job from running a strategy again. This is the hot
+path: a handed-off step costs one command, so nothing here adds a read, task or wait.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import uuid
+from abc import ABC, abstractmethod
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Any, NamedTuple
+
+from coordinator.codec import estimate_tokens, pack, unpack
+from coordinator.errors import CorruptState, LockTimeout, NotFound, SessionError
+from coordinator.events import Handoff, pause_event
+from coordinator.keys import JOB_GROUP
+from coordinator.locks import FencedLock
+from coordinator.models import LlmQuery
+from coordinator.records import SessionRecord, as_hash
+from coordinator.scripts import Lease, StepBegin
+from coordinator.services import Services
+from coordinator.states import Phase
+from coordinator.transport import checked
+
+from .runtime import Ask, Crash, Done, Execution, Outcome, journal_entry
+from .state import Loaded, new_execution, read_journal, replay, round_answers
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(slots=True)
+class WorkerStats:
+    """A worker's counters, as its heartbeat publishes them (``Worker.report``)."""
+
+    steps: int = 0
+    live_resumes: int = 0
+    replays: int = 0
+    deferred: int = 0
+    claimed: int = 0
+    fenced_rejections: int = 0
+    stale_skips: int = 0
+    dead_letters: int = 0
+    step_errors: int = 0
+
+
+@dataclass(slots=True)  # not frozen: that would double the cost of making one, per step
+class StepRequest:
+    """Step session ``sid`` once, for the stream job ``entry_id``, a nudge (neither set) or
+    a ``handoff`` (lock A taken in this worker's name by ``feed.lua``, answers included).
+    Whatever asked for it, the step takes one of four paths:
+
+    1. **handoff on a live execution**: the paused execution in memory is in step with the
+       handoff and resumes with its answers; the commit is the only command.
+    2. **live resume**: lock A taken and the session read in one command (``step_begin``);
+       the execution in memory resumes with the answers read.
+    3. **replay**: nothing in memory (another worker held it, or it was evicted): a new
+       execution re-runs the journal, then resumes.
+    4. **start**: round 0: a new execution runs to its first ask.
+
+    A handoff that cannot take path 1 (nothing live, out of step, failing again and again,
+    odd answers) reads the session under the lock it was handed and takes 2, 3 or 4.
+    """
+
+    sid: str
+    entry_id: str | None = None
+    handoff: Handoff | None = None
+
+
+class _Handed(NamedTuple):
+    ex: Execution
+    asked: int
+    answers: list[str]
+    entry: bytes
+
+
+class Stepper(ABC):
+    """The step machinery and the executions it keeps live; ``Worker`` is one, and runs its
+    steps (``_submit``) in its pool."""
+
+    def __init__(self, services: Services, *, worker_id: str) -> None:
+        self.id = worker_id
+        self.settings = services.settings
+        self.redis = services.transport
+        self.keys = services.keys
+        self.scripts = services.scripts
+        self.locks = services.locks
+        self.terminate = services.terminate
+        self.stats = WorkerStats()
+        self._nudge_channel = self.keys.worker_nudge(worker_id)
+        #: Paused executions by session, least recently stepped first (path 1 and 2).
+        self._live: OrderedDict[str, Execution] = OrderedDict()
+        self._busy: set[str] = set()
+        # Handoffs that came while this worker was still finishing the session's last step.
+        self._queued: dict[str, StepRequest] = {}
+
+    @abstractmethod
+    def _submit(self, req: StepRequest) -> None:
+        """Run ``_step(req)`` soon, in a task of its own."""
+
+    async def _step(self, req: StepRequest) -> None:
+        """Run ``req``, one step per session at a time; a failure leaves its job pending."""
+        sid = req.sid
+        if sid in self._busy:
+            if req.handoff is not None:
+                # The last step of this session is still unwinding (its commit is what let
+                # the host answer): run the handoff right after it.
+                self._queued[sid] = req
+            return  # otherwise this worker is on it already; that step's commit acks the job
+        self._busy.add(sid)
+        try:
+            await self._lock_and_step(req)
+        except Exception as exc:
+            # Left pending, the job is retried (claimed again) until max_attempts; keep the
+            # error so the dead letter can say what kept failing.
+            self.stats.step_errors += 1
+            log.exception("step of session %s failed; it will be retried", sid)
+            with contextlib.suppress(Exception):
+                await self.redis.execute("HSET", self.keys.session(sid).session, "last_error",
+                                         f"{type(exc).__name__}: {exc}"[:2000])
+        finally:
+            self._busy.discard(sid)
+            queued = self._queued.pop(sid, None)
+            if queued is not None:
+                self._submit(queued)
+
+    # -- lock A ------------------------------------------------------------------------------
+
+    async def _lock_and_step(self, req: StepRequest) -> None:
+        """Take lock A (or adopt the handed one), step under it, and let go of it unless the
+        commit did."""
+        sid, lock = req.sid, self.locks.session(req.sid)
+        begun: StepBegin | None = None
+        if req.handoff is not None:
+            lock.took(Lease(req.handoff.fence, 0), req.handoff.token)
+        else:
+            token = uuid.uuid4().hex
+            # Take the lock and read the session in one command (step_begin.lua); only when
+            # the lock is busy do we fall back to the lock's own bounded wait, then read.
+            try:
+                begun = await self.scripts.step_begin(sid, token=token, lease_ms=lock.lease_ms,
+                                                      with_journal=sid not in self._live)
+                if not lock.took(begun.lease, token):
+                    begun = None
+                    await lock.acquire()
+            except LockTimeout:
+                return  # someone is stepping it; the job stays pending if it still matters
+            except CorruptState as exc:
+                await self._fail_corrupt(sid, exc)
+                return
+            except NotFound:
+                self._forget(sid)
+                if req.entry_id:
+                    await self._drop_entry(req.entry_id)
+                return
+        released = False
+        try:
+            async with lock.kept_alive():
+                released = await self._step_under_lock(req, lock, begun)
+        finally:
+            if not released:
+                with contextlib.suppress(Exception):
+                    await lock.release()
+
+    # -- the four paths -----------------------------------------------------------------------
+
+    async def _step_under_lock(
+        self, req: StepRequest, lock: FencedLock, begun: StepBegin | None
+    ) -> bool:
+        """Step under lock A; True when the commit applied, which released the lock."""
+        sid = req.sid
+        handed = self._handed_round(req.handoff)
+        ex: Execution | None
+        answers: list[str] | None
+        if handed is not None:  # 1. a handoff on a live execution: nothing to read
+            ex, asked, answers, entry = handed
+            self.stats.live_resumes += 1
+            outcome = await ex.step(answers, self.settings.step_timeout_s)
+        else:
+            data = await self._checked_load(sid, lock, req.entry_id, begun)
+            if data is None:
+                return False
+            asked, ex = data.rec.asked, self._live.get(sid)
+            if ex is not None and ex.asked != asked:
+                self._forget(sid)  # out of step with the session: replay instead
+                ex = None
+            if ex is None and data.journal is None:
+                data = await self._load(sid, with_journal=True)
+            try:
+                answers, entry = round_answers(data)
+            except CorruptState as exc:
+                await self._fail_corrupt(sid, exc)
+                return False
+            if ex is not None:  # 2. live resume
+                self.stats.live_resumes += 1
+                outcome = await ex.step(answers, self.settings.step_timeout_s)
+            elif answers is None:  # 4. start (round 0: nothing answered)
+                ex, outcome = await self._start(data.rec)
+            else:  # 3. replay
+                ex, outcome = await self._replay(data, answers)
+        if not isinstance(outcome, Ask):
+            self._forget(sid)
+        return await self._commit(sid, lock, asked_from=asked, outcome=outcome,
+                                  journal_entry=entry, ex=ex)
+
+    def _handed_round(self, h: Handoff | None) -> _Handed | None:
+        """Path 1's execution, round, answers and journal entry, straight from the handoff;
+        None sends the step down the reading path, which checks everything against Redis
+        (nothing live, a live execution out of step, a step failing again and again, odd
+        answers)."""
+        live = None if h is None else self._live.get(h.sid)
+        if h is None or live is None or live.asked != h.asked \
+                or h.fence - h.cfence > self.settings.max_attempts:
+            return None
+        queries = live.last_queries
+        try:
+            answers = [str(unpack(h.answers[q.id], what="answer", session_id=h.sid)["r"])
+                       for q in queries]
+        except (KeyError, TypeError, SessionError):
+            return None
+        return _Handed(live, h.asked, answers, journal_entry(queries, answers))
+
+    # -- reading the session (paths 2 to 4) ---------------------------------------------------
+
+    async def _checked_load(
+        self, sid: str, lock: FencedLock, entry_id: str | None, begun: StepBegin | None
+    ) -> Loaded | None:
+        """The session, if this step is still to run: None when the job is old, the session
+        no longer running, or the step failing too often (then the session is failed). The
+        journal only when no execution is live (None when not read, [] when empty)."""
+        live = self._live.get(sid)
+        try:
+            if begun is not None and (live is not None or begun.journal is not None):
+                data = Loaded.parse(sid, begun.session, begun.pending, begun.answers,
+                                    begun.journal)
+            else:
+                data = await self._load(sid, with_journal=live is None)
+        except CorruptState as exc:
+            await self._fail_corrupt(sid, exc)
+            return None
+        rec = data.rec
+        if entry_id is not None and rec.job != entry_id:
+            await self._drop_entry(entry_id)  # an old job of this session: applied already
+            self.stats.stale_skips += 1
+            return None
+        if rec.phase is not Phase.RUNNING:
+            self._forget(sid)
+            if entry_id:
+                await self._drop_entry(entry_id)  # applied already (or ended): nothing to do
+            self.stats.stale_skips += 1
+            return None
+        # Each acquisition of lock A bumps the fence and each commit records it, so the gap
+        # counts the attempts at this step since it last succeeded (crashes included).
+        attempts = (lock.fence or 0) - rec.cfence
+        if attempts > self.settings.max_attempts:
+            self.stats.dead_letters += 1
+            reason = f"failed {attempts - 1} times in a row"
+            log.error("session %s: step %s; dead-lettering it", sid, reason)
+            await self._fail(sid, f"job {reason} (max_attempts {self.settings.max_attempts}); "
+                             f"last error: {rec.last_error or 'the worker died mid-step'}",
+                             dead_letter=reason)
+            return None
+        return data
+
+    async def _load(self, sid: str, *, with_journal: bool) -> Loaded:
+        sk = self.keys.session(sid)
+        commands: list[tuple[Any, ...]] = [
+            ("HGETALL", sk.session), ("HGETALL", sk.pending), ("HGETALL", sk.answers)]
+        if with_journal:
+            commands.append(("LRANGE", sk.journal, 0, -1))
+        replies = checked(await self.redis.execute_many(commands))
+        return Loaded.parse(sid, as_hash(replies[0]), as_hash(replies[1]),
+                            as_hash(replies[2]), replies[3] if with_journal else None)
+
+    async def _start(self, rec: SessionRecord) -> tuple[Execution | None, Outcome]:
+        ex = new_execution(rec, max_result_bytes=self.settings.max_input_bytes)
+        if isinstance(ex, Crash):
+            return None, ex
+        return ex, await ex.step(None, self.settings.step_timeout_s)
+
+    async def _replay(
+        self, data: Loaded, answers: list[str]
+    ) -> tuple[Execution | None, Outcome]:
+        ex = new_execution(data.rec, max_result_bytes=self.settings.max_input_bytes)
+        if isinstance(ex, Crash):
+            return None, ex
+        self.stats.replays += 1
+        return await replay(ex, data, read_journal(data), answers, self.settings.step_timeout_s)
+
+    # -- the end of every path ----------------------------------------------------------------
+
+    async def _commit(
+        self, sid: str, lock: FencedLock, *, asked_from: int, outcome: Outcome,
+        journal_entry: bytes, ex: Execution | None,
+    ) -> bool:
+        """Apply the step (fenced, from round ``asked_from``); True when it applied, which
+        released lock A in the same command. An execution that asked again stays live."""
+        ctx = ex.ctx if ex is not None else None
+        logs = [pack(x) for x in ctx.logs] if ctx else []
+        progress = pack(ctx.last_progress) if ctx and ctx.last_progress else b""
+        queries: list[LlmQuery] = outcome.queries if isinstance(outcome, Ask) else []
+        rest: list[Any] = [len(logs), *logs]
+        if isinstance(outcome, Ask):
+            records = [q.to_record() for q in queries]
+            kind, event = "pause", pause_event(asked_from + 1, records)
+            rest += [pack([q.id for q in queries]), len(queries)]
+            for q, rec in zip(queries, records, strict=True):
+                rest += [q.id, pack(rec)]
+        elif isinstance(outcome, Done):
+            kind, event = "complete", b"complete"
+            rest.append(pack(outcome.result))
+        else:
+            kind, event = "fail", b"fail"
+            rest.append(outcome.error)
+        assert lock.fence is not None and lock.local.token is not None
+        reply = await self.scripts.commit_step(
+            sid, fence=lock.fence, asked=asked_from, token=lock.local.token, holder=self.id,
+            holder_channel=self._nudge_channel, backstop_ms=self.settings.backstop_ms,
+            retention_ms=self.settings.retention_ms, journal_entry=journal_entry,
+            progress=progress, llm_calls=len(queries),
+            prompt_chars=sum(len(q.prompt) for q in queries),
+            prompt_tokens=sum(estimate_tokens(len(q.prompt)) for q in queries),
+            outcome=kind, event=event, rest=rest)
+        if ctx is not None:
+            ctx.logs.clear()
+            ctx.last_progress = None
+        self.stats.steps += 1
+        if reply.code == "OK":
+            lock.mark_released()
+            if isinstance(outcome, Ask) and ex is not None:
+                self._keep_live(sid, ex)
+            return True
+        self._forget(sid)
+        if reply.code == "FENCED":
+            self.stats.fenced_rejections += 1
+            log.warning(
+                "stale write rejected for session %s: this worker's lease (fence %s) was "
+                "taken over (fence now %s) while it was stalled; dropping its step",
+                sid, lock.fence, reply.args[0].decode() if reply.args else "?",
+            )
+        else:
+            log.info("commit for session %s skipped: %s", sid, reply.code)
+        return False
+
+    async def _drop_entry(self, entry_id: str) -> None:
+        checked(await self.redis.execute_many([
+            ("XACK", self.keys.jobs, JOB_GROUP, entry_id), ("XDEL", self.keys.jobs, entry_id)]))
+
+    async def _fail_corrupt(self, sid: str, exc: CorruptState) -> None:
+        """Fail one unreadable session clearly; the worker goes on serving the others."""
+        log.error("%s; failing the session", exc.message)
+        await self._fail(sid, exc.message, dead_letter="corrupt state")
+
+    async def _fail(self, sid: str, error: str, *, dead_letter: str) -> None:
+        self._forget(sid)
+        await self.terminate.fail(sid, error, dead_letter=dead_letter)
+
+    # -- the live executions ----------------------------------------------------------------
+
+    def _keep_live(self, sid: str, ex: Execution) -> None:
+        self._live[sid] = ex
+        self._live.move_to_end(sid)
+        while len(self._live) > self.settings.max_live_executions:
+            _, old = self._live.popitem(last=False)
+            old.close()
+
+    def _forget(self, sid: str) -> None:
+        ex = self._live.pop(sid, None)
+        if ex is not None:
+            ex.close()
