@@ -11,12 +11,13 @@ The time bounds are generous upper bounds that prove each command is bounded, no
 from __future__ import annotations
 
 import asyncio
+import signal
 import time
 
 import pytest
 
 from tests.helpers import free_port
-from tests.procs import CliResult, clean_env, run_cli
+from tests.procs import ROOT, CliResult, clean_env, cli_argv, run_cli
 
 #: The default budget of a Redis call (5 s) plus start-up, with room for a slow box.
 BOUND_S = 7.0 + 3.0
@@ -55,7 +56,6 @@ async def test_every_command_against_a_closed_port_masks_the_password() -> None:
     commands = [
         ("status", "--json"), ("status", "s-0-" + "0" * 32), ("start", "cot", "--task", "x"),
         ("continue", "s-0-" + "0" * 32, "answer"), ("cancel", "s-0-" + "0" * 32),
-        ("worker", "--log-level", "WARNING"),
     ]
     results = await asyncio.gather(*(
         timed_cli(*cmd, "--redis", url, ALC_REDIS_TIMEOUT_S="1.5") for cmd in commands))
@@ -95,3 +95,35 @@ async def test_a_database_the_server_does_not_have_is_misconfigured(redis_url: s
 async def test_no_url_at_all_is_invalid_input() -> None:
     result, _ = await timed_cli("status")
     assert_error(result, "invalid_input", "--redis")
+
+
+async def test_a_worker_waits_for_an_unreachable_redis_saying_so_and_stops_on_sigterm() -> None:
+    """A worker started before its Redis does not die: it says where it connects, logs each
+    failed attempt with the cause (password masked) and retries with backoff; SIGTERM still
+    stops it promptly."""
+    url = f"redis://:hunter2@127.0.0.1:{free_port()}/0"
+    proc = await asyncio.create_subprocess_exec(
+        *cli_argv("worker", "--redis", url, "--log-level", "INFO"), cwd=ROOT,
+        env=clean_env(ALC_REDIS_TIMEOUT_S="0.5"), stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT)
+    assert proc.stdout is not None
+    lines: list[str] = []
+    try:
+        async with asyncio.timeout(30):
+            while sum("is unavailable" in line for line in lines) < 2:
+                raw = await proc.stdout.readline()
+                assert raw, f"the worker exited ({await proc.wait()}):\n{''.join(lines)}"
+                lines.append(raw.decode())
+        proc.send_signal(signal.SIGTERM)
+        async with asyncio.timeout(15):
+            rest = await proc.stdout.read()
+            code = await proc.wait()
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+    text = "".join(lines) + rest.decode()
+    assert code == 0, text
+    assert "connecting to redis at redis://:***@127.0.0.1" in text, text
+    assert "retrying in" in text and "Traceback" not in text, text
+    assert "hunter2" not in text, text

@@ -22,6 +22,7 @@ from dataclasses import asdict
 from typing import Any
 
 from coordinator.codec import pack
+from coordinator.errors import Unavailable
 from coordinator.records import now_ms
 from coordinator.services import Services
 from coordinator.settings import Settings
@@ -90,7 +91,7 @@ class Worker(Stepper):
     async def run(self) -> None:
         """Start, then serve until ``stop()`` (or a signal handler that calls it). A stop
         asked while still starting (Redis unreachable, say) is not kept waiting on it."""
-        starting = asyncio.ensure_future(self.start())
+        starting = asyncio.ensure_future(self._start_when_reachable())
         stopping = asyncio.ensure_future(self._stop.wait())
         await asyncio.wait({starting, stopping}, return_when=asyncio.FIRST_COMPLETED)
         if not starting.done():
@@ -104,6 +105,25 @@ class Worker(Stepper):
                  self.settings.shutdown_grace_s)
         await self.shutdown(self.settings.shutdown_grace_s)
         log.info("worker %s stopped", self.id)
+
+    async def _start_when_reachable(self) -> None:
+        """``start``, retried with backoff while Redis is unavailable, saying so each time:
+        a worker deployed before its Redis (or across a Redis restart) waits for it instead
+        of dying; a Redis that refuses us (credentials, database) is fatal at once."""
+        log.info("worker %s connecting to redis at %s", self.id, self.redis.safe_url)
+        backoff = 0.5
+        while True:
+            try:
+                await self.start()
+                return
+            except Unavailable as exc:
+                log.warning("worker %s: redis at %s is unavailable (%s); retrying in %.1f s",
+                            self.id, self.redis.safe_url, exc.cause or exc.message, backoff)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stop.wait(), backoff)
+            if self._stop.is_set():
+                return
+            backoff = min(backoff * 2, 10.0)
 
     def stop(self) -> None:
         """Ask the worker to stop; safe to call from a signal handler."""
