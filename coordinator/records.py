@@ -22,7 +22,7 @@ _METRICS = (
 
 
 def as_hash(reply: Any) -> dict[bytes, bytes]:
-    """HGETALL as hiredis gives it (a flat list, over the ``Wire``) or redis-py (a dict)."""
+    """HGETALL as a server gives it (a flat list) or fakeredis (a dict)."""
     if isinstance(reply, dict):
         return reply
     it = iter(reply)

@@ -4,7 +4,8 @@ Observers take no lock at all: a snapshot is a consistent-enough view for observ
 never taking a lock is what keeps observers from ever slowing a feed (the original's
 ``list_snapshots`` held the registry lock and blocked every feed). Sessions are read with
 plain commands (HMGET of the fields a snapshot shows, LRANGE of the recent logs), pipelined
-in batches over the process's ``Wire``, the next batch in flight while the last one is built.
+in batches over the process's command connection (``coordinator.transport``), the next
+batch in flight while the last one is built.
 Plain commands rather than one script per batch: Redis serves other clients between the
 commands of a pipeline (every 16 KiB it reads), but never inside a script, so a feed waits
 behind a few commands, not behind a whole batch; and native commands cost Redis a third of

@@ -37,7 +37,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from ..errors import CorruptState, Misconfigured, SessionError, Unavailable
 from .pipe import Pipe, pack
 from .pubsub import Multiplexer
-from .target import Target
+from .target import Target, close_pool
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -168,9 +168,10 @@ class Transport:
             await mux.aclose()
         await self._pipe.aclose()
         if self._admin is not None:
-            await self._admin.aclose()
-            self._admin = None
-        await self._pool.disconnect()
+            admin, self._admin = self._admin, None
+            await admin.aclose()
+            await close_pool(admin.connection_pool)
+        await close_pool(self._pool)
 
     # -- the budget ----------------------------------------------------------------------
 

@@ -1,5 +1,16 @@
 """Where Redis is: one URL, checked before anything connects, and the pools it implies.
 
+Two shapes of URL:
+
+- ``redis://[user:pass@]host:port/db`` (``rediss://`` for TLS, ``unix:///path.sock``): one
+  server.
+- ``redis+sentinel://[user:pass@]host:port[,host:port...]/service_name[/db]``
+  (``rediss+sentinel://``): a primary with replicas behind Redis Sentinel. The listed hosts
+  are sentinels (port 26379 when left out); every connection asks them for the current
+  primary, so the transport follows a failover (a demoted primary's ``READONLY`` reply drops
+  the connection and the next attempt asks again). ``user:pass`` authenticate to the data
+  nodes; ``?sentinel_password=..`` (and ``sentinel_username``) to the sentinels.
+
 A URL a user typed is the most common misconfiguration there is, so it is checked here,
 once, with messages that say what is wrong with it (``InvalidInput``), instead of failing
 deep inside redis-py 26 s later. The password never leaves this module in clear: every
@@ -23,11 +34,16 @@ from ..errors import InvalidInput
 #: RESP2: see the module docstring.
 PROTOCOL = 2
 _SCHEMES = {"redis": False, "rediss": True, "unix": False}
+_SENTINEL_SCHEMES = {"redis+sentinel": False, "rediss+sentinel": True}
+SENTINEL_PORT = 26379
 #: Query options the pools understand; anything else is a typo we should name.
 _KNOWN_OPTIONS = {
     "db", "password", "username", "ssl_cert_reqs", "ssl_ca_certs", "ssl_certfile",
     "ssl_keyfile", "ssl_check_hostname", "client_name",
 }
+_SENTINEL_OPTIONS = {"sentinel_password", "sentinel_username"}
+#: Bound on each question to a sentinel (it answers from memory; a dead one is skipped).
+SENTINEL_TIMEOUT_S = 1.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -37,16 +53,22 @@ class Target:
     url: str
     safe_url: str
     db: int
+    #: Sentinel URLs: the sentinels and the name of the service they watch.
+    sentinels: tuple[tuple[str, int], ...] = ()
+    service: str = ""
 
     @classmethod
     def parse(cls, url: str) -> Target:
         if not isinstance(url, str) or not url.strip():
             raise InvalidInput("the Redis URL is empty; use e.g. redis://localhost:6379/0")
         parts = urlsplit(url.strip())
+        if parts.scheme in _SENTINEL_SCHEMES:
+            return _parse_sentinel(url.strip())
         if parts.scheme not in _SCHEMES:
             raise InvalidInput(
                 f"Redis URL {_mask(url)!r} has scheme {parts.scheme or '(none)'!r}; use "
-                "redis://host:port/db, rediss://host:port/db (TLS) or unix:///path.sock")
+                "redis://host:port/db, rediss://host:port/db (TLS), unix:///path.sock or "
+                "redis+sentinel://host:port[,host:port...]/service_name[/db]")
         try:
             port = parts.port
         except ValueError:
@@ -74,9 +96,74 @@ class Target:
         from redis.asyncio.retry import Retry
         from redis.backoff import NoBackoff
 
+        if self.sentinels:
+            return self._sentinel_pool(**kwargs)
         return ConnectionPool.from_url(
             self.url, protocol=PROTOCOL, retry=Retry(NoBackoff(), 0), health_check_interval=0,
             **kwargs)
+
+    def _sentinel_pool(self, **kwargs: Any) -> ConnectionPool:
+        from redis.asyncio.retry import Retry
+        from redis.asyncio.sentinel import Sentinel, SentinelConnectionPool
+        from redis.backoff import NoBackoff
+
+        parts = urlsplit(self.url)
+        options = {k: v[0] for k, v in parse_qs(parts.query).items()}
+        userinfo = parts.netloc.rpartition("@")[0]
+        user, _, password = userinfo.partition(":")
+        common: dict[str, Any] = {"protocol": PROTOCOL, "retry": Retry(NoBackoff(), 0),
+                                  "health_check_interval": 0}
+        node: dict[str, Any] = {**common, "db": self.db, **kwargs}
+        if user:
+            node["username"] = unquote(user)
+        if password:
+            node["password"] = unquote(password)
+        if parts.scheme.startswith("rediss"):
+            node["ssl"] = True
+        for key in ("client_name", "ssl_cert_reqs", "ssl_ca_certs", "ssl_certfile",
+                    "ssl_keyfile"):
+            if key in options:
+                node[key] = options[key]
+        sentinel_kwargs: dict[str, Any] = {
+            **common, "socket_timeout": SENTINEL_TIMEOUT_S,
+            "socket_connect_timeout": SENTINEL_TIMEOUT_S}
+        if "sentinel_password" in options:
+            sentinel_kwargs["password"] = options["sentinel_password"]
+        if "sentinel_username" in options:
+            sentinel_kwargs["username"] = options["sentinel_username"]
+        manager = Sentinel(  # type: ignore[no-untyped-call]
+            list(self.sentinels), sentinel_kwargs=sentinel_kwargs)
+        return SentinelConnectionPool(  # type: ignore[no-untyped-call]
+            self.service, manager, **node)
+
+
+def _parse_sentinel(url: str) -> Target:
+    parts = urlsplit(url)
+    safe = _mask(url)
+    hosts = parts.netloc.rpartition("@")[2]
+    sentinels: list[tuple[str, int]] = []
+    for item in hosts.split(","):
+        host, sep, port = item.rpartition(":")
+        if not sep:
+            host, port = item, str(SENTINEL_PORT)
+        if not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise InvalidInput(f"Redis URL {safe!r}: {item!r} is not a sentinel host[:port] "
+                               "(the sentinels are listed as host:port,host:port)")
+        sentinels.append((host, int(port)))
+    segments = [unquote(x) for x in parts.path.split("/") if x]
+    if not segments or len(segments) > 2:
+        raise InvalidInput(f"Redis URL {safe!r} must name the service Sentinel watches, and "
+                           "optionally a database: redis+sentinel://host:port/service_name[/db]")
+    options = parse_qs(parts.query)
+    unknown = sorted(set(options) - _KNOWN_OPTIONS - _SENTINEL_OPTIONS)
+    if unknown:
+        raise InvalidInput(f"Redis URL {safe!r} has unknown option(s) {', '.join(unknown)}")
+    raw_db = segments[1] if len(segments) == 2 else options.get("db", ["0"])[0]
+    if not raw_db.isdigit():
+        raise InvalidInput(f"Redis URL {safe!r}: the database must be a number such as /0, "
+                           f"not {raw_db!r}")
+    return Target(url=url, safe_url=safe, db=int(raw_db), sentinels=tuple(sentinels),
+                  service=segments[0])
 
 
 def _db(url: str, scheme: str, path: str, options: dict[str, list[str]]) -> int:
@@ -95,16 +182,30 @@ def _mask(url: str) -> str:
     """``url`` with its password replaced by ``***``."""
     try:
         parts = urlsplit(url)
-        if parts.password is None:
-            query = parse_qs(parts.query)
-            if "password" not in query:
-                return url
-            masked = "&".join(f"{k}={'***' if k == 'password' else v[0]}"
-                              for k, v in query.items())
-            return urlunsplit(parts._replace(query=masked))
-        user = parts.username or ""
-        host = parts.hostname or ""
-        netloc = f"{user}:***@{host}" + (f":{parts.port}" if parts.port else "")
-        return urlunsplit(parts._replace(netloc=netloc))
+        if ":" not in parts.netloc.rpartition("@")[0] or "@" not in parts.netloc:
+            return _mask_query(url)
+        userinfo, _, hosts = parts.netloc.rpartition("@")
+        user = userinfo.partition(":")[0]
+        masked = urlunsplit(parts._replace(netloc=f"{user}:***@{hosts}"))
+        if "sentinel_password" in parse_qs(parts.query):
+            return _mask_query(masked)
+        return masked
     except ValueError:
         return "<unparsable url>"
+
+
+def _mask_query(url: str) -> str:
+    parts = urlsplit(url)
+    query = parse_qs(parts.query)
+    if not {"password", "sentinel_password"} & set(query):
+        return url
+    masked = "&".join(f"{k}={'***' if 'password' in k else v[0]}" for k, v in query.items())
+    return urlunsplit(parts._replace(query=masked))
+
+
+async def close_pool(pool: ConnectionPool) -> None:
+    """Close ``pool``'s connections, and a Sentinel pool's connections to its sentinels."""
+    await pool.disconnect()
+    manager = getattr(pool, "sentinel_manager", None)
+    for sentinel in getattr(manager, "sentinels", ()):
+        await sentinel.aclose()

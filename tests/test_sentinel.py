@@ -1,0 +1,97 @@
+"""A primary with a replica behind Redis Sentinel, reached by one ``redis+sentinel://`` URL.
+
+The transport asks the sentinels for the primary on every connect, so registries, workers
+and their pub/sub follow a failover: Sentinel closes the clients of the old primary, a
+demoted primary's READONLY drops a connection, and the next attempt (within the call's
+budget) lands on the new primary.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+import tests.strategies_mp  # noqa: F401  (registers mp-rounds)
+from coordinator import Finished, Paused, Settings
+from coordinator.states import Phase
+from coordinator.transport import Target
+from tests.helpers import assert_eventually
+from tests.procs import InProcessCluster, answer_for
+from tests.strategies_mp import expected_rounds
+from tests.topology import SentinelGroup
+
+pytestmark = pytest.mark.redis
+
+
+@pytest.fixture(scope="module")
+def sentinel_group() -> Iterator[SentinelGroup]:
+    group = SentinelGroup()
+    group.start()
+    try:
+        yield group
+    finally:
+        group.close()
+
+
+def settings() -> Settings:
+    return Settings(namespace=f"ts{secrets.token_hex(4)}", wait_slice_s=0.1,
+                    wait_timeout_s=30.0, redis_timeout_s=8.0)
+
+
+def test_sentinel_urls_are_checked() -> None:
+    target = Target.parse("redis+sentinel://u:pw@127.0.0.1:1,127.0.0.1/alc/2"
+                          "?sentinel_password=sp")
+    assert target.sentinels == (("127.0.0.1", 1), ("127.0.0.1", 26379))
+    assert (target.service, target.db) == ("alc", 2)
+    assert "pw" not in target.safe_url and "sp" not in target.safe_url
+
+
+async def test_sessions_run_through_sentinel_and_finish_exactly_across_a_failover(
+    sentinel_group: SentinelGroup,
+) -> None:
+    cluster = InProcessCluster.real(sentinel_group.url, settings())
+    try:
+        await cluster.worker(concurrency=8)
+        reg = cluster.registry()
+        before = sentinel_group.primary_port()
+        rounds = 8
+        tags = [f"s{n}" for n in range(12)]
+        started, switched = asyncio.Event(), asyncio.Event()
+
+        async def host(n: int, tag: str) -> Any:
+            """Even hosts keep answering through the switch (thinking 50 ms a round); odd
+            ones stop at round 3 until it is over, so both sides of it are exercised."""
+            sid, event = await reg.start_execution(
+                "mp-rounds", {"tag": tag, "rounds": rounds, "width": 3})
+            started.set()
+            done = 0
+            while isinstance(event, Paused):
+                if n % 2 and done == 3:
+                    await switched.wait()
+                await asyncio.sleep(0.05)  # the host thinking, not synchronisation
+                for q in reversed(event.queries):
+                    event = await reg.feed_response(sid, q.id, answer_for(q.prompt))
+                done += 1
+            return event
+
+        runs = [asyncio.create_task(host(n, tag)) for n, tag in enumerate(tags)]
+        await started.wait()
+        sentinel_group.failover()
+        await assert_eventually(lambda: sentinel_group.primary_port() != before, timeout=15,
+                                message="Sentinel did not fail over")
+        switched.set()
+        assert not all(run.done() for run in runs), "every session ended before the switch"
+        results = await asyncio.gather(*runs)
+        for tag, event in zip(tags, results, strict=True):
+            assert isinstance(event, Finished) and event.state is Phase.COMPLETED, event
+            assert event.result["rounds"] == expected_rounds(tag, rounds, 3, answer_for), tag
+        # And the next session goes to the new primary at once.
+        _, event = await reg.start_execution("mp-rounds", {"tag": "after", "rounds": 1,
+                                                           "width": 1})
+        assert isinstance(event, Paused)
+    finally:
+        await cluster.aclose()
