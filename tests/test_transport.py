@@ -447,3 +447,49 @@ async def test_a_database_the_server_does_not_have_is_misconfigured(redis_url: s
             await t.execute("PING")
         assert time.monotonic() - started < TIMEOUT_S + SLACK_S
         assert "/99" in str(info.value)
+
+
+# -- the server's configuration --------------------------------------------------------------
+
+
+@pytest.mark.redis
+async def test_a_server_that_evicts_keys_is_refused_unless_allowed(
+    redis_server_factory: Callable[..., RedisProcess],
+) -> None:
+    """Evicted session keys break sessions silently, so an evicting ``maxmemory-policy`` is
+    refused on every new connection with a message that says how to fix it."""
+    server = redis_server_factory(extra_args=["--maxmemory-policy", "allkeys-lru"])
+    transport = Transport.from_url(server.url, timeout_s=2.0)
+    try:
+        with pytest.raises(Misconfigured, match=r"maxmemory-policy allkeys-lru.*noeviction"):
+            await transport.execute("PING")
+    finally:
+        await transport.aclose()
+    allowed = Transport.from_url(server.url, timeout_s=2.0, allow_eviction=True)
+    try:
+        assert await allowed.execute("PING") == b"PONG"
+    finally:
+        await allowed.aclose()
+
+
+@pytest.mark.redis
+async def test_a_full_server_is_a_typed_error_not_a_raw_one(
+    redis_server_factory: Callable[..., RedisProcess],
+) -> None:
+    server = redis_server_factory(extra_args=["--maxmemory", "2mb"])
+    transport = Transport.from_url(server.url, timeout_s=2.0)
+    try:
+        with pytest.raises(Unavailable, match="full"):
+            for n in range(10_000):
+                await transport.execute("SET", f"k{n}", "x" * 1000)
+        with pytest.raises(Unavailable, match="full"):  # a script's write, the same
+            await transport.evalsha(*_script("return redis.call('SET', KEYS[1], ARGV[1])"),
+                                    ["big"], ["x" * 100_000])
+    finally:
+        await transport.aclose()
+
+
+def _script(source: str) -> tuple[str, str]:
+    import hashlib
+
+    return hashlib.sha1(source.encode()).hexdigest(), source

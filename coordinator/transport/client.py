@@ -27,6 +27,7 @@ from redis.exceptions import (
     AuthenticationError,
     NoPermissionError,
     NoScriptError,
+    OutOfMemoryError,
     ReadOnlyError,
     RedisError,
     ResponseError,
@@ -56,13 +57,15 @@ class Transport:
         safe_url: str,
         timeout_s: float = 5.0,
         admin: Callable[[], Redis] | None = None,
+        allow_eviction: bool = False,
     ) -> None:
         self.safe_url = safe_url
         self.timeout_s = timeout_s
         self._pool = pool
+        self._allow_eviction = allow_eviction
         self._pipe = Pipe(pool, reply_timeout_s=timeout_s,
                           connect_timeout_s=min(CONNECT_TIMEOUT_S, timeout_s),
-                          on_refused=self._refused)
+                          on_refused=self._refused, on_connected=self._check_server)
         self._make_admin = admin
         self._admin: Redis | None = None
         self._muxes: list[Multiplexer] = []
@@ -71,8 +74,10 @@ class Transport:
         self.trace: Callable[[tuple[Any, ...]], None] | None = None
 
     @classmethod
-    def from_url(cls, url: str, *, timeout_s: float = 5.0) -> Transport:
-        """A transport to the server ``url`` names (checked first: ``InvalidInput``)."""
+    def from_url(cls, url: str, *, timeout_s: float = 5.0,
+                 allow_eviction: bool = False) -> Transport:
+        """A transport to the server ``url`` names (checked first: ``InvalidInput``).
+        ``allow_eviction``: accept a server whose ``maxmemory-policy`` evicts keys."""
         target = Target.parse(url)
         connect_s = min(CONNECT_TIMEOUT_S, timeout_s)
         pool = target.pool(socket_timeout=None, socket_connect_timeout=connect_s)
@@ -82,7 +87,8 @@ class Transport:
             return Redis.from_pool(target.pool(
                 socket_timeout=timeout_s, socket_connect_timeout=connect_s))
 
-        return cls(pool, safe_url=target.safe_url, timeout_s=timeout_s, admin=admin)
+        return cls(pool, safe_url=target.safe_url, timeout_s=timeout_s, admin=admin,
+                   allow_eviction=allow_eviction)
 
     @classmethod
     def in_memory(cls, server: Any, *, timeout_s: float = 5.0) -> Transport:
@@ -94,7 +100,8 @@ class Transport:
             return fakeredis.FakeAsyncRedis(server=server)
 
         pool = admin().connection_pool
-        return cls(pool, safe_url="memory://embedded", timeout_s=timeout_s, admin=admin)
+        return cls(pool, safe_url="memory://embedded", timeout_s=timeout_s, admin=admin,
+                   allow_eviction=True)
 
     @property
     def client(self) -> Redis:
@@ -173,6 +180,27 @@ class Transport:
             await close_pool(admin.connection_pool)
         await close_pool(self._pool)
 
+    async def _check_server(self, conn: Any) -> None:
+        """Refuse a server that evicts keys: an evicted session key, stream entry or lock
+        silently breaks sessions (seen: sessions lost, stuck, or completed with a wrong
+        result under ``allkeys-lru``). A server that does not let us read its config
+        (managed services often rename CONFIG) cannot be checked, and is trusted."""
+        if self._allow_eviction:
+            return
+        await conn.send_packed_command(pack(("CONFIG", "GET", "maxmemory-policy")),
+                                       check_health=False)
+        try:
+            reply = await conn.read_response()
+        except ResponseError:
+            return
+        policy = _text(reply[1]) if isinstance(reply, list) and len(reply) == 2 else ""
+        if policy.startswith(("allkeys-", "volatile-")):
+            raise Misconfigured(
+                f"redis at {self.safe_url} has maxmemory-policy {policy}: it may evict "
+                "session keys, which silently breaks sessions. Set it to noeviction "
+                "(CONFIG SET maxmemory-policy noeviction), or set ALC_ALLOW_EVICTION=1 "
+                "if you accept that risk")
+
     # -- the budget ----------------------------------------------------------------------
 
     async def _bounded(self, attempt: Callable[[float], Awaitable[T]], timeout: float | None,
@@ -244,6 +272,10 @@ def checked(replies: list[Any]) -> list[Any]:
 
 def _refusal(exc: ResponseError, what: str) -> SessionError:
     text = str(exc)
+    if isinstance(exc, OutOfMemoryError) or text.startswith("OOM"):
+        return Unavailable(f"redis refused {what}: it is full (maxmemory reached, "
+                           f"{text}); free memory or raise maxmemory, then retry",
+                           cause=text)
     if text.startswith("NOPERM") or isinstance(exc, NoPermissionError):
         return Misconfigured(f"redis refused {what}: {text}; the URL's user lacks a "
                              "permission the coordinator needs (see the README's ACL notes)")
@@ -257,6 +289,10 @@ def _unresolvable(exc: BaseException) -> bool:
     """A host name that does not resolve will not resolve on the next try either."""
     text = str(exc)
     return "Name or service not known" in text or "nodename nor servname" in text
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
 
 
 def _cause(exc: BaseException) -> str:

@@ -25,7 +25,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import hiredis
@@ -61,9 +61,13 @@ class _Entry:
 class Pipe:
     def __init__(self, pool: ConnectionPool, *, reply_timeout_s: float,
                  connect_timeout_s: float,
-                 on_refused: Callable[[BaseException], Exception] | None = None) -> None:
+                 on_refused: Callable[[BaseException], Exception] | None = None,
+                 on_connected: Callable[[AbstractConnection], Awaitable[None]] | None = None,
+                 ) -> None:
         self.reply_timeout_s = reply_timeout_s
         self._on_refused = on_refused
+        #: Runs on each new connection before it carries calls (checks of the server).
+        self._on_connected = on_connected
         self.connect_timeout_s = connect_timeout_s
         self._pool = pool
         self._conn: AbstractConnection | None = None
@@ -135,6 +139,8 @@ class Pipe:
             try:
                 async with asyncio.timeout(bound):
                     await conn.connect()  # type: ignore[no-untyped-call]
+                    if self._on_connected is not None:
+                        await self._on_connected(conn)
             except TimeoutError:
                 await _close(conn)
                 raise RedisTimeoutError(
