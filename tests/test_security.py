@@ -67,6 +67,8 @@ ACL_COMMANDS = (
     "evalsha", "script|load", "script|exists",
     # strings, keys, server time
     "get", "mget", "set", "del", "exists", "rename", "pexpire", "pttl", "incr", "time", "ping",
+    # the server's maxmemory policy, read once per connection
+    "info",
     # session hashes
     "hget", "hmget", "hgetall", "hkeys", "hset", "hdel", "hexists", "hincrby",
     # journal and logs, strategy names
@@ -75,9 +77,9 @@ ACL_COMMANDS = (
     "zadd", "zrange", "zrangebyscore", "zrem",
     # the job stream and dead letters
     "xadd", "xack", "xdel", "xlen", "xrevrange", "xreadgroup", "xautoclaim", "xgroup|create",
-    "xpending", "xgroup|delconsumer", "xinfo|consumers",
-    # wake-ups
-    "publish", "subscribe", "unsubscribe",
+    "xpending", "xgroup|delconsumer", "xinfo|consumers", "xclaim",
+    # wake-ups; which workers' connections are gone (their jobs and locks are taken over)
+    "publish", "subscribe", "unsubscribe", "pubsub|numsub",
 )
 
 
@@ -180,7 +182,7 @@ def test_acl_rule_set_covers_every_command_the_code_sends() -> None:
 
 #: A container command's grant names its subcommand too (``XGROUP DELCONSUMER`` needs
 #: ``xgroup|delconsumer``).
-CONTAINERS = {"xgroup", "xinfo", "script", "client", "object", "config"}
+CONTAINERS = {"xgroup", "xinfo", "script", "client", "object", "config", "pubsub"}
 
 
 def _raw_commands_not_granted(path: Path, granted: set[str]) -> list[str]:

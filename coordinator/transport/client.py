@@ -183,17 +183,19 @@ class Transport:
     async def _check_server(self, conn: Any) -> None:
         """Refuse a server that evicts keys: an evicted session key, stream entry or lock
         silently breaks sessions (seen: sessions lost, stuck, or completed with a wrong
-        result under ``allkeys-lru``). A server that does not let us read its config
-        (managed services often rename CONFIG) cannot be checked, and is trusted."""
+        result under ``allkeys-lru``). Read from ``INFO memory`` (not CONFIG, which a
+        least-privilege user should not have); a server that refuses INFO is trusted."""
         if self._allow_eviction:
             return
-        await conn.send_packed_command(pack(("CONFIG", "GET", "maxmemory-policy")),
-                                       check_health=False)
+        await conn.send_packed_command(pack(("INFO", "memory")), check_health=False)
         try:
             reply = await conn.read_response()
         except ResponseError:
             return
-        policy = _text(reply[1]) if isinstance(reply, list) and len(reply) == 2 else ""
+        policy = ""
+        for line in _text(reply).splitlines():
+            if line.startswith("maxmemory_policy:"):
+                policy = line.partition(":")[2].strip()
         if policy.startswith(("allkeys-", "volatile-")):
             raise Misconfigured(
                 f"redis at {self.safe_url} has maxmemory-policy {policy}: it may evict "
