@@ -14,6 +14,7 @@ import json
 import platform
 import subprocess
 import sys
+from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -21,7 +22,7 @@ from typing import Any
 from coordinator import SessionRegistry
 from tests.redis_proc import RedisProcess
 
-from . import coord, floor, state
+from . import coord, floor, recovery, state
 from .procs import workers
 from .stats import Latency
 
@@ -85,6 +86,9 @@ async def run(args: argparse.Namespace, url: str) -> dict[str, Any]:
                     reg, inflight, 3 if q else 8)
             await reg.aclose()
     out["throughput"] = tput
+
+    print("recovery ...", file=sys.stderr)
+    out["recovery"] = await recovery.measure(url, trials=3 if q else 10)
 
     print("state ...", file=sys.stderr)
     out["state"] = await _state(url, q)
@@ -166,6 +170,11 @@ def targets(r: dict[str, Any]) -> list[tuple[str, str, bool]]:
         ("<= 2 KiB per paused session beyond its prompt",
          f"{st['memory']['beyond_prompt']:.0f} B", st["memory"]["beyond_prompt"] <= 2048),
     ]
+    worst = [rc["affected"]["max_ms"] for rc in r.get("recovery", {}).values()
+             if rc["affected"]["n"]]
+    if worst:
+        out.append(("a killed worker's sessions resume within 1 s (max kill -> next event)",
+                    f"{max(worst):.0f} ms", max(worst) <= 1000))
     durable = [(n, p) for n, p in r["peers"].items()
                if isinstance(p, dict) and p.get("durable") and "throughput" in p]
     if durable:
@@ -177,6 +186,18 @@ def targets(r: dict[str, Any]) -> list[tuple[str, str, bool]]:
                     f"{live['p50_ms']:.3f} vs {best['latency']['p50_ms'] / 3:.3f} ms",
                     live["p50_ms"] <= best["latency"]["p50_ms"] / 3))
     return out
+
+
+def _recovery_rows(rec: dict[str, Any], lat: Callable[[dict[str, Any]], str]) -> list[str]:
+    rows = []
+    for mode, label in (("kill", "killed mid-run"),
+                        ("freeze", "killed with rounds handed to it")):
+        if mode in rec:
+            rc = rec[mode]
+            rows.append(f"| recovery: SIGKILL one of 2 workers ({label}), kill -> next event "
+                        f"of each session it was stepping ({rc['affected']['n']} over "
+                        f"{rc['trials']} runs; default lease 10 s) | {lat(rc['affected'])} |")
+    return rows
 
 
 def table(r: dict[str, Any], meta: dict[str, Any]) -> str:
@@ -198,6 +219,7 @@ def table(r: dict[str, Any], meta: dict[str, Any]) -> str:
         inflight, n_workers = key.split("x")
         lines.append(f"| throughput, {inflight} sessions, {n_workers} worker(s) | "
                      f"{value:.0f} steps/s |")
+    lines += _recovery_rows(r.get("recovery", {}), lat)
     st = r["state"]
     for n, ms in st["list_snapshots_ms"].items():
         lines.append(f"| list_snapshots, {n} paused sessions | {ms:.1f} ms |")

@@ -13,23 +13,84 @@ import asyncio
 import contextlib
 import json
 import logging
+import math
 import os
 import signal
 import sys
-import time
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import Any, NoReturn
 
 from .errors import InvalidInput, SessionError
 from .models import Finished, Paused, PendingFilter
+from .records import server_now_ms
 from .registry import SessionRegistry
 from .responders import Responder, make_responder
 from .settings import Settings
 from .transport import Transport
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, with its errors as the CLI's other errors: the usage line for people on
+    stderr, then ``InvalidInput``, which ``main`` prints as JSON with exit code 2 (argparse
+    itself would print only text, which a program driving the CLI cannot parse).
+    Subcommand parsers are made of this class too (argparse uses the parent's type)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.print_usage(sys.stderr)
+        raise InvalidInput(f"{self.prog}: {message}")
+
+
+#: The most strategy steps one worker may run at once; more is a typo, not a plan.
+MAX_CONCURRENCY = 10_000
+DEFAULT_CONCURRENCY = 8
+#: What ``--log-level`` takes (uvicorn's names too, for ``serve``).
+LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
+
+
+def _log_level(value: str) -> str:
+    level = value.strip().lower()
+    if level not in LOG_LEVELS:
+        raise argparse.ArgumentTypeError(
+            f"{value!r} is not a log level; use one of {', '.join(LOG_LEVELS)}")
+    return level.upper()
+
+
+def _concurrency(value: str) -> int:
+    """1 or more: 0 or -3 is a mistake to say, not to round up to 1 quietly."""
+    try:
+        n = int(value)
+    except ValueError:
+        n = 0
+    if not 1 <= n <= MAX_CONCURRENCY:
+        raise argparse.ArgumentTypeError(
+            f"must be an integer from 1 to {MAX_CONCURRENCY}, got {value!r}")
+    return n
+
+
+def _seconds(value: str) -> float:
+    """A wait in seconds: finite and >= 0 (argparse's float would take 'nan' and '-1')."""
+    try:
+        seconds = float(value)
+    except ValueError:
+        seconds = math.nan
+    if not 0 <= seconds < 1e9:
+        raise argparse.ArgumentTypeError(
+            f"must be a number of seconds >= 0 and < 1e9, got {value!r}")
+    return seconds
+
+
+def _port(value: str) -> int:
+    try:
+        port = int(value)
+    except ValueError:
+        port = -1
+    if not 0 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"must be a TCP port from 0 to 65535, got {value!r}")
+    return port
+
+
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = _Parser(
         prog="coordinator",
         description="Distributed coordinator for pausable strategy sessions, on Redis.",
     )
@@ -44,10 +105,13 @@ def _parser() -> argparse.ArgumentParser:
     common(w)
     w.add_argument("--import", dest="modules", action="append", default=[],
                    metavar="MODULE", help="import MODULE to register its strategies (repeatable)")
-    w.add_argument("--concurrency", type=int,
-                   default=int(os.environ.get("ALC_CONCURRENCY", "8")),
-                   help="strategy steps run at once (default 8)")
-    w.add_argument("--log-level", default="INFO")
+    # The environment's ALC_CONCURRENCY is read after parsing (``_check_args``), so a bad
+    # one is an error of `worker`, not a crash of every command, `--help` included.
+    w.add_argument("--concurrency", type=_concurrency, default=None,
+                   help=f"strategy steps run at once, 1 to {MAX_CONCURRENCY} "
+                        f"(default $ALC_CONCURRENCY or {DEFAULT_CONCURRENCY})")
+    w.add_argument("--log-level", type=_log_level, default="INFO",
+                   help=f"one of {', '.join(LOG_LEVELS)} (default info)")
 
     def session_inputs(sp: argparse.ArgumentParser) -> None:
         sp.add_argument("strategy")
@@ -55,7 +119,8 @@ def _parser() -> argparse.ArgumentParser:
         sp.add_argument("--input", default=None, help="strategy input as a JSON object")
         sp.add_argument("--budget", default=None,
                         help='JSON, e.g. {"llm_calls": 10, "tokens": 5000, "elapsed_ms": 60000}')
-        sp.add_argument("--timeout", type=float, default=None, help="seconds to wait per event")
+        sp.add_argument("--timeout", type=_seconds, default=None,
+                        help="seconds to wait per event")
 
     r = sub.add_parser("run", help="start a session and drive it to its end as the host")
     common(r)
@@ -75,7 +140,7 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("session_id")
     c.add_argument("response")
     c.add_argument("--query-id", default=None, help="needed when several queries are pending")
-    c.add_argument("--timeout", type=float, default=None)
+    c.add_argument("--timeout", type=_seconds, default=None)
 
     st = sub.add_parser("status", help="list paused sessions, or show one session")
     common(st)
@@ -92,10 +157,11 @@ def _parser() -> argparse.ArgumentParser:
     common(sv)
     sv.add_argument("--host", default="127.0.0.1",
                     help="bind address (default 127.0.0.1; any other needs a token)")
-    sv.add_argument("--port", type=int, default=8000)
+    sv.add_argument("--port", type=_port, default=8000)
     sv.add_argument("--token", default=os.environ.get("ALC_API_TOKEN") or None,
                     help="bearer token clients must send (default: $ALC_API_TOKEN)")
-    sv.add_argument("--log-level", default="info")
+    sv.add_argument("--log-level", type=_log_level, default="INFO",
+                    help=f"one of {', '.join(LOG_LEVELS)} (default info)")
 
     m = sub.add_parser("mcp", help="MCP server on stdio for LLM hosts (needs the [api] extra)")
     common(m)
@@ -105,17 +171,20 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = _parser().parse_args(argv)
-    handler = {
-        "worker": _worker, "run": _run, "start": _start, "continue": _continue,
-        "status": _status, "cancel": _cancel, "serve": _serve, "mcp": _mcp,
-    }[args.command]
+    command = None
     try:
         try:
+            args = _parser().parse_args(argv)
+            command = args.command
+            _check_args(args)
+            handler = {
+                "worker": _worker, "run": _run, "start": _start, "continue": _continue,
+                "status": _status, "cancel": _cancel, "serve": _serve, "mcp": _mcp,
+            }[args.command]
             code = asyncio.run(handler(args))
         except SessionError as exc:
             print(json.dumps(exc.to_json()),
-                  file=sys.stdout if args.command != "run" else sys.stderr)
+                  file=sys.stdout if command != "run" else sys.stderr)
             code = 2
     except KeyboardInterrupt:
         code = 130
@@ -126,6 +195,37 @@ def main(argv: list[str] | None = None) -> None:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         code = 128 + signal.SIGPIPE
     sys.exit(code)
+
+
+def _check_args(args: argparse.Namespace) -> None:
+    """What argparse cannot check by itself, refused before anything runs: the worker's
+    concurrency from the environment, and every ``--import`` module, imported now so a typo
+    or a module that fails to import is a JSON error here, not a traceback from inside the
+    worker or the embedded cluster (they import them again; that is a no-op then)."""
+    if args.command == "worker" and args.concurrency is None:
+        raw = os.environ.get("ALC_CONCURRENCY")
+        try:
+            args.concurrency = DEFAULT_CONCURRENCY if raw is None else _concurrency(raw)
+        except argparse.ArgumentTypeError as exc:
+            raise InvalidInput(f"ALC_CONCURRENCY {exc}") from None
+    modules: list[str] = getattr(args, "modules", [])
+    if modules:
+        _import_modules(modules)
+
+
+def _import_modules(modules: list[str]) -> None:
+    from workers import catalog
+
+    catalog.load([])  # the built-ins first, as the worker loads them
+    for name in modules:
+        try:
+            catalog.load([name])
+        except ModuleNotFoundError as exc:
+            raise InvalidInput(f"--import {name}: no module named {exc.name!r} (is it "
+                               "installed, or its directory on PYTHONPATH?)") from None
+        except Exception as exc:  # whatever the module's own code raised on import
+            raise InvalidInput(f"--import {name}: importing it raised "
+                               f"{type(exc).__name__}: {exc}") from None
 
 
 def _settings(args: argparse.Namespace) -> Settings:
@@ -146,21 +246,30 @@ async def _registry(args: argparse.Namespace) -> AsyncIterator[SessionRegistry]:
 def _session_input(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, int] | None]:
     data: dict[str, Any] = {}
     if args.input:
-        try:
-            data = json.loads(args.input)
-        except json.JSONDecodeError as exc:
-            raise InvalidInput(f"--input is not valid JSON: {exc}") from None
+        data = _json_arg("--input", args.input)
         if not isinstance(data, dict):
             raise InvalidInput("--input must be a JSON object")
     if args.task is not None:
         data["task"] = args.task
     budget = None
     if args.budget:
-        try:
-            budget = json.loads(args.budget)
-        except json.JSONDecodeError as exc:
-            raise InvalidInput(f"--budget is not valid JSON: {exc}") from None
+        budget = _json_arg("--budget", args.budget)
     return data, budget
+
+
+def _json_arg(flag: str, raw: str) -> Any:
+    """A flag's JSON. json.loads raises more than JSONDecodeError on hostile text: a
+    RecursionError when nested too deeply, a ValueError for an integer of over 4300
+    digits; each is the user's mistake, said as one."""
+    try:
+        return json.loads(raw)
+    except RecursionError:
+        raise InvalidInput(f"{flag} is nested too deeply to parse as JSON") from None
+    except json.JSONDecodeError as exc:
+        raise InvalidInput(f"{flag} is not valid JSON: {exc}") from None
+    except ValueError:  # Python's limit on int() of a long digit string
+        raise InvalidInput(f"{flag} holds an integer of over 4300 digits; send it as a "
+                           "string") from None
 
 
 def _emit(obj: Any) -> None:
@@ -170,7 +279,8 @@ def _emit(obj: Any) -> None:
 # -- worker ------------------------------------------------------------------------------
 
 async def _worker(args: argparse.Namespace) -> int:
-    from workers import catalog
+    from workers import catalog, supervisor
+    from workers.watchdog import Watchdog, block_limit
     from workers.worker import Worker
 
     logging.basicConfig(level=args.log_level.upper(),
@@ -178,13 +288,24 @@ async def _worker(args: argparse.Namespace) -> int:
     settings = _settings(args)
     if settings.url is None:
         raise InvalidInput("a worker needs Redis: pass --redis URL or set REDIS_URL")
+    if supervisor.wanted():
+        # The worker runs as our child, replaced when strategy code wedges it; the URL goes
+        # to it by environment, never on a command line others can read.
+        argv = [sys.executable, "-m", "coordinator", "worker",
+                "--concurrency", str(args.concurrency), "--log-level", args.log_level,
+                *(f"--import={m}" for m in args.modules),
+                *(["--namespace", args.namespace] if args.namespace else [])]
+        env = {**os.environ, "REDIS_URL": settings.url}
+        return await supervisor.Supervisor(argv, env, settings).run()
     catalog.load(args.modules)
     transport = Transport.from_url(settings.url, timeout_s=settings.redis_timeout_s)
     worker = Worker(transport, settings, concurrency=args.concurrency)
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, worker.stop)
-    await worker.run()
+    # A strategy holding the loop is interrupted (or this process ended) by the watchdog.
+    with Watchdog(*block_limit(settings)), supervisor.beats(worker.stop):
+        await worker.run()
     return 0
 
 
@@ -251,7 +372,7 @@ async def _status(args: argparse.Namespace) -> int:
 
 
 def _workers(stats: dict[str, dict[str, Any]]) -> str:
-    now = time.time() * 1000
+    now = server_now_ms()  # heartbeats and activity are stamped on Redis's clock
     lines = [f"\nworkers: {len(stats)}"]
     for wid, r in sorted(stats.items()):
         if not r:
@@ -269,7 +390,7 @@ def _workers(stats: dict[str, dict[str, Any]]) -> str:
 def _table(snaps: dict[str, dict[str, Any]]) -> str:
     if not snaps:
         return "no paused sessions"
-    now = time.time() * 1000
+    now = server_now_ms()  # heartbeats and activity are stamped on Redis's clock
     rows = [("SESSION", "STRATEGY", "PHASE", "PENDING", "ROUNDS", "CALLS", "IDLE")]
     for sid, s in sorted(snaps.items(), key=lambda kv: kv[1].get("last_activity_at", 0)):
         m = s.get("metrics", {})

@@ -74,6 +74,20 @@ class Answer:
 _INT_MIN, _INT_MAX = -(2**63), 2**64 - 1  # what msgpack can store
 
 
+def describe_validation(errors: Sequence[Any]) -> str:
+    """pydantic's validation errors (a front's schema refusing a request) as one line a
+    person can act on: where, and what was expected. The rejected values are left out:
+    they are the caller's data, and may be huge."""
+    parts = []
+    for err in list(errors)[:5]:
+        where = ".".join(str(p) for p in err.get("loc", ())) or "the arguments"
+        parts.append(f"{where}: {err.get('msg', 'invalid')}")
+    more = len(errors) - 5
+    if more > 0:
+        parts.append(f"and {more} more")
+    return "; ".join(parts) or "invalid request"
+
+
 def check_wire(value: Any, what: str) -> None:
     """Refuse what JSON can carry but Redis cannot store: lone surrogates (not encodable
     as UTF-8) and integers beyond 64 bits. Caught here they are a 422 naming the field,
@@ -133,9 +147,13 @@ async def feed(
     feed's (``accepted`` while answers remain, else the next event). A failing answer stops
     the batch: the answers before it stay recorded, and the error names its query."""
     check_wire(session_id, "session_id")
-    check_wire([query_id, response, usage], "the answer")
-    for a in responses or ():
-        check_wire([a.query_id, a.response, a.usage], "an answer")
+    check_wire(query_id, "query_id")
+    check_wire(response, "response")
+    check_wire(usage, "usage")
+    for n, a in enumerate(responses or ()):
+        check_wire(a.query_id, f"responses[{n}].query_id")
+        check_wire(a.response, f"responses[{n}].response")
+        check_wire(a.usage, f"responses[{n}].usage")
     if responses is not None:
         if response is not None or query_id is not None:
             raise InvalidInput("give either `responses` (a batch) or `response` "
@@ -180,7 +198,8 @@ async def observe(
     include_history: bool = False,
 ) -> dict[str, Any]:
     """One session's status, or every paused session's snapshot keyed by id."""
-    check_wire([session_id, pending_filter], "the status request")
+    check_wire(session_id, "session_id")
+    check_wire(pending_filter, "pending_filter")
     if session_id:
         return await reg.status(session_id, pending_filter, include_history)
     return await reg.list_snapshots(pending_filter, include_history)

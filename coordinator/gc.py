@@ -1,10 +1,19 @@
 """GC: expire sessions idle longer than their TTL, and forget dead workers (their entry in the
 index and their consumer in the job group); one sweeper at a time across all processes.
 
+Idle means nobody owes the session anything but its host. A paused session waits for its
+host's answers, and that wait is what its TTL bounds; a running one is owed a step by the
+workers (its job queued behind others, or its step in flight), and however long that takes
+is the workers' doing, not the host's, so it never counts. Only paused sessions are in the
+deadline index (``commit_step.lua`` files a session when it pauses, each answer that leaves
+some missing moves it, the last answer takes it out), and ``terminate.lua`` refuses to expire
+a running one (``BUSY``) whatever the index said, so the sweep reads candidates only.
+
 The sweep is a change to the registry as a whole, so it runs under lock C; for each candidate
-it then takes that session's lock A (order C then A, as everywhere), so it never reaps a
-session in the middle of a step, and ``terminate.lua`` re-checks the idle deadline atomically,
-so a feed that just landed keeps the session alive. Redis key expiry is only the backstop.
+it then takes that session's lock A (order C then A, as everywhere), and ``terminate.lua``
+re-checks phase and deadline atomically, so an answer that just landed keeps the session.
+Redis key expiry is only the backstop, for keys nothing else ends (a session whose every job
+was lost): idle ttl + retention + lease past their last refresh.
 """
 
 from __future__ import annotations
@@ -127,6 +136,12 @@ class Sweeper:
             reply = await self._terminate.expire(
                 sid, now_ms=now_ms, error="session expired: it was idle for longer than its ttl"
             )
+        except CorruptState as exc:
+            # Its clock cannot be read, so it can never be judged idle: end it clearly rather
+            # than trip over it on every sweep until the backstop expiry drops it silently.
+            log.error("%s; failing the session", exc.message)
+            await self._terminate.fail(sid, exc.message, dead_letter="corrupt state")
+            return False
         finally:
             with contextlib.suppress(Exception):
                 await lock_a.release()

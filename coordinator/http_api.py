@@ -29,7 +29,7 @@ from starlette.exceptions import HTTPException
 from . import fronts
 from .errors import InvalidInput, SessionError, WaitTimeout
 from .models import Finished
-from .registry import SessionRegistry
+from .registry import MAX_BUDGET, SessionRegistry
 from .settings import Settings
 from .transport import Target, Transport
 
@@ -42,8 +42,8 @@ SessionId = Annotated[str, Path(pattern=r"^[A-Za-z0-9._-]{1,128}$",
 #: at least 1 s, so a 504 means a slow session rather than an impatient client.
 Timeout = Annotated[float | None, Query(ge=1.0, le=3600.0,
                                         description="seconds to wait for the next event")]
-PositiveCount = Annotated[StrictInt, Field(gt=0, le=10**15)]
-TokenCount = Annotated[StrictInt, Field(ge=0, le=10**15)]
+PositiveCount = Annotated[StrictInt, Field(gt=0, le=MAX_BUDGET)]
+TokenCount = Annotated[StrictInt, Field(ge=0, le=MAX_BUDGET)]
 
 
 # -- request bodies ----------------------------------------------------------------------
@@ -148,7 +148,14 @@ async def serve(
     app = create_app(settings, token or None)
     config = uvicorn.Config(app, host=host, port=port, log_level=log_level.lower(),
                             timeout_graceful_shutdown=grace_s, lifespan="on")
-    await uvicorn.Server(config).serve()
+    try:
+        await uvicorn.Server(config).serve()
+    except SystemExit as exc:
+        # uvicorn logs why it could not start (a host that does not resolve, a port in
+        # use or not ours to bind) and exits the process; say it as the CLI's JSON error.
+        raise InvalidInput(f"cannot serve on {host}:{port}: the server stopped at start-up "
+                           f"(exit code {exc.code}); its log above says why, e.g. a --host "
+                           "that does not resolve or a --port in use") from None
 
 
 # -- the app -----------------------------------------------------------------------------

@@ -4,7 +4,10 @@
 the Redis Cluster hash tag ``{sid}`` so they live in one slot and one script may touch them all.
 Values in hashes and lists are msgpack unless marked *plain* (plain values are read by Lua).
 
-Per session (tag ``{sid}``; TTL: idle ttl + retention while live, retention once finished)
+Per session (tag ``{sid}``). TTL while live: the backstop, idle ttl + retention (+ lease) past
+the last refresh, only for keys nothing else ends (GC ends idle sessions, workers running
+ones). Once ended (completed, failed, cancelled, expired): every key below, the feed tokens
+included, expires after the retention period; lock A after its lease.
 
 =============================  ======  =======================================================
 key                            type    holds
@@ -31,7 +34,10 @@ Per namespace (no TTL; small)
 =============================  ======  =======================================================
 ``ns:registry``                zset    sessions held in the registry (paused), score = last
                                        activity (ms)
-``ns:deadlines``               zset    live sessions, score = idle deadline (ms); GC reads it
+``ns:deadlines``               zset    paused sessions, score = idle deadline (ms): last
+                                       activity + ttl; GC reads it. Only paused ones: a
+                                       running session (queued for a worker or mid-step) is
+                                       owed a step, not idle, so that time never counts
 ``ns:jobs``                    stream  start / resume jobs, consumer group ``workers``
 ``ns:dead``                    stream  dead letters: jobs that failed ``max_attempts`` times in a
                                        row, or that no worker understands (capped ~10 000)

@@ -19,6 +19,18 @@ three additions:
 - a **lock-order guard**: the original never takes A then C, which makes deadlock impossible.
   We keep the rule and enforce it: asking for C while this task holds any A raises
   ``LockOrderError``.
+
+Lock A's lease is also **not waited out when its holder is gone**. A worker's token names it
+(``<random>|<worker id>``: ``owner_token``), and a lease the feed took for a live holder
+(the handoff) is named by the session's ``holder``. Every worker keeps its process channel
+(``Keys.process_channel``) subscribed from start to exit, so when that channel has no
+subscriber Redis has seen the worker's connection close: it died (SIGKILL, OOM, crash) or is
+cut off from Redis. The acquiring script (``lock_acquire.lua``, ``step_begin.lua``) then
+takes the lock at once instead of waiting out the lease, bumping the fence as every
+acquisition does, so the gone holder's late commit, should it come back, is refused. A holder
+that is only slow or frozen keeps its connection, and with it its lease: the lease stays the
+bound there (and for a lost machine, whose connections Redis sees close only later). Lock C
+and the locks a registry takes name no holder and are always waited out.
 """
 
 from __future__ import annotations
@@ -40,6 +52,19 @@ from .scripts import Lease, Scripts
 from .transport import Multiplexer
 
 log = logging.getLogger(__name__)
+
+#: Between a lock token's random part and the worker it names (see ``owner_token``).
+OWNER_SEP = "|"
+#: Longest a lock waiter sleeps before trying again, whatever the lease left: a holder that
+#: dies meanwhile is noticed by the next try (its lease is broken, see the module doc).
+RECHECK_S = 0.5
+
+
+def owner_token(owner: str | None) -> str:
+    """A fresh lock token; naming ``owner`` (a worker id) lets others take the lock at once
+    once that worker's connection is gone."""
+    token = uuid.uuid4().hex
+    return f"{token}{OWNER_SEP}{owner}" if owner else token
 
 
 class LockKind(StrEnum):
@@ -71,8 +96,11 @@ class FencedLock:
         lease_ms: int,
         wait_s: float,
         session_id: str | None = None,
+        owner: str | None = None,
     ) -> None:
         self.name = name
+        #: The worker named in this lock's tokens (None: the lock names no holder).
+        self.owner = owner
         #: ``local.token``: the owner token while held (as in redis-py's ``Lock``).
         self.local = SimpleNamespace(token=None)
         self.kind = kind
@@ -95,6 +123,10 @@ class FencedLock:
                 "session lock A; always take C first, then A",
                 session_id=self.session_id,
             )
+
+    def new_token(self) -> str:
+        """A fresh token for this lock, naming its owner if it has one."""
+        return owner_token(self.owner)
 
     async def do_acquire(self, token: str | bytes) -> bool:
         return self._accept(await self._scripts.lock_acquire(
@@ -123,6 +155,9 @@ class FencedLock:
             )
         if fence > 0:
             self.fence = int(fence)
+            if pttl < 0:
+                log.info("lock %s taken over (fence %s) from a holder whose connection to "
+                         "redis is gone", self.label, fence)
             return True
         self._last_pttl = int(pttl)
         return False
@@ -135,7 +170,7 @@ class FencedLock:
     ) -> bool:
         """Take the lease or raise ``LockTimeout`` within the wait budget."""
         self._check_order()
-        token = token if token is not None else uuid.uuid4().hex
+        token = token if token is not None else self.new_token()
         wait_s = self.wait_s if blocking_timeout is None else float(blocking_timeout)
         if blocking is False:
             wait_s = 0.0
@@ -160,7 +195,7 @@ class FencedLock:
                         session_id=self.session_id,
                     )
                 pttl_s = self._last_pttl / 1000 if self._last_pttl > 0 else left
-                await sub.get(min(left, pttl_s + 0.001))
+                await sub.get(min(left, pttl_s + 0.001, RECHECK_S))
 
     async def release(self) -> None:
         """Release the lease; ``LockLost`` if it was no longer ours (it ran out)."""
@@ -239,6 +274,14 @@ class LockFactory:
         self._mux = mux
         self.lease_ms = lease_ms
         self.wait_s = wait_s
+        #: The worker this process's session locks name (``name_owner``); None names none.
+        self.owner: str | None = None
+
+    def name_owner(self, worker_id: str) -> None:
+        """From now on, name ``worker_id`` in the tokens of lock A: only once its process
+        channel is subscribed (a worker's started multiplexer), since a lock naming a holder
+        whose channel has no subscriber is taken over at once."""
+        self.owner = worker_id
 
     def registry(self, **overrides: Any) -> FencedLock:
         name = self._keys.registry_lock
@@ -258,5 +301,5 @@ class LockFactory:
             fence_key=sk.session, fence_field="fence",
             lease_ms=overrides.get("lease_ms", self.lease_ms),
             wait_s=overrides.get("wait_s", self.wait_s),
-            session_id=sid,
+            session_id=sid, owner=self.owner,
         )

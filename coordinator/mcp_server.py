@@ -5,7 +5,9 @@ result shapes: ``alc_run`` / ``alc_advice`` start a session and return its first
 ``alc_continue`` answers (one response, one for ``query_id``, or a batch), ``alc_status``
 observes, ``alc_cancel`` ends. Each result is the ``to_json`` shape as JSON text; an error
 is the coordinator error's ``to_json()`` as text with ``isError`` set, so the host reads
-the error type the same way the HTTP API's clients do.
+the error type the same way the HTTP API's clients do. That holds for arguments the SDK
+refuses against a tool's schema too (a missing ``strategy``, a budget of 1.5, an argument
+the tool does not take): ``invalid_input``, not the SDK's plain-text message.
 
 With a Redis URL (``--redis`` / ``REDIS_URL``) the tools drive the shared deployment;
 without one they run on the embedded in-process Redis with in-process workers, so the
@@ -18,12 +20,13 @@ import json
 from collections.abc import Awaitable
 from typing import Annotated, Any, Literal
 
-from mcp.server.mcpserver import MCPServer
-from mcp.types import CallToolResult, TextContent
-from pydantic import BaseModel, Field
+from mcp.server.mcpserver import Context, MCPServer
+from mcp.server.mcpserver.exceptions import ToolError
+from mcp.types import CallToolResult, InputRequiredResult, TextContent
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from . import fronts
-from .errors import SessionError
+from .errors import InvalidInput, SessionError
 from .registry import SessionRegistry
 from .settings import Settings
 from .transport import Transport
@@ -37,8 +40,10 @@ INSTRUCTIONS = (
 
 
 class QueryResponse(BaseModel):
-    """One answer of a batch, as in algocline's ``alc_continue``."""
+    """One answer of a batch, as in algocline's ``alc_continue``. Unknown fields are
+    refused: a misspelt ``usage`` would otherwise be dropped without a word."""
 
+    model_config = ConfigDict(extra="forbid")
     query_id: str = Field(description='Query ID, e.g. "q-0", "q-1".')
     response: str = Field(description="Your response to that query's prompt.")
     usage: dict[str, int] | None = Field(
@@ -59,9 +64,51 @@ def _text(obj: dict[str, Any], *, error: bool = False) -> CallToolResult:
     return CallToolResult(content=[TextContent(type="text", text=body)], is_error=error)
 
 
+class _Server(MCPServer[Any]):
+    """``MCPServer`` whose argument errors are the coordinator's error JSON. The SDK
+    validates arguments against a tool's schema before the tool runs, and reports a
+    failure as a ``ToolError`` (its ``__cause__`` the pydantic ``ValidationError``) that
+    becomes plain text; here it becomes ``InvalidInput`` like any other refused call, and
+    so do arguments the tool does not take (which the SDK would drop silently) and tools
+    that do not exist."""
+
+    _params: dict[str, set[str]] | None = None
+
+    async def call_tool(
+        self, name: str, arguments: dict[str, Any], context: Context[Any, Any] | None = None
+    ) -> CallToolResult | InputRequiredResult:
+        params = await self._tool_params()
+        if name not in params:
+            return _error(InvalidInput(f"unknown tool {name!r}; the tools are "
+                                       f"{', '.join(sorted(params))}"))
+        unknown = sorted(set(arguments) - params[name])
+        if unknown:
+            return _error(InvalidInput(
+                f"{name} takes no argument {', '.join(map(repr, unknown))}; its arguments "
+                f"are {', '.join(sorted(params[name]))}"))
+        try:
+            return await super().call_tool(name, arguments, context)
+        except ToolError as exc:
+            if isinstance(exc.__cause__, ValidationError):
+                return _error(InvalidInput(
+                    f"{name}: {fronts.describe_validation(exc.__cause__.errors())}"))
+            raise
+
+    async def _tool_params(self) -> dict[str, set[str]]:
+        """Each tool's argument names, from the schemas the host sees (fixed once built)."""
+        if self._params is None:
+            self._params = {t.name: set(t.input_schema.get("properties", {}))
+                            for t in await self.list_tools()}
+        return self._params
+
+
+def _error(exc: SessionError) -> CallToolResult:
+    return _text(exc.to_json(), error=True)
+
+
 def build_server(reg: SessionRegistry) -> MCPServer:
     """The MCP server whose tools drive ``reg``."""
-    server: MCPServer = MCPServer(name="alc-coordinator", instructions=INSTRUCTIONS)
+    server: MCPServer = _Server(name="alc-coordinator", instructions=INSTRUCTIONS)
 
     @server.tool(name="alc_run", structured_output=False)
     async def alc_run(

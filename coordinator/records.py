@@ -7,6 +7,7 @@ reported the same way everywhere (``CorruptState`` naming the session and the fi
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -29,8 +30,77 @@ def as_hash(reply: Any) -> dict[bytes, bytes]:
     return dict(zip(it, it, strict=True))
 
 
-def now_ms() -> int:
+# -- one clock: Redis's --------------------------------------------------------------------
+# The scripts stamp sessions with Redis ``TIME`` (started_at, deadlines, finished_at), so any
+# elapsed time or budget measured against this machine's clock is off by however far the two
+# disagree: a worker 2 h fast failed a 10-minute budget at once. Each process learns the offset
+# from ``TIME`` replies that ride along with commands it sends anyway (a worker's heartbeat,
+# a listing's first batch) and reads the server's time as its own clock plus that offset.
+
+
+def local_now_ms() -> int:
+    """This machine's wall clock, Unix ms. Only ``server_now_ms`` and the clock's learning
+    read it; module-level so a test can move this process's clock (``monkeypatch``)."""
     return time.time_ns() // 1_000_000
+
+
+def parse_time(reply: Any) -> int:
+    """A ``TIME`` reply ([seconds, microseconds], as bytes or ints) in Unix ms."""
+    try:
+        if not isinstance(reply, list | tuple):
+            raise TypeError(type(reply).__name__)
+        sec, usec = reply
+        return int(sec) * 1000 + int(usec) // 1000
+    except (TypeError, ValueError) as exc:
+        raise CorruptState(f"redis TIME replied {reply!r:.80}, not [seconds, "
+                           "microseconds]") from exc
+
+
+class ServerClock:
+    """How far Redis's clock is ahead of this process's (``offset_ms``, negative when behind),
+    from the last ``TIME`` reply; 0 until one came, which is right for a well-synced host."""
+
+    __slots__ = ("offset_ms",)
+
+    def __init__(self) -> None:
+        self.offset_ms = 0
+
+    def learn(self, reply: Any, sent_ms: int, received_ms: int) -> int:
+        """Take the offset from a ``TIME`` ``reply`` to a command sent at ``sent_ms`` and
+        answered at ``received_ms`` (local clock). Redis read its clock somewhere between
+        the two, so the midpoint is off by at most half the round trip. Returns the server's
+        time as the reply gave it."""
+        server = parse_time(reply)
+        self.offset_ms = server - (sent_ms + received_ms) // 2
+        return server
+
+
+#: This process's view of Redis's clock (one per process: its Redis servers share a clock as
+#: far as it matters, and a failover is re-learned at the next lesson).
+SERVER_CLOCK = ServerClock()
+
+
+def clock_lesson() -> Callable[[Any], int]:
+    """Call right before sending a ``TIME`` command, then call what it returns with the
+    reply: this process's clock learns the offset (and the server's time is returned).
+    Both readings of the local clock happen here, through this module, so a test that moves
+    the local clock moves them too."""
+    sent = local_now_ms()
+
+    def learn(reply: Any) -> int:
+        return SERVER_CLOCK.learn(reply, sent, local_now_ms())
+
+    return learn
+
+
+def server_now_ms() -> int:
+    """Redis's time now as best this process knows it (Unix ms): what budgets, elapsed
+    times and heartbeats are measured with, as the scripts measure with ``TIME``."""
+    return local_now_ms() + SERVER_CLOCK.offset_ms
+
+
+#: The name the rest of the code base reads the time by: the server's, like the scripts.
+now_ms = server_now_ms
 
 
 @dataclass(slots=True)
@@ -97,12 +167,19 @@ class SessionRecord:
         if "progress" in h:
             rec.progress = unpack(h["progress"], what="progress", session_id=sid)
         if "qids" in h:
-            rec.qids = list(unpack(h["qids"], what="query ids", session_id=sid))
+            qids = unpack(h["qids"], what="query ids", session_id=sid)
+            # Every answer is matched to its question by these ids: anything but distinct
+            # strings would pair answers with the wrong questions, or with none.
+            if not isinstance(qids, list) or not all(isinstance(q, str) for q in qids) \
+                    or len(set(qids)) != len(qids):
+                raise CorruptState(f"session {sid} has corrupt query ids {qids!r:.200}",
+                                   session_id=sid)
+            rec.qids = qids
         return rec
 
     @property
     def elapsed_ms(self) -> int:
-        end = self.finished_at if self.finished_at is not None else now_ms()
+        end = self.finished_at if self.finished_at is not None else server_now_ms()
         return max(0, end - self.started_at)
 
     def tokens(self) -> dict[str, int]:
@@ -148,16 +225,35 @@ def budget_left(
 def decode_queries(
     rec: SessionRecord, pending: dict[bytes, bytes], answered: set[bytes] | None = None
 ) -> list[LlmQuery]:
-    """The round's queries in their original order, minus those already answered."""
+    """The round's queries in their original order, minus those already ``answered``.
+
+    Every question of the round must be there and decode as the query it names: a round
+    with one missing (its pending hash lost, a field deleted) raises ``CorruptState`` rather
+    than shrinking, since answers are matched to questions by position and a strategy handed
+    fewer answers than it asked for would carry on with the wrong ones, and a host shown a
+    pause without its questions could never answer it."""
     out: list[LlmQuery] = []
     for qid in rec.qids:
         key = qid.encode()
-        if answered is not None and key in answered:
-            continue
         raw = pending.get(key)
         if raw is None:
+            raise CorruptState(
+                f"session {rec.sid}: query {qid} of round {rec.asked} is missing from its "
+                f"pending queries ({len(pending)} stored, {len(rec.qids)} asked); the round "
+                "can be neither answered nor resumed",
+                session_id=rec.sid, query_id=qid)
+        if answered is not None and key in answered:
             continue
-        out.append(LlmQuery.from_record(unpack(raw, what="query", session_id=rec.sid)))
+        record = unpack(raw, what="query", session_id=rec.sid)
+        try:
+            query = LlmQuery.from_record(record)
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            raise CorruptState(f"session {rec.sid}: query {qid} of round {rec.asked} is not "
+                               f"a query ({exc!r})", session_id=rec.sid, query_id=qid) from exc
+        if query.id != qid:
+            raise CorruptState(f"session {rec.sid}: query {qid} of round {rec.asked} is "
+                               f"stored as {query.id!r}", session_id=rec.sid, query_id=qid)
+        out.append(query)
     return out
 
 
@@ -168,5 +264,14 @@ def settled_event(
     if rec.phase.terminal:
         return rec.finished()
     if rec.phase is Phase.PAUSED:
-        return Paused(tuple(decode_queries(rec, pending, answered)))
+        queries = decode_queries(rec, pending, answered)
+        if not queries:
+            # The answer completing a round turns the session to running in the same script,
+            # so a pause with nothing left to answer is state nobody wrote: the host could
+            # only wait on it for ever.
+            raise CorruptState(
+                f"session {rec.sid} is paused in round {rec.asked} with no question left to "
+                f"answer ({len(rec.qids)} asked, {len(answered)} answered)",
+                session_id=rec.sid)
+        return Paused(tuple(queries))
     return None

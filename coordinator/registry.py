@@ -12,6 +12,7 @@ hands the step to) and lock C for registry-wide sweeps (``coordinator.gc``).
 
 from __future__ import annotations
 
+import contextlib
 import secrets
 import time
 from typing import Any
@@ -23,6 +24,7 @@ from .errors import (
     InvalidInput,
     NoPendingQuery,
     NotFound,
+    SessionError,
     UnknownStrategy,
     WaitTimeout,
 )
@@ -31,7 +33,7 @@ from .models import Accepted, FeedResult, Finished, Paused, PendingFilter, Query
 from .records import SessionRecord, as_hash, settled_event
 from .scripts import raise_for
 from .services import Services
-from .settings import Settings
+from .settings import MAX_TTL_S, Settings
 from .transport import Subscription, Transport, checked
 
 
@@ -90,6 +92,7 @@ class SessionRegistry:
         timeout: float | None = None,
     ) -> tuple[str, FeedResult]:
         """Queue the session and return its first event (pause or finish)."""
+        _check_timeout(timeout)  # before the session exists, not after it was queued
         sid = await self.submit(strategy, input, budget=budget, ttl=ttl)
         return sid, await self.wait_event(sid, timeout=timeout)
 
@@ -104,16 +107,15 @@ class SessionRegistry:
         """Create the session and queue its start job without waiting for it."""
         if not isinstance(strategy, str) or not strategy:
             raise InvalidInput("strategy must be a non-empty string naming a registered strategy")
+        _check_id(strategy, "strategy")
         input = {} if input is None else input
         if not isinstance(input, dict):
             raise InvalidInput(f"input must be a JSON object (dict), not {type(input).__name__}")
         check_json_able(input, what="input", limit=self.settings.max_input_bytes)
         if budget is not None:
             _check_budget(budget)
+        ttl_ms = _ttl_ms(self.settings.session_ttl_s if ttl is None else ttl)
         await self._check_strategy(strategy)
-        ttl_ms = int((self.settings.session_ttl_s if ttl is None else ttl) * 1000)
-        if ttl_ms <= 0:
-            raise InvalidInput(f"ttl must be positive, got {ttl!r}")
         sid = new_session_id()
         reply = await self.scripts.create(
             sid, strategy=strategy, input=pack(input), budget=pack(budget) if budget else b"",
@@ -149,6 +151,9 @@ class SessionRegistry:
         response = check_text(response, what="response", limit=self.settings.max_response_bytes)
         if not isinstance(query_id, str) or not query_id:
             raise InvalidInput("query_id must be a non-empty string such as 'q-0'")
+        _check_id(query_id, "query_id")
+        _check_id(session_id, "session_id")
+        _check_timeout(timeout, session_id=session_id)
         tokens = estimate_tokens(len(response))
         record: dict[str, Any] = {"r": response}
         if usage is not None:
@@ -167,6 +172,7 @@ class SessionRegistry:
                                              after_asked=reply.asked)
 
     async def resolve_sole_pending_id(self, session_id: str) -> QueryId:
+        _check_id(session_id, "session_id")
         event, _ = await self._read_event(session_id)
         queries = event.queries if isinstance(event, Paused) else ()
         if len(queries) == 1:
@@ -185,6 +191,8 @@ class SessionRegistry:
     async def wait_event(self, session_id: str, timeout: float | None = None) -> FeedResult:
         """The session's current settled event: Paused with its unanswered queries, or
         Finished; waits (at most ``timeout``) while it runs."""
+        _check_id(session_id, "session_id")
+        _check_timeout(timeout, session_id=session_id)
         async with await self.mux.subscribe(self.keys.session(session_id).channel) as sub:
             return await self._await_settled(session_id, sub, timeout, after_asked=None)
 
@@ -193,10 +201,8 @@ class SessionRegistry:
     ) -> FeedResult:
         """Wait for the session to pause after round ``after_asked`` or to finish.
         ``after_asked`` None: first read the state (and take its round from it)."""
-        bound = self.settings.wait_timeout_s if timeout is None else timeout
-        if not isinstance(bound, int | float) or not 0 <= bound < 1e9:  # NaN fails this too
-            raise InvalidInput(f"timeout must be a number of seconds >= 0, got {timeout!r}",
-                               session_id=sid)
+        _check_timeout(timeout, session_id=sid)
+        bound = self.settings.wait_timeout_s if timeout is None else timeout  # both checked
         deadline = time.monotonic() + bound
         check = after_asked is None
         while True:
@@ -221,18 +227,37 @@ class SessionRegistry:
     async def _read_event(self, sid: str) -> tuple[FeedResult | None, int]:
         """The settled event now (None while running) and the round the session is in."""
         sk = self.keys.session(sid)
-        replies = checked(await self.redis.execute_many(
-            [("HGETALL", sk.session), ("HGETALL", sk.pending), ("HKEYS", sk.answers)]))
-        raw, pending = as_hash(replies[0]), as_hash(replies[1])
-        answered = replies[2]
-        if not raw:
-            raise NotFound(
-                f"session {sid} not found: it never existed, or it finished and its "
-                "retention period ran out",
-                session_id=sid,
-            )
+        for _ in range(_READ_TRIES):
+            # The session's phase and round are read again after the round: the reads are one
+            # write but not one transaction (a least-privilege user has no MULTI), and a round
+            # read half before and half after a commit (its queries gone, the next round's in
+            # their place) would look corrupt. A commit or an end always moves phase or round
+            # (``asked`` only grows), so when both reads agree, the round read is that round.
+            replies = checked(await self.redis.execute_many([
+                ("HGETALL", sk.session), ("HGETALL", sk.pending), ("HKEYS", sk.answers),
+                ("HMGET", sk.session, "phase", "asked")]))
+            raw, pending, answered = as_hash(replies[0]), as_hash(replies[1]), replies[2]
+            if not raw:
+                raise NotFound(
+                    f"session {sid} not found: it never existed, or it finished and its "
+                    "retention period ran out",
+                    session_id=sid,
+                )
+            stable = [raw.get(b"phase"), raw.get(b"asked")] == list(replies[3])
+            if stable:
+                break
         rec = SessionRecord.from_hash(sid, raw)
-        return settled_event(rec, pending, set(answered)), rec.asked
+        try:
+            return settled_event(rec, pending, set(answered)), rec.asked
+        except CorruptState as exc:
+            if not stable:
+                return None, rec.asked  # still moving: its next event will tell
+            # A pause whose questions cannot all be read can never be answered (a feed is
+            # refused as an unknown query) and no worker will ever look at it: fail it, as a
+            # worker would, so every caller from now on sees a failed session, not a stuck one.
+            with contextlib.suppress(SessionError):  # this caller hears of it either way
+                await self.terminate.fail(sid, exc.message, dead_letter="corrupt state")
+            raise exc from None
 
     # -- observing and ending -------------------------------------------------------------
 
@@ -255,6 +280,7 @@ class SessionRegistry:
         include_history: bool = False,
     ) -> dict[str, Any]:
         """One session's snapshot, live or finished (within retention), with its result."""
+        _check_id(session_id, "session_id")
         snaps = await snapshot.read_many(
             self.redis.execute_many, self.keys, [session_id],
             pending_filter=_filter(pending_filter), include_history=include_history,
@@ -262,6 +288,11 @@ class SessionRegistry:
         if session_id not in snaps:
             raise NotFound(f"session {session_id} not found", session_id=session_id)
         snap = {"session_id": session_id, **snaps[session_id]}
+        if snap["phase"] == "paused":
+            # The snapshot shows a pause, but not whether its round can be answered: read the
+            # round at once, which fails a session whose questions are lost (``CorruptState``)
+            # rather than show the host a pause it can never feed.
+            await self._read_event(session_id)
         if snap["state"] == "terminal" and snap["phase"] != "corrupt":
             event, _ = await self._read_event(session_id)
             if isinstance(event, Finished):
@@ -271,6 +302,7 @@ class SessionRegistry:
         return snap
 
     async def cancel(self, session_id: str) -> Finished:
+        _check_id(session_id, "session_id")
         raise_for(await self.terminate.cancel(session_id), session_id=session_id)
         event, _ = await self._read_event(session_id)
         assert isinstance(event, Finished)
@@ -309,6 +341,8 @@ class SessionRegistry:
 
     async def dead_letters(self, count: int = 20) -> tuple[int, list[dict[str, str]]]:
         """How many jobs were dead-lettered, and the newest ``count`` of them."""
+        if isinstance(count, bool) or not isinstance(count, int) or not 0 < count <= 10_000:
+            raise InvalidInput(f"count must be an integer from 1 to 10000, got {count!r}")
         total, rows = checked(await self.redis.execute_many([
             ("XLEN", self.keys.dead_letters),
             ("XREVRANGE", self.keys.dead_letters, "+", "-", "COUNT", count)]))
@@ -318,6 +352,9 @@ class SessionRegistry:
 
     async def gc_sweep(self, now_ms: int | None = None) -> list[str]:
         """Expire idle sessions now (workers also do this every ``gc_interval_s``)."""
+        if now_ms is not None and (isinstance(now_ms, bool) or not isinstance(now_ms, int)
+                                   or not 0 <= now_ms < 2**53):  # Lua counts in doubles
+            raise InvalidInput(f"now_ms must be a Unix time in ms (an integer), got {now_ms!r}")
         return await self.sweeper.sweep(now_ms=now_ms)
 
     async def aclose(self) -> None:
@@ -328,6 +365,10 @@ class SessionRegistry:
 
     async def __aexit__(self, *exc: object) -> None:
         await self.aclose()
+
+
+#: Reads of a session that a commit landing in between sends round again (``_read_event``).
+_READ_TRIES = 3
 
 
 def _filter(value: PendingFilter | str | None) -> PendingFilter | None:
@@ -341,6 +382,16 @@ def _filter(value: PendingFilter | str | None) -> PendingFilter | None:
         ) from None
 
 
+#: Largest budget limit (calls, tokens or ms): far beyond any real budget, and exact in
+#: the doubles Lua and JSON readers use; the HTTP API's schema says the same.
+MAX_BUDGET = 10**15
+#: Longest ids (session, query) and strategy names taken: ours are far shorter, and a
+#: longer one would only be copied into every key and message.
+MAX_ID_CHARS = 256
+#: Longest wait a caller may ask for (``timeout``): longer is a mistake, not a wish.
+MAX_TIMEOUT_S = 1e9
+
+
 def _check_budget(budget: dict[str, int]) -> None:
     allowed = {"llm_calls", "tokens", "elapsed_ms"}
     if not isinstance(budget, dict) or not budget:
@@ -348,8 +399,58 @@ def _check_budget(budget: dict[str, int]) -> None:
     for key, value in budget.items():
         if key not in allowed:
             raise InvalidInput(f"unknown budget key {key!r}; use {sorted(allowed)}")
-        if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-            raise InvalidInput(f"budget {key} must be a positive integer, got {value!r}")
+        if not isinstance(value, int) or isinstance(value, bool) or not 0 < value <= MAX_BUDGET:
+            raise InvalidInput(f"budget {key} must be a positive integer up to 10**15, "
+                               f"got {_short(value)}")
+
+
+def _check_id(value: str, what: str) -> None:
+    """An id or name becomes part of Redis keys and messages: it must be a short string
+    that encodes as UTF-8 (a lone surrogate would fail deep in the client instead)."""
+    if not isinstance(value, str) or not value or len(value) > MAX_ID_CHARS:
+        raise InvalidInput(f"{what} must be a non-empty string of at most {MAX_ID_CHARS} "
+                           f"characters, got {_short(value)}")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise InvalidInput(f"{what} holds a lone surrogate and is not valid Unicode: "
+                           f"{ascii(value)[:80]}") from None
+
+
+def _check_timeout(timeout: float | None, *, session_id: str | None = None) -> None:
+    """None (the configured ``wait_timeout_s``) or a finite number of seconds >= 0: a NaN
+    would compare false against every deadline and wait for ever."""
+    if timeout is None:
+        return
+    if isinstance(timeout, bool) or not isinstance(timeout, int | float) \
+            or not 0 <= timeout < MAX_TIMEOUT_S:
+        raise InvalidInput(f"timeout must be a number of seconds >= 0 and < 1e9, got "
+                           f"{_short(timeout)}", session_id=session_id)
+
+
+def _ttl_ms(ttl: float) -> int:
+    """A session's idle ttl in ms: finite, positive, at most ``MAX_TTL_S`` (ten years),
+    beyond which Redis expiries and Lua's doubles stop carrying it exactly."""
+    if isinstance(ttl, bool) or not isinstance(ttl, int | float) or not 0 < ttl <= MAX_TTL_S:
+        # (NaN fails the comparison too)
+        raise InvalidInput(f"ttl must be a number of seconds > 0 and <= {MAX_TTL_S:.0f} "
+                           f"(ten years), got {_short(ttl)}")
+    ttl_ms = int(ttl * 1000)
+    if ttl_ms <= 0:
+        raise InvalidInput(f"ttl must be at least 1 ms, got {ttl!r}")
+    return ttl_ms
+
+
+def _short(value: object) -> str:
+    """A caller's value for a message: its repr, cut short (a huge integer's repr is long,
+    and past 4300 digits Python refuses to make it)."""
+    if isinstance(value, int) and not isinstance(value, bool) and abs(value) > 10**30:
+        return f"an integer of {value.bit_length()} bits"
+    try:
+        text = repr(value)
+    except ValueError:  # an integer of over 4300 digits somewhere inside
+        return f"a {type(value).__name__} too large to show"
+    return text if len(text) <= 80 else text[:77] + "..."
 
 
 def _usage_tokens(usage: dict[str, int], fallback: int) -> int:

@@ -1,12 +1,73 @@
-"""All knobs in one place, with units in their names."""
+"""All knobs in one place, with units in their names.
+
+Every field is checked when a ``Settings`` is made (directly, by ``from_url`` from the
+environment, or by ``with_``): a typo in ``ALC_LEASE_MS`` or a negative wait is refused at
+start-up, naming the setting and what it takes, rather than surfacing later as a hang, a
+Redis error or a session that expires at once.
+"""
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass, fields, replace
 from typing import Any
 
+from .errors import InvalidInput
+
 MIB = 1024 * 1024
+#: Longest idle time a session may be given (its own ``ttl`` or ``session_ttl_s``): ten
+#: years. Redis keeps expiries in ms and Lua counts in doubles, so far beyond this the
+#: numbers stop round-tripping; nobody means a session to idle longer.
+MAX_TTL_S = 10 * 365 * 86_400.0
+_DAY_S = 86_400.0
+_DAY_MS = 86_400_000
+#: Redis refuses strings over 512 MiB, so no payload limit may be higher.
+_MAX_BYTES = 512 * MIB
+
+
+class InvalidSetting(InvalidInput, ValueError):
+    """A setting of the wrong type or out of range. The fronts report it as the
+    ``InvalidInput`` it is; it is a ``ValueError`` too because that is what a bad setting
+    raised before settings were range-checked, and callers catching that still should."""
+
+
+@dataclass(frozen=True, slots=True)
+class _Range:
+    """What one numeric setting takes: ``kind`` int or float, within [low, high]
+    (``low`` excluded when ``open_low``), in ``unit``."""
+
+    kind: type
+    low: float
+    high: float
+    unit: str
+    open_low: bool = False
+
+    def describe(self) -> str:
+        what = "an integer number of" if self.kind is int else "a number of"
+        low = f"> {_num(self.low)}" if self.open_low else f">= {_num(self.low)}"
+        return f"{what} {self.unit} {low} and <= {_num(self.high)}"
+
+    def accepts(self, value: Any) -> bool:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            return False
+        if self.kind is int and not isinstance(value, int):
+            return False
+        if not math.isfinite(value):
+            return False
+        return (value > self.low if self.open_low else value >= self.low) and value <= self.high
+
+
+def _num(x: float) -> str:
+    return str(int(x)) if x == int(x) else f"{x:g}"
+
+
+def _seconds(high: float, *, zero_ok: bool = False) -> _Range:
+    return _Range(float, 0.0, high, "seconds", open_low=not zero_ok)
+
+
+def _ms(low: int = 1, high: int = _DAY_MS) -> _Range:
+    return _Range(int, low, high, "milliseconds")
 
 
 @dataclass(frozen=True, slots=True)
@@ -47,6 +108,16 @@ class Settings:
     #: Most paused executions a worker keeps alive in memory; older ones are replayed if needed.
     max_live_executions: int = 10_000
 
+    def __post_init__(self) -> None:
+        """Refuse a bad value when the settings are made, whoever made them."""
+        if self.url is not None and not isinstance(self.url, str):
+            raise _invalid("url", self.url, "a Redis URL string (or None for embedded)")
+        _check_namespace(self.namespace)
+        for name, allowed in _RANGES.items():
+            value = getattr(self, name)
+            if not allowed.accepts(value):
+                raise _invalid(name, value, allowed.describe())
+
     @classmethod
     def from_url(cls, url: str | None = None, **overrides: Any) -> Settings:
         """Settings for ``url`` (default: ``REDIS_URL``; None means embedded).
@@ -54,12 +125,13 @@ class Settings:
         Every field can also be set from the environment as ``ALC_<FIELD>`` (for example
         ``ALC_NAMESPACE``, ``ALC_LEASE_MS``), so a deployment configures workers without
         flags; explicit ``overrides`` (None values ignored) win over the environment.
+        A value that does not parse, or is out of range, is ``InvalidSetting`` naming it.
         """
         values: dict[str, Any] = {}
         for f in fields(cls):
             env = os.environ.get(f"ALC_{f.name.upper()}")
             if env is not None and f.name != "url":
-                values[f.name] = _convert(f.name, env, type(getattr(cls(), f.name)))
+                values[f.name] = _convert(f.name, env)
         values.update({k: v for k, v in overrides.items() if v is not None})
         values["url"] = url if url is not None else (os.environ.get("REDIS_URL") or None)
         return cls(**values)
@@ -77,8 +149,58 @@ class Settings:
         return int(self.retention_s * 1000)
 
 
-def _convert(name: str, raw: str, kind: type) -> Any:
+#: Every numeric field and what it takes. Durations must be positive (a zero lease, wait
+#: slice or step timeout would spin or fail every step), except the two that mean "do not
+#: wait" at zero; upper bounds keep each one where Redis and Lua still carry it exactly and
+#: where a value is more likely a unit mistake (ms given as s) than a wish.
+_RANGES: dict[str, _Range] = {
+    "redis_timeout_s": _seconds(_DAY_S),
+    "lease_ms": _ms(),
+    "lock_wait_s": _seconds(_DAY_S, zero_ok=True),
+    "wait_timeout_s": _seconds(365 * _DAY_S),
+    "wait_slice_s": _seconds(3600.0),
+    "session_ttl_s": _seconds(MAX_TTL_S),
+    "retention_s": _seconds(MAX_TTL_S),
+    "max_response_bytes": _Range(int, 1, _MAX_BYTES, "bytes"),
+    "max_input_bytes": _Range(int, 1, _MAX_BYTES, "bytes"),
+    "gc_interval_s": _seconds(_DAY_S),
+    "heartbeat_ttl_ms": _ms(),
+    "claim_idle_ms": _ms(),
+    "step_timeout_s": _seconds(365 * _DAY_S),
+    "max_attempts": _Range(int, 1, 1000, "attempts"),
+    "shutdown_grace_s": _seconds(_DAY_S, zero_ok=True),
+    "max_live_executions": _Range(int, 0, 10_000_000, "executions"),
+}
+
+
+def _invalid(name: str, value: Any, expected: str) -> InvalidSetting:
+    return InvalidSetting(f"setting {name} (ALC_{name.upper()}) must be {expected}, "
+                          f"got {value!r}")
+
+
+def _check_namespace(ns: Any) -> None:
+    """The rule of ``Keys`` (no ':' that would reach into another namespace's keys, no
+    hash-tag braces, no whitespace), checked here too so it is refused as a setting."""
+    if not isinstance(ns, str) or not ns or len(ns) > 128 or not ns.isprintable() \
+            or any(c in ns for c in "{}: ") or not _encodable(ns):
+        raise _invalid("namespace", ns, "1 to 128 printable characters without '{', '}', "
+                       "':' or whitespace")
+
+
+def _encodable(text: str) -> bool:
     try:
-        return kind(raw)
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _convert(name: str, raw: str) -> Any:
+    """An environment value as its field's type; the range is checked by ``Settings``."""
+    allowed = _RANGES.get(name)
+    if allowed is None:
+        return raw  # a string field (namespace)
+    try:
+        return allowed.kind(raw.strip())
     except ValueError:
-        raise ValueError(f"ALC_{name.upper()}={raw!r} is not a valid {kind.__name__}") from None
+        raise _invalid(name, raw, allowed.describe()) from None

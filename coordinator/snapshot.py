@@ -27,7 +27,7 @@ from .codec import unpack
 from .errors import CorruptState
 from .keys import SUFFIX, Keys
 from .models import LlmQuery, PendingFilter
-from .records import as_hash, budget_left, now_ms
+from .records import as_hash, budget_left, clock_lesson, server_now_ms
 from .states import Phase
 
 HISTORY_EXCHANGES = 10
@@ -155,8 +155,7 @@ def _commands(keys: Keys, pf: PendingFilter | None,
 
 
 def _build_chunk(chunk: list[str], replies: list[Any], pf: PendingFilter | None,
-                 include_history: bool, out: dict[str, dict[str, Any]]) -> None:
-    now = now_ms()
+                 include_history: bool, out: dict[str, dict[str, Any]], now: int) -> None:
     it = iter(replies)
     for sid in chunk:
         fields, logs = next(it), next(it)
@@ -200,11 +199,31 @@ async def read_many(
         commands = _commands(keys, pending_filter, include_history)
         # Redis works on the next batches while this one is built: AHEAD in flight, so
         # neither side waits for the other's jitter.
-        ahead = collections.deque(asyncio.ensure_future(run(commands(c)))
-                                  for c in chunks[:AHEAD])
+        # The first batch asks Redis the time as well: elapsed times and budgets are shown on
+        # the clock the sessions were stamped with (TIME), whatever this host's clock says.
+        learn = clock_lesson()
+        ahead = collections.deque(
+            asyncio.ensure_future(run([("TIME",), *commands(c)] if n == 0 else commands(c)))
+            for n, c in enumerate(chunks[:AHEAD]))
+        now = 0
         for n, chunk in enumerate(chunks):
             replies = await ahead.popleft()
+            if n == 0:
+                now = _server_time(replies[0], learn)
+                replies = replies[1:]
             if n + AHEAD < len(chunks):
                 ahead.append(asyncio.ensure_future(run(commands(chunks[n + AHEAD]))))
-            _build_chunk(chunk, replies, pending_filter, include_history, out)
+            _build_chunk(chunk, replies, pending_filter, include_history, out, now)
         return out
+
+
+def _server_time(reply: Any, learn: Callable[[Any], int]) -> int:
+    """Redis's time from the listing's ``TIME`` reply, also taught to this process's clock
+    (a registry learns it this way, at no round trip of its own); the learned clock if the
+    reply is an error."""
+    if isinstance(reply, Exception):
+        return server_now_ms()
+    try:
+        return learn(reply)
+    except CorruptState:
+        return server_now_ms()

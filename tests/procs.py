@@ -178,7 +178,10 @@ class WorkerPool:
                 cli_argv("worker", "--redis", self.url, "--namespace", self.namespace,
                          "--import", STRATEGIES, "--concurrency", str(concurrency),
                          "--log-level", "INFO"),
-                cwd=ROOT, env=clean_env(**self.env, **(env or {})), stdout=log,
+                # Unsupervised unless asked (ALC_SUPERVISE=1): the fault tests signal the
+                # worker's own PID, which under a supervisor is its parent's.
+                cwd=ROOT, env=clean_env(**{"ALC_SUPERVISE": "0", **self.env, **(env or {})}),
+                stdout=log,
                 stderr=subprocess.STDOUT,
             )
         wp = WorkerProc(proc, log_path)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import signal
 from typing import Any
 
 import redis
@@ -123,3 +124,35 @@ async def mp_crash(ctx: Context, tag: str = "", **_: Any) -> dict[str, Any]:
     if not ctx.replaying:
         os._exit(1)
     return {"tag": tag, "first": first}
+
+
+# -- for the isolation tests (tests/test_isolation.py) ------------------------------------------
+
+
+def block_keys(tag: str) -> dict[str, str]:
+    """Redis keys of an ``mp-block`` session: ``pids`` (each blocking attempt pushes its
+    process's pid, then blocks), ``modes`` (the test pushes how each attempt blocks)."""
+    return {name: f"test-block:{tag}:{name}" for name in ("pids", "modes")}
+
+
+@strategy("mp-block")
+async def mp_block(ctx: Context, tag: str = "", url: str = "", **_: Any) -> dict[str, Any]:
+    """Asks ``go?``; then every attempt at the next step (live or replayed) pushes its pid on
+    ``pids`` and holds its worker's event loop for ever, as the next entry of ``modes`` says:
+    ``spin`` (the default: ``while True: pass``, which the watchdog's signal interrupts),
+    ``masked`` (the same with SIGUSR1 blocked first: the signal never lands) or ``gil`` (a C
+    loop that holds the GIL: no other thread of the process runs, the watchdog's included)."""
+    await ctx.llm(f"{tag} go?")
+    client = redis.Redis.from_url(url)
+    try:
+        keys = block_keys(tag)
+        client.rpush(keys["pids"], os.getpid())
+        mode = client.lpop(keys["modes"]) or b"spin"
+    finally:
+        client.close()
+    if mode == b"gil":
+        sum(range(10**15))
+    if mode == b"masked":
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGUSR1})
+    while True:
+        pass

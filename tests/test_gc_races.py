@@ -191,8 +191,10 @@ async def test_injected_clock_sweeps_racing_feeds_and_steps_never_reap_an_active
 
     await assert_eventually(clock_moved_on, timeout=5)
     now_ms = last + TTL_MS  # everything above is due at this clock; all that follows is not
-    for sid in before:
+    for sid in [*idle, *contested]:
         assert await host.client.zscore(host.keys.deadlines, sid) <= now_ms
+    # Mid-step, a worker owes it the step: not idle, so not in the deadline index at all.
+    assert await host.client.zscore(host.keys.deadlines, in_step) is None
 
     # After L: active sessions, started and driven while the sweeps run.
     sweepers = Sweepers([fake_cluster.registry(lock_wait_s=0.2) for _ in range(3)], now_ms)
@@ -204,9 +206,11 @@ async def test_injected_clock_sweeps_racing_feeds_and_steps_never_reap_an_active
         return sid, event
 
     async def release_the_step() -> tuple[Any, int]:
-        # Open the gate only once a sweep waits for this session's lock A.
-        await assert_eventually(lambda: lock_waiters(host, in_step), timeout=10,
-                                message="no sweep ever tried the session mid-step")
+        # Open the gate only once sweeps past its ttl have run while the step ran; none even
+        # tried it (no sweep waits for its lock A).
+        await assert_eventually(lambda: sweepers.sweeps >= 3, timeout=10,
+                                message="no sweep ran while the step was in flight")
+        assert await lock_waiters(host, in_step) == 0, "a sweep tried a session mid-step"
         step_gate.open.set()
         return await drive(hosts[1], in_step, rng)
 
@@ -313,7 +317,8 @@ async def test_expired_sessions_are_reaped_once_among_concurrent_sweepers_and_wa
     cluster = any_cluster
     host = cluster.registry()
     # The worker sweeps too (every 50 ms); one slot, so while a step is in flight the start
-    # jobs queued behind it stay unread: idle sessions nobody is working on.
+    # jobs queued behind it stay unread. They wait for a worker, not for their host: not idle,
+    # however long past their ttl, while the paused sessions nobody answers are.
     worker = await cluster.worker(concurrency=1, gc_interval_s=0.05, lock_wait_s=0.2)
     # ttls (s): long enough for a loaded box to take the first steps before they run out
     first_step_ttl, queued_ttl = 1.0, 0.3
@@ -328,13 +333,14 @@ async def test_expired_sessions_are_reaped_once_among_concurrent_sweepers_and_wa
     busy = await host.submit("tgc-rounds", {"tag": "busy", "rounds": 1, "width": 1},
                              ttl=first_step_ttl)
     await asyncio.wait_for(gate.entered.wait(), 5)
-    busy_deadline = int(await host.client.zscore(host.keys.deadlines, busy))
     queued = [await host.submit("tgc-rounds", {"tag": f"q{i}", "rounds": 1, "width": 1},
                                 ttl=queued_ttl) for i in range(5)]
+    # Past this server time, every session above has been around longer than its ttl.
+    overdue_at = await server_ms(host.client) + int(first_step_ttl * 1000)
     waiters = [cluster.registry() for _ in range(2)]
     waits = [asyncio.create_task(w.wait_event(sid)) for w in waiters for sid in queued]
     busy_wait = asyncio.create_task(waiters[0].wait_event(busy))
-    expiring = {*paused, *queued}
+    expiring = set(paused)
 
     sweeper_regs = [cluster.registry(lock_wait_s=0.2) for _ in range(4)]
     async with Sweepers(sweeper_regs, now_ms=None) as sweepers:
@@ -345,38 +351,44 @@ async def test_expired_sessions_are_reaped_once_among_concurrent_sweepers_and_wa
         await assert_eventually(all_reaped, timeout=15, interval=0.05,
                                 message="the expired sessions were not all reaped")
 
-        async def busy_overdue_and_swept() -> bool:  # and a sweep tried it since
-            return (await server_ms(host.client) > busy_deadline
-                    and await lock_waiters(host, busy) >= 1)
+        async def all_overdue() -> bool:
+            return await server_ms(host.client) > overdue_at
 
-        await assert_eventually(busy_overdue_and_swept, timeout=15, interval=0.05)
+        await assert_eventually(all_overdue, timeout=15, interval=0.05)
         target = sweepers.sweeps + 4
         await assert_eventually(lambda: sweepers.sweeps >= target, timeout=15)
-        # The busy session's ttl ran out, but its step holds lock A: never reaped.
-        assert (await host.status(busy))["phase"] == "running"
+        # The busy and queued sessions' ttls ran out, but a worker owes them a step: kept.
+        for sid in (busy, *queued):
+            assert (await host.status(sid))["phase"] == "running", sid
     counts = Counter(sweepers.reaped)
     ctx = (f"(registry sweeps {sweepers.sweeps}, registries reaped {dict(counts)}, the "
            f"worker's GC reaped {worker.sweeper.reaped_total})")
     assert len(sweepers.reaped) + worker.sweeper.reaped_total == len(expiring), ctx
     assert set(counts) <= expiring and all(n == 1 for n in counts.values()), ctx
-    assert busy not in counts, ctx
     for sid in expiring:
         status = await host.status(sid)
         assert (status["phase"], status["error"]) == ("failed", EXPIRED), (sid, status, ctx)
 
-    # Every caller waiting on a queued session got a clear, final answer.
-    for event in await asyncio.gather(*waits):
-        assert isinstance(event, Finished) and event.state is Phase.FAILED, event
-        assert event.error == EXPIRED
-        assert "expired" in event.to_json("s")["error"]
-    assert not busy_wait.done()
+    # Every caller who asks after an expiry gets a clear, final answer, from any registry.
+    for w in waiters:
+        for sid in expiring:
+            event = await w.wait_event(sid)
+            assert isinstance(event, Finished) and event.state is Phase.FAILED, event
+            assert event.error == EXPIRED
+            assert "expired" in event.to_json("s")["error"]
+    assert not busy_wait.done() and not any(t.done() for t in waits)
 
-    # The step in flight was never cut short: its commit lands (its pause reaches its waiter).
+    # The step in flight was never cut short: its commit lands (its pause reaches its waiter),
+    # and the queued sessions then run to their first pause, which reaches theirs.
     gate.open.set()
     assert await asyncio.wait_for(busy_wait, 10) == Paused(
         (LlmQuery(id="q-0", prompt=prompt("busy", 0, 0)),))
-    with contextlib.suppress(InvalidTransition):  # its ttl may run out again meanwhile
-        await host.cancel(busy)
+    events = await asyncio.wait_for(asyncio.gather(*waits), 10)
+    assert events == [Paused((LlmQuery(id="q-0", prompt=prompt(f"q{i}", 0, 0)),))
+                      for _ in waiters for i in range(len(queued))]
+    for sid in (busy, *queued):
+        with contextlib.suppress(InvalidTransition):  # now idle: its ttl may run out again
+            await host.cancel(sid)
     assert worker.stats.dead_letters == 0
     assert await host.client.xlen(host.keys.jobs) == 0
     assert [text(x) for x in await host.client.zrange(host.keys.deadlines, 0, -1)] == []

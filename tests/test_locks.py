@@ -12,6 +12,7 @@ import pytest
 from coordinator import LockOrderError, LockTimeout, NotFound, SessionRegistry
 from coordinator.errors import LockLost
 from coordinator.locks import FencedLock, held_locks
+from coordinator.models import Paused
 from coordinator.scripts import Reply
 from tests.conftest import FakeCluster
 from tests.helpers import assert_eventually
@@ -348,27 +349,39 @@ def far_future_ms() -> int:
     return time.time_ns() // 1_000_000 + 10 * 3600 * 1000
 
 
+async def idle_session(fake_cluster: FakeCluster, reg: SessionRegistry) -> str:
+    """A paused session nobody answers (GC reaps only those: a running one is owed a step,
+    not idle); its worker is stopped again, so only the test acts on it."""
+    worker = await fake_cluster.worker()
+    sid, event = await reg.start_execution("cot", {"task": "idle"})
+    assert isinstance(event, Paused), event
+    await fake_cluster.stop_worker(worker)
+    return sid
+
+
 async def test_gc_sweep_skips_while_another_process_holds_c(
-    fake_cluster: FakeCluster, reg: SessionRegistry, sid: str
+    fake_cluster: FakeCluster, reg: SessionRegistry
 ) -> None:
+    sid = await idle_session(fake_cluster, reg)
     other = fake_cluster.registry()
     lock_c = other.locks.registry()
     await lock_c.acquire()
     assert await reg.gc_sweep(now_ms=far_future_ms()) == []  # returns at once, reaps nothing
-    assert (await reg.status(sid))["phase"] == "running"
+    assert (await reg.status(sid))["phase"] == "paused"
     await lock_c.release()
     assert await reg.gc_sweep(now_ms=far_future_ms()) == [sid]
 
 
 async def test_gc_sweep_leaves_a_session_mid_step(fake_cluster: FakeCluster,
-                                                  sid: str) -> None:
-    reg = fake_cluster.registry(lock_wait_s=0.1)
+                                                  reg: SessionRegistry) -> None:
+    sid = await idle_session(fake_cluster, reg)
+    sweeper = fake_cluster.registry(lock_wait_s=0.1)
     lock_a = fake_cluster.registry().locks.session(sid)
     # taken in another task, as a worker's step would hold it (not this sweeping task)
     await asyncio.create_task(lock_a.acquire())
-    assert await reg.gc_sweep(now_ms=far_future_ms()) == []
-    assert (await reg.status(sid))["phase"] == "running"
+    assert await sweeper.gc_sweep(now_ms=far_future_ms()) == []
+    assert (await reg.status(sid))["phase"] == "paused"
     await lock_a.release()
-    assert await reg.gc_sweep(now_ms=far_future_ms()) == [sid]
+    assert await sweeper.gc_sweep(now_ms=far_future_ms()) == [sid]
     status = await reg.status(sid)
     assert status["phase"] == "failed" and "expired" in status["error"]

@@ -972,17 +972,21 @@ async def test_gc_rechecks_the_deadline_under_the_lock(registry: SessionRegistry
 
 
 async def test_gc_waiter_gets_the_expired_result(fake_cluster: FakeCluster) -> None:
-    reg = fake_cluster.registry()  # no worker: the start job waits, the session is idle
+    reg = fake_cluster.registry()  # no worker yet: the start job waits
     sid = await reg.submit("treg-ask", {})
     waiter = asyncio.create_task(reg.wait_event(sid))
     await subscribed(reg, sid)
+    # Waiting for a worker is not idling (the host owes it nothing): never reaped.
+    assert await reg.gc_sweep(now_ms=now_ms() + 10 * 3600 * 1000) == []
     assert not waiter.done()
+    await fake_cluster.worker()
+    assert isinstance(await asyncio.wait_for(waiter, 5), Paused)
+    # Paused and never answered: idle, so reaped, and whoever waits on it next is told.
     assert await reg.gc_sweep(now_ms=now_ms() + 10 * 3600 * 1000) == [sid]
-    event = await asyncio.wait_for(waiter, 5)
+    event = await reg.wait_event(sid)
     assert isinstance(event, Finished) and event.state is Phase.FAILED
     assert event.error is not None and "expired" in event.error
     assert event.to_json(sid) == {"status": "error", "error": event.error}
-    # the expired session's start job is gone: a worker started now has nothing to do
     assert await reg.client.xlen(reg.keys.jobs) == 0
 
 

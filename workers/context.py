@@ -7,16 +7,22 @@ session with ``NonDeterminism``. So: no clocks, randomness or I/O deciding what 
 
 from __future__ import annotations
 
-import time
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 from coordinator.codec import check_text, estimate_tokens
 from coordinator.errors import BudgetExceeded, InvalidInput
 from coordinator.models import LlmQuery, QueryId
+from coordinator.records import server_now_ms
 from coordinator.settings import MIB
 
 _LEVELS = ("debug", "info", "warn", "warning", "error")
+#: Longest log or progress message: they are kept in Redis and shown by ``status``, and a
+#: strategy logging a whole document by mistake should hear so, not fill the store.
+MAX_MESSAGE_BYTES = 64 * 1024
+#: Largest ``max_tokens`` (and progress count) taken: far beyond any model's, and what
+#: every reader of the stored query (msgpack, JSON hosts) carries exactly.
+MAX_COUNT = 2**31 - 1
 
 Asker = Callable[[list[LlmQuery]], Awaitable[list[str]]]
 
@@ -59,7 +65,8 @@ class Context:
     async def llm_batch(self, items: Sequence[str | dict[str, Any]]) -> list[str]:
         """Ask N questions in one round (``q-0``..``q-N-1``); answers come back in this
         order whatever order the host fed them in."""
-        if isinstance(items, str) or not items:
+        if isinstance(items, str | bytes | dict) or not isinstance(items, Sequence) \
+                or not items:
             raise InvalidInput("llm_batch takes a non-empty list of prompts or dicts")
         queries = [self._query(i, item) for i, item in enumerate(items)]
         self._charge(queries)
@@ -83,8 +90,10 @@ class Context:
         if system is not None:
             system = check_text(system, what=f"system {index}", limit=self._max_prompt_bytes)
         max_tokens = spec.get("max_tokens", 1024)
-        if not isinstance(max_tokens, int) or isinstance(max_tokens, bool) or max_tokens <= 0:
-            raise InvalidInput(f"max_tokens must be a positive integer, got {max_tokens!r}")
+        if not isinstance(max_tokens, int) or isinstance(max_tokens, bool) \
+                or not 0 < max_tokens <= MAX_COUNT:
+            raise InvalidInput(f"max_tokens must be a positive integer up to 2**31-1, got "
+                               f"{_clip(max_tokens)}")
         return LlmQuery(
             id=QueryId.batch(index), prompt=prompt, system=system, max_tokens=max_tokens,
             grounded=bool(spec.get("grounded", False)),
@@ -116,16 +125,38 @@ class Context:
         used = {
             "llm_calls": self.llm_calls,
             "tokens": self.prompt_tokens + self.response_tokens,
-            "elapsed_ms": time.time_ns() // 1_000_000 - self._started_at_ms,
+            # started_at is Redis TIME (create.lua): measured on that clock, not this host's.
+            "elapsed_ms": server_now_ms() - self._started_at_ms,
         }
         return {k: max(0, v - used[k]) for k, v in self._budget.items() if k in used}
 
     def log(self, level: str, msg: str) -> None:
-        if level not in _LEVELS:
+        """Record a log line. Checked here, in the strategy, because a line that cannot be
+        stored (a lone surrogate, say) would otherwise fail the step's commit, and the step
+        would be retried as a worker error until dead-lettered."""
+        if not isinstance(level, str) or level not in _LEVELS:
             raise InvalidInput(f"log level must be one of {', '.join(_LEVELS)}")
+        text = check_text(str(msg), what="log message", limit=MAX_MESSAGE_BYTES)
         if not self.replaying:
-            self.logs.append({"ts": time.time_ns() // 1_000_000, "level": level, "msg": str(msg)})
+            self.logs.append({"ts": server_now_ms(), "level": level, "msg": text})
 
     def progress(self, step: int, total: int, msg: str | None = None) -> None:
+        """Report progress (``step`` of ``total``); checked here for the reason ``log`` is."""
+        for name, value in (("step", step), ("total", total)):
+            if not isinstance(value, int) or isinstance(value, bool) \
+                    or not 0 <= value <= MAX_COUNT:
+                raise InvalidInput(f"progress {name} must be an integer from 0 to 2**31-1, "
+                                   f"got {_clip(value)}")
+        if msg is not None:
+            msg = check_text(msg, what="progress message", limit=MAX_MESSAGE_BYTES)
         if not self.replaying:
             self.last_progress = {"step": step, "total": total, "message": msg}
+
+
+def _clip(value: object) -> str:
+    """A strategy's bad value for a message, kept short."""
+    if isinstance(value, int) and abs(value) >= 10**30:
+        return f"an integer of {value.bit_length()} bits"
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+

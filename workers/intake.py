@@ -1,6 +1,6 @@
 """Where a worker's steps come from, and how many it runs at once.
 
-Three sources, each covering what the others can miss:
+Four sources, each covering what the others can miss:
 
 - the **stream** ``ns:jobs`` (consumer group ``workers``) is the truth: every start and every
   completed round is a job there, acknowledged only by the commit that applies it
@@ -9,6 +9,16 @@ Three sources, each covering what the others can miss:
   a bounded wait covers a lost wake-up.
 - **claims** (XAUTOCLAIM): a job whose worker died or stalled stays pending, and is taken
   over once idle for ``claim_idle_ms``.
+- **rescues**: a worker whose connection to Redis is gone (killed, crashed, cut off) need not
+  be waited out. Every worker keeps its process channel subscribed from start to exit, so
+  every ``RESCUE_EVERY_S`` each worker asks Redis which of the workers it knows of (the
+  registered ones, the consumers holding jobs, the holders of rounds it left to them) have
+  no subscriber there, and takes their work over at once: the jobs pending on their
+  consumers (XCLAIM), the rounds it left to them, and (a wake-up to every worker) their
+  rounds nobody read yet. Lock A held in a gone worker's name is taken over by the step
+  itself (``coordinator.locks``), so a crash costs its sessions a fraction of a second, not
+  a lease. A worker that is only slow or frozen keeps its connection and is left to the
+  claims and the lease.
 - **nudges** on this worker's channel: the feed that completes a round of a session this
   worker holds live tells it at once, usually with a handoff (lock A taken in this worker's
   name, the round's answers included), so the live path needs no hop through the stream.
@@ -27,7 +37,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Coroutine
+from dataclasses import dataclass
 from typing import Any
 
 from coordinator.errors import SessionError
@@ -40,6 +52,14 @@ from coordinator.transport import Subscription, checked
 from .step import StepRequest, WorkerStats
 
 log = logging.getLogger(__name__)
+
+#: How often a worker looks for workers whose connection to Redis is gone (``rescue_once``):
+#: it bounds how long their sessions wait, at the cost of two small commands per period.
+RESCUE_EVERY_S = 0.25
+#: Most jobs taken over from one gone consumer per look (the next look takes more).
+RESCUE_BATCH = 100
+#: Most rounds remembered as left to their holder (the oldest are the claims' anyway).
+LEFT_CAP = 100_000
 
 
 async def every(
@@ -94,8 +114,18 @@ class Pool:
             await asyncio.wait(late, timeout=cancel_wait_s)
 
 
+@dataclass(slots=True)
+class _Left:
+    """A round this worker read but left to the live holder it was handed to (field ``h``)."""
+
+    sid: str
+    holder: str
+    fields: dict[bytes, bytes]
+    at: float  # loop time it was read
+
+
 class Intake:
-    """Turns jobs, claims and nudges into ``StepRequest``s handed to ``submit``."""
+    """Turns jobs, claims, rescues and nudges into ``StepRequest``s handed to ``submit``."""
 
     def __init__(
         self,
@@ -112,17 +142,26 @@ class Intake:
         self.redis = services.transport
         self.keys = services.keys
         self.mux = services.mux
+        self.locks = services.locks
         self.stats = stats
         self.nudge_channel = self.keys.worker_nudge(worker_id)
         self._pool = pool
         self._submit = submit
         self._stop = stop
+        #: Rounds read and left to their live holder, by entry id, oldest first.
+        self._left: OrderedDict[str, _Left] = OrderedDict()
+        #: Workers whose process channel had no subscriber at the last look.
+        self._gone: set[str] = set()
 
     async def start(self, beat: Callable[[], Awaitable[None]]) -> list[asyncio.Task[None]]:
-        """Subscribe, then run the loops (and ``beat``, the heartbeat); returns their tasks."""
+        """Subscribe, then run the loops (and ``beat``, the heartbeat); returns their tasks.
+        The multiplexer is running once subscribed, its home channel (this worker's process
+        channel: ``Services`` is made with the worker id as process id) heard for as long as
+        it runs, so from then on lock A names this worker (``LockFactory.name_owner``)."""
         settings = self.settings
         wake = await self.mux.subscribe(self.keys.jobs_wake)
         nudge = await self.mux.subscribe(self.nudge_channel, on_message=self.on_nudge)
+        self.locks.name_owner(self.id)
         return [
             asyncio.create_task(self._job_loop(wake), name="jobs"),
             asyncio.create_task(self._nudge_loop(nudge), name="nudges"),
@@ -130,6 +169,8 @@ class Intake:
                                       "heartbeat"), name="heartbeat"),
             asyncio.create_task(every(settings.claim_idle_ms / 2000, self.claim_once,
                                       self._stop, "autoclaim"), name="autoclaim"),
+            asyncio.create_task(every(RESCUE_EVERY_S, self.rescue_once, self._stop, "rescue"),
+                                name="rescue"),
         ]
 
     async def ensure_group(self) -> None:
@@ -164,14 +205,20 @@ class Intake:
             await self.ensure_group()
             return 0
         entries = _stream_entries(checked([reply])[0])
-        for entry_id, fields in entries:
-            if fields.get(b"h") and fields.get(b"k") == b"resume":
-                # A live holder heard of this round (and usually holds its lock already): it
-                # steps it, and its commit acknowledges this entry. Should it die, the entry
-                # is claimed from this worker's pending list once idle (XAUTOCLAIM).
-                self.stats.deferred += 1
-                continue
-            self._take(entry_id.decode(), fields)
+        for raw_id, fields in entries:
+            entry_id, holder = raw_id.decode(), fields.get(b"h")
+            if holder and fields.get(b"k") == b"resume":
+                name = holder.decode(errors="replace")
+                if name not in self._gone:
+                    # A live holder heard of this round (and usually holds its lock already):
+                    # it steps it, and its commit acknowledges this entry. Should it die, the
+                    # next rescue takes the entry over; the claims, once it is idle.
+                    self.stats.deferred += 1
+                    if name != self.id:
+                        self._leave(entry_id, name, fields)
+                    continue
+                self.stats.rescued += 1  # handed to a worker gone since
+            self._take(entry_id, fields, suspect=bool(holder) and fields.get(b"k") == b"resume")
         return len(entries)
 
     async def claim_once(self) -> int:
@@ -182,14 +229,111 @@ class Intake:
         entries = [(e[0], as_hash(e[1])) for e in reply[1] if e and e[1]]
         for entry_id, fields in entries:
             self.stats.claimed += 1
-            self._take(entry_id.decode(), fields)
+            self._take(entry_id.decode(), fields, suspect=True)
         return len(entries)
 
-    def _take(self, entry_id: str, fields: dict[bytes, bytes]) -> None:
+    # -- rescues -------------------------------------------------------------------------
+
+    async def rescue_once(self) -> int:
+        """Take over at once the work of the workers whose connection to Redis is gone (no
+        subscriber on their process channel); returns how many jobs it started. Two commands
+        when nobody is gone: who might hold work (the registered workers, the consumers
+        holding jobs, the holders of rounds this worker left to them), then which of them
+        Redis still hears."""
+        self._forget_old_left()
+        summary, members = await self.redis.execute_many([
+            ("XPENDING", self.keys.jobs, JOB_GROUP), ("ZRANGE", self.keys.workers, 0, -1)])
+        holding = set() if isinstance(summary, Exception) else _consumers(summary)  # NOGROUP
+        names = sorted((holding | {_text(m) for m in checked([members])[0]}
+                        | {left.holder for left in self._left.values()}) - {self.id})
+        if not names:
+            self._gone = set()
+            return 0
+        heard = await self.redis.execute(
+            "PUBSUB", "NUMSUB", *[self.keys.process_channel(n) for n in names])
+        gone = {n for n, count in zip(names, heard[1::2], strict=True) if int(count) == 0}
+        newly, self._gone = gone - self._gone, gone
+        started = 0
+        for name in sorted(gone & holding):
+            started += await self._claim_from(name)
+        left = [(entry_id, x) for entry_id, x in self._left.items() if x.holder in gone]
+        for entry_id, _ in left:
+            del self._left[entry_id]
+        started += await self._adopt([(entry_id, x.fields) for entry_id, x in left])
+        if newly:
+            # Rounds handed to them that nobody read yet (field ``h``; no wake-up was sent
+            # for those): every worker reads them now, and whoever knows the holder gone
+            # steps them (the others at their next look).
+            await self.redis.execute("PUBLISH", self.keys.jobs_wake, "rescue")
+        return started
+
+    async def _claim_from(self, consumer: str) -> int:
+        """Move the jobs pending on a gone worker's consumer to this one, and adopt them.
+        XCLAIM's minimum idle time is the least the look saw, so a job another worker took
+        over meanwhile (its idle time reset) stays with that worker."""
+        rows: Any = await self.redis.execute(
+            "XPENDING", self.keys.jobs, JOB_GROUP, "-", "+", RESCUE_BATCH, consumer)
+        if not rows:
+            return 0
+        reply: Any = await self.redis.execute(
+            "XCLAIM", self.keys.jobs, JOB_GROUP, self.id, min(int(r[2]) for r in rows),
+            *[r[0] for r in rows])
+        entries = [(e[0].decode(), as_hash(e[1])) for e in reply if e and e[1]]
+        log.warning("worker %s is gone (its connection to redis closed): taking over its %d "
+                    "pending job(s)", consumer, len(entries))
+        return await self._adopt(entries)
+
+    async def _adopt(self, entries: list[tuple[str, dict[bytes, bytes]]]) -> int:
+        """Jobs now pending on this worker, taken over from gone workers: step those that are
+        still their session's current job, leave to their holder those handed to a live one,
+        and drop the rest (applied already: stepping them would only cost an attempt)."""
+        jobs = [(entry_id, fields, fields.get(b"sid", b"").decode(errors="replace"))
+                for entry_id, fields in entries]
+        current = checked(await self.redis.execute_many(
+            [("HGET", self.keys.session(sid).session, "job") for _, _, sid in jobs]))
+        started, stale = 0, []
+        for (entry_id, fields, sid), job in zip(jobs, current, strict=True):
+            kind = fields.get(b"k")
+            if kind in (b"start", b"resume") and sid and _text(job or b"") != entry_id:
+                stale.append(entry_id)
+                continue
+            holder = _text(fields.get(b"h") or b"")
+            if holder and kind == b"resume" and holder not in self._gone:
+                self.stats.deferred += 1
+                if holder != self.id:
+                    self._leave(entry_id, holder, fields)
+                continue
+            self.stats.rescued += 1
+            self._take(entry_id, fields, suspect=True)
+            started += 1
+        if stale:
+            checked(await self.redis.execute_many([
+                ("XACK", self.keys.jobs, JOB_GROUP, *stale), ("XDEL", self.keys.jobs, *stale)]))
+        return started
+
+    def _leave(self, entry_id: str, holder: str, fields: dict[bytes, bytes]) -> None:
+        sid = fields.get(b"sid", b"").decode(errors="replace")
+        self._left[entry_id] = _Left(sid, holder, fields, asyncio.get_running_loop().time())
+        if len(self._left) > LEFT_CAP:
+            self._left.popitem(last=False)
+
+    def _forget_old_left(self) -> None:
+        """Rounds left longer than ``claim_idle_ms`` are the claims' (XAUTOCLAIM) from now on:
+        this keeps the map to the last few seconds of rounds."""
+        oldest = asyncio.get_running_loop().time() - self.settings.claim_idle_ms / 1000
+        while self._left:
+            entry_id, left = next(iter(self._left.items()))
+            if left.at > oldest:
+                break
+            del self._left[entry_id]
+
+    def _take(self, entry_id: str, fields: dict[bytes, bytes], *, suspect: bool = False) -> None:
         kind = fields.get(b"k", b"").decode(errors="replace")
         sid = fields.get(b"sid", b"").decode(errors="replace")
         if kind in ("start", "resume") and sid:
-            self._submit(StepRequest(sid, entry_id=entry_id))
+            # A suspect (taken over from a worker that died or stalled) runs alone: see
+            # quarantine.py.
+            self._submit(StepRequest(sid, entry_id=entry_id, suspect=suspect))
         else:
             self._pool.spawn(self._dead_letter(entry_id, sid, kind))
 
@@ -225,6 +369,16 @@ class Intake:
                     await self.claim_once()
                 except Exception as exc:  # Redis still away: the claim loop retries later
                     log.warning("autoclaim after a pub/sub reconnect failed: %s", exc)
+
+
+def _consumers(summary: Any) -> set[str]:
+    """The consumers holding pending jobs, from the summary form of XPENDING."""
+    rows = summary[3] if isinstance(summary, list) and len(summary) > 3 else None
+    return {_text(row[0]) for row in rows or ()}
+
+
+def _text(value: Any) -> str:
+    return value.decode(errors="replace") if isinstance(value, bytes) else str(value)
 
 
 def _stream_entries(reply: Any) -> list[tuple[bytes, dict[bytes, bytes]]]:

@@ -2,7 +2,8 @@
 
 The strategy runs as an asyncio task. ``ctx.llm`` hands its queries to the driver through a
 future and suspends on another; ``step(answers)`` resolves that one and waits until the
-strategy asks again, returns, raises, or overruns the step timeout. A worker keeps a paused
+strategy asks again, returns, raises, or overruns the step timeout (a strategy holding the
+worker's loop past it is interrupted by ``watchdog.py``). A worker keeps a paused
 ``Execution`` in memory (the live path) and, when it does not have one, rebuilds it by
 ``replay`` from the session's journal (the replay path).
 """
@@ -15,12 +16,19 @@ import hashlib
 from dataclasses import dataclass
 from typing import Any
 
-from coordinator.codec import check_json_able, pack
-from coordinator.errors import NonDeterminism, SessionError, StepTimeout
+from coordinator.codec import check_json_able, pack, pack_checked
+from coordinator.errors import (
+    CorruptState,
+    InvalidTransition,
+    NonDeterminism,
+    SessionError,
+    StepTimeout,
+)
 from coordinator.models import LlmQuery
 
 from .catalog import StrategyFn
 from .context import Context
+from .watchdog import StepClock
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,14 +84,30 @@ class Execution:
         self._max_result_bytes = max_result_bytes
         self.ctx = Context(self._ask, budget=budget, started_at_ms=started_at_ms)
         self._task: asyncio.Task[Any] | None = None
+        #: The strategy's time on the loop: its step deadline, and the watchdog's view.
+        self.clock = StepClock(getattr(fn, "__qualname__", ""))
         self._outbox: asyncio.Future[list[LlmQuery]] | None = None
         self._inbox: asyncio.Future[list[str]] | None = None
         #: Rounds asked so far; equals the session's ``asked`` while in step with it.
         self.asked = 0
         self.last_queries: list[LlmQuery] = []
+        #: Set by ``close``: the strategy was cut off and may ask nothing more.
+        self._closed = False
 
     async def _ask(self, queries: list[LlmQuery]) -> list[str]:
-        assert self._outbox is not None and not self._outbox.done()
+        # Typed errors, raised inside the strategy, for the two asks nobody can answer: a
+        # strategy that caught the CancelledError of a cancel (or a step cut short) and
+        # asks on, and one that asks from two coroutines at once.
+        if self._closed:
+            raise InvalidTransition(
+                "the session's execution was stopped (the session was cancelled or ended, "
+                "or its step was cut short): ctx.llm cannot ask any more; let the "
+                "CancelledError propagate")
+        if self._outbox is None or self._outbox.done():
+            raise InvalidTransition(
+                "ctx.llm was called while another ask of this strategy is still pending: "
+                "ask several questions at once with ctx.llm_batch, not concurrent ctx.llm "
+                "calls")
         self._inbox = asyncio.get_running_loop().create_future()
         self._outbox.set_result(queries)
         return await self._inbox
@@ -99,23 +123,38 @@ class Execution:
     async def step(self, answers: list[str] | None, timeout_s: float) -> Outcome:
         """Start the strategy (``answers`` None) or answer its pending ask, and run it to
         its next ask or its end."""
+        if self._task is not None and (answers is None
+                                       or len(answers) != len(self.last_queries)):
+            # The last line of defence: answers are handed back by position, so any other
+            # number than was asked would resume the strategy with wrong or missing answers
+            # (it got [] for a batch of 4 once, and completed). End it instead.
+            self.close()
+            return Crash(str(CorruptState(
+                f"corrupt state: round {self.asked} asked {len(self.last_queries)} "
+                f"question(s) but {'no' if answers is None else len(answers)} answer(s) came "
+                "back; the strategy is not resumed with answers that do not match its "
+                "questions"
+            )))
         # One future carries either outcome (an ask, or _ENDED from the task's done
         # callback), awaited under a timeout scope: no asyncio.wait, no extra task per step.
         outbox: asyncio.Future[list[LlmQuery]] = asyncio.get_running_loop().create_future()
         self._outbox = outbox
         if self._task is None:
-            self._task = asyncio.create_task(self._main())
+            self._task = asyncio.create_task(self.clock.timed(self._main()))
             self._task.add_done_callback(self._ended)
         else:
             assert self._inbox is not None and answers is not None
             self._inbox.set_result(answers)
         task = self._task
+        if task.done():
+            # It ended after its last ask, when no step was waiting (one coroutine asked
+            # while another failed, say): its end is this step's outcome, not a timeout.
+            self._ended(task)
         try:
-            async with asyncio.timeout(timeout_s):
-                queries = await outbox
-        except TimeoutError:
+            queries = await self.clock.within(outbox, timeout_s)
+        except TimeoutError as exc:  # overrun, or interrupted by the watchdog (watchdog.py)
             self.close()
-            return Crash(str(StepTimeout(
+            return Crash(str(StepTimeout(str(exc) or
                 f"step timeout: the strategy neither asked nor returned within {timeout_s:g} s"
             )))
         except asyncio.CancelledError:
@@ -138,6 +177,9 @@ class Execution:
         result = task.result()
         try:
             check_json_able(result, what="the strategy's result", limit=self._max_result_bytes)
+            # Whatever msgpack still refuses fails the session here, by name: at the commit
+            # it would be a step error, retried max_attempts times to a misleading dead letter.
+            pack_checked(result, what="the strategy's result")
         except SessionError as err:
             return Crash(err.message)
         return Done(result)
@@ -155,6 +197,11 @@ class Execution:
                         f"{_describe(out)} instead of what the journal recorded; strategies "
                         "must ask the same questions given the same answers"
                     )
+                if len(entry.answers) != len(out.queries):
+                    raise CorruptState(
+                        f"corrupt state: journal round {n} holds {len(entry.answers)} "
+                        f"answer(s) to {len(out.queries)} question(s)"
+                    )
                 out = await self.step(entry.answers, timeout_s)
             return out
         finally:
@@ -163,13 +210,22 @@ class Execution:
             self.ctx.last_progress = None
 
     def close(self) -> None:
+        self._closed = True
         if self._task is not None and not self._task.done():
             self._task.cancel()
+            # What it ends with (a strategy may catch the cancel and raise something else)
+            # is nobody's to read now; read it so asyncio does not log it as lost.
+            self._task.add_done_callback(_retrieve)
         if self._inbox is not None and not self._inbox.done():
             self._inbox.cancel()
         if self._task is not None and self._task.done():
             with contextlib.suppress(BaseException):
                 self._task.exception()
+
+
+def _retrieve(task: asyncio.Task[Any]) -> None:
+    if not task.cancelled():
+        task.exception()
 
 
 def _describe(out: Outcome) -> str:

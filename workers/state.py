@@ -40,19 +40,33 @@ class Loaded:
 
 
 def round_answers(data: Loaded) -> tuple[list[str] | None, bytes]:
-    """The answered round in query order, and its journal entry (none for a start)."""
+    """The answered round in query order, and its journal entry (none for a start).
+
+    One answer per question, or ``CorruptState``: the strategy is resumed with these by
+    position, so a round whose questions or answers cannot all be read must fail the
+    session, never resume it with fewer (or other) answers than it asked for."""
     rec = data.rec
     if rec.asked == 0:
         return None, b""
     queries = decode_queries(rec, data.pending)
-    answers = []
-    for q in queries:
-        raw = data.answers.get(q.id.encode())
-        if raw is None:
-            raise CorruptState(f"session {rec.sid} is running round {rec.asked} but "
-                               f"query {q.id} has no answer", session_id=rec.sid)
-        answers.append(str(unpack(raw, what="answer", session_id=rec.sid)["r"]))
+    if not queries:
+        raise CorruptState(f"session {rec.sid} is running round {rec.asked} but no question "
+                           "of it is recorded", session_id=rec.sid)
+    answers = [_answer(rec, q.id, data.answers.get(q.id.encode())) for q in queries]
     return answers, journal_entry(queries, answers)
+
+
+def _answer(rec: SessionRecord, qid: str, raw: bytes | None) -> str:
+    """The text of one stored answer (``{"r": text, "u": usage?}`` as ``feed`` packs it)."""
+    if raw is None:
+        raise CorruptState(f"session {rec.sid} is running round {rec.asked} but "
+                           f"query {qid} has no answer", session_id=rec.sid, query_id=qid)
+    record = unpack(raw, what="answer", session_id=rec.sid)
+    if not isinstance(record, dict) or "r" not in record:
+        raise CorruptState(f"session {rec.sid}: the answer to query {qid} of round "
+                           f"{rec.asked} is not an answer ({record!r:.200})",
+                           session_id=rec.sid, query_id=qid)
+    return str(record["r"])  # as a handoff's answers are read (step.py)
 
 
 def new_execution(rec: SessionRecord, *, max_result_bytes: int) -> Execution | Crash:
@@ -68,9 +82,18 @@ def new_execution(rec: SessionRecord, *, max_result_bytes: int) -> Execution | C
 def read_journal(data: Loaded) -> list[JournalRound]:
     """The journal's rounds as ``journal_entry`` wrote them."""
     rounds = []
-    for raw in data.journal or []:
-        d, triples = unpack(raw, what="journal entry", session_id=data.rec.sid)
-        rounds.append(JournalRound(d, [t[2] for t in triples]))
+    for n, raw in enumerate(data.journal or [], start=1):
+        entry = unpack(raw, what="journal entry", session_id=data.rec.sid)
+        try:
+            d, triples = entry
+            answers = [t[2] for t in triples]
+        except (TypeError, ValueError, IndexError, KeyError) as exc:
+            raise CorruptState(f"session {data.rec.sid}: journal round {n} is not a round "
+                               f"({exc!r})", session_id=data.rec.sid) from exc
+        if not isinstance(d, bytes) or not all(isinstance(a, str) for a in answers):
+            raise CorruptState(f"session {data.rec.sid}: journal round {n} is not a round",
+                               session_id=data.rec.sid)
+        rounds.append(JournalRound(d, answers))
     return rounds
 
 

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import uuid
 from abc import ABC, abstractmethod
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -33,6 +32,7 @@ from coordinator.services import Services
 from coordinator.states import Phase
 from coordinator.transport import checked
 
+from .quarantine import Quarantine
 from .runtime import Ask, Crash, Done, Execution, Outcome, journal_entry
 from .state import Loaded, new_execution, read_journal, replay, round_answers
 
@@ -48,6 +48,7 @@ class WorkerStats:
     replays: int = 0
     deferred: int = 0
     claimed: int = 0
+    rescued: int = 0
     fenced_rejections: int = 0
     stale_skips: int = 0
     dead_letters: int = 0
@@ -75,6 +76,8 @@ class StepRequest:
     sid: str
     entry_id: str | None = None
     handoff: Handoff | None = None
+    #: Taken over from a worker that died or stalled: it runs alone (``quarantine.py``).
+    suspect: bool = False
 
 
 class _Handed(NamedTuple):
@@ -103,6 +106,8 @@ class Stepper(ABC):
         self._busy: set[str] = set()
         # Handoffs that came while this worker was still finishing the session's last step.
         self._queued: dict[str, StepRequest] = {}
+        #: Suspect steps run alone, so one that takes the worker down takes only itself.
+        self.quarantine = Quarantine()
 
     @abstractmethod
     def _submit(self, req: StepRequest) -> None:
@@ -119,7 +124,8 @@ class Stepper(ABC):
             return  # otherwise this worker is on it already; that step's commit acks the job
         self._busy.add(sid)
         try:
-            await self._lock_and_step(req)
+            async with self.quarantine.step(req.suspect, handed=req.handoff is not None):
+                await self._lock_and_step(req)
         except Exception as exc:
             # Left pending, the job is retried (claimed again) until max_attempts; keep the
             # error so the dead letter can say what kept failing.
@@ -144,7 +150,7 @@ class Stepper(ABC):
         if req.handoff is not None:
             lock.took(Lease(req.handoff.fence, 0), req.handoff.token)
         else:
-            token = uuid.uuid4().hex
+            token = lock.new_token()  # names this worker: see coordinator.locks
             # Take the lock and read the session in one command (step_begin.lua); only when
             # the lock is busy do we fall back to the lock's own bounded wait, then read.
             try:
@@ -152,7 +158,8 @@ class Stepper(ABC):
                                                       with_journal=sid not in self._live)
                 if not lock.took(begun.lease, token):
                     begun = None
-                    await lock.acquire()
+                    async with self.quarantine.aside():  # holding up no other step
+                        await lock.acquire()
             except LockTimeout:
                 return  # someone is stepping it; the job stays pending if it still matters
             except CorruptState as exc:

@@ -23,7 +23,7 @@ from typing import Any
 
 from coordinator.codec import pack
 from coordinator.errors import Unavailable
-from coordinator.records import now_ms
+from coordinator.records import clock_lesson, now_ms
 from coordinator.services import Services
 from coordinator.settings import Settings
 from coordinator.transport import Transport, checked
@@ -79,6 +79,7 @@ class Worker(Stepper):
     async def start(self) -> None:
         await self.intake.ensure_group()
         await self.redis.execute("SADD", self.keys.strategies, *catalog.names())
+        await self._learn_clock()  # before the first heartbeat, which is stamped with it
         await self._beat()
         await self.mux.start()
         self._loops = [
@@ -175,10 +176,22 @@ class Worker(Stepper):
                 "live": len(self._live), **asdict(self.stats)}
 
     async def _beat(self) -> None:
-        checked(await self.redis.execute_many([
+        """Say this worker is alive, and re-learn Redis's clock on the way: ``TIME`` rides
+        in the same write, so keeping budgets on the server's clock costs no round trip."""
+        learn = clock_lesson()
+        replies = checked(await self.redis.execute_many([
+            ("TIME",),
             ("SET", self.keys.worker(self.id), pack(self.report()), "PX",
              self.settings.heartbeat_ttl_ms),
             ("ZADD", self.keys.workers, now_ms(), self.id)]))
+        learn(replies[0])
+
+    async def _learn_clock(self) -> None:
+        """Learn how far Redis's clock is from this host's: budgets, heartbeats and logs are
+        measured on the server's clock (the scripts stamp sessions with ``TIME``), so a host
+        whose clock is hours off still sees a session's budget as the session's Redis does."""
+        learn = clock_lesson()
+        learn(await self.redis.execute("TIME"))
 
 
 async def _best_effort(aw: Awaitable[Any]) -> None:

@@ -19,6 +19,8 @@ from typing import Any
 
 from ..errors import (
     AlreadyResponded,
+    CorruptState,
+    InvalidInput,
     InvalidTransition,
     NotFound,
     SessionError,
@@ -118,7 +120,8 @@ class FeedReply:
 
 @dataclass(frozen=True, slots=True)
 class Lease:
-    """What a lock acquisition got: ``fence`` > 0 when taken, else the holder's ``pttl``."""
+    """What a lock acquisition got: ``fence`` > 0 when taken, else the holder's ``pttl``.
+    Taken with ``pttl`` -1: from a holder whose connection to Redis was gone."""
 
     fence: int
     pttl: int
@@ -137,6 +140,7 @@ class StepBegin:
 
 def raise_for(reply: Reply, *, session_id: str, query_id: str | None = None) -> None:
     """Map the error codes shared by the session scripts to the exception tree."""
+    _raise_refusal(reply, session_id)
     code = reply.code
     if code == "NOT_FOUND":
         raise NotFound(
@@ -173,6 +177,27 @@ def raise_for(reply: Reply, *, session_id: str, query_id: str | None = None) -> 
                            session_id=session_id)
 
 
+def _raise_refusal(reply: Reply, session_id: str) -> None:
+    """A script that refused its call before writing anything: ``BAD_ARG`` (an argument out
+    of its range: a caller's value, or a bug in ours) or ``CORRUPT`` (a number in the session
+    that is not one). Raised by every typed method, so no caller mistakes a refusal for an
+    ordinary outcome such as a stale step."""
+    if reply.code == "BAD_ARG":
+        name = _text(reply.args[0]) if reply.args else "?"
+        raise InvalidInput(
+            f"session {session_id}: argument {name} was refused by the script (out of range, "
+            "not a whole number, empty or missing); nothing was written",
+            session_id=session_id,
+        )
+    if reply.code == "CORRUPT":
+        name = _text(reply.args[0]) if reply.args else "?"
+        raise CorruptState(
+            f"session {session_id}: its field {name!r} is not a number this coordinator "
+            "wrote; nothing was written",
+            session_id=session_id,
+        )
+
+
 def _text(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
@@ -204,10 +229,13 @@ class Scripts:
 
     async def create(self, sid: str, *, strategy: str, input: bytes, budget: bytes,
                      ttl_ms: int, backstop_ms: int) -> Reply:
-        return _parse(await self._run("create", self._session(sid), {
+        """``OK`` (job id); raises ``InvalidInput`` for an argument the script refused."""
+        reply = _parse(await self._run("create", self._session(sid), {
             "sid": sid, "strategy": strategy, "input": input, "budget": budget,
             "ttl_ms": ttl_ms, "backstop_ms": backstop_ms,
             "wake_channel": self._keys.jobs_wake}))
+        _raise_refusal(reply, sid)
+        return reply
 
     async def feed(self, sid: str, query_id: str, *, answer: bytes, response_chars: int,
                    response_tokens: int, backstop_ms: int, token: str, lease_ms: int,
@@ -231,9 +259,10 @@ class Scripts:
                           llm_calls: int, prompt_chars: int, prompt_tokens: int, outcome: str,
                           event: bytes, rest: Sequence[Any]) -> Reply:
         """``OK`` | ``NOT_FOUND`` | ``FENCED`` (fence) | ``STALE`` (asked) |
-        ``INVALID_TRANSITION`` (phase); ``rest`` as the script's header describes."""
+        ``INVALID_TRANSITION`` (phase); ``rest`` as the script's header describes. Raises
+        ``InvalidInput`` / ``CorruptState`` for a call the script refused before writing."""
         sk = self._keys.session(sid)
-        return _parse(await self._run("commit_step", self._session(sid, extra=True), {
+        reply = _parse(await self._run("commit_step", self._session(sid, extra=True), {
             "sid": sid, "fence": fence, "asked": asked, "token": token, "group": JOB_GROUP,
             "channel": sk.channel, "released_channel": self._keys.lock_released(sk.lock),
             "holder": holder, "holder_channel": holder_channel, "backstop_ms": backstop_ms,
@@ -241,22 +270,31 @@ class Scripts:
             "progress": progress, "llm_calls": llm_calls, "prompt_chars": prompt_chars,
             "prompt_tokens": prompt_tokens, "outcome": outcome, "event": event,
             "*rest": rest}))
+        _raise_refusal(reply, sid)
+        return reply
 
     async def terminate(self, sid: str, mode: str, *, retention_ms: int,
                         now_ms: int | None = None, error: str = "",
                         dead_letter: str = "") -> Reply:
-        """``OK`` | ``NOT_FOUND`` | ``INVALID_TRANSITION`` (phase) | ``ALIVE`` (deadline)."""
-        return _parse(await self._run("terminate", self._session(sid), {
+        """``OK`` | ``NOT_FOUND`` | ``INVALID_TRANSITION`` (phase) | ``ALIVE`` (deadline) |
+        ``BUSY`` (``expire`` of a running session: not idle). Raises ``InvalidInput`` /
+        ``CorruptState`` for a call the script refused before writing."""
+        sk = self._keys.session(sid)
+        reply = _parse(await self._run("terminate", {
+            **self._session(sid), "fed": sk.fed, "fed_prev": sk.fed_prev}, {
             "sid": sid, "mode": mode, "group": JOB_GROUP,
-            "channel": self._keys.session(sid).channel, "retention_ms": retention_ms,
+            "channel": sk.channel, "retention_ms": retention_ms,
             "now_ms": "" if now_ms is None else now_ms, "error": error,
             "dead_letter": dead_letter}))
+        _raise_refusal(reply, sid)
+        return reply
 
     async def lock_acquire(self, lock: str, fence_key: str, *, token: str | bytes,
                            lease_ms: int, fence_field: str) -> Lease:
         return _lease(await self._run("lock_acquire", {"lock": lock, "fence": fence_key},
                                       {"token": token, "lease_ms": lease_ms,
-                                       "fence_field": fence_field}))
+                                       "fence_field": fence_field,
+                                       "live_prefix": self._keys.process_channel("")}))
 
     async def lock_release(self, lock: str, *, token: bytes, released_channel: str) -> bool:
         return bool(await self._run("lock_release", {"lock": lock},
@@ -272,7 +310,8 @@ class Scripts:
         raw = await self._run("step_begin", {
             "lock": sk.lock, "session": sk.session, "pending": sk.pending,
             "answers": sk.answers, "journal": sk.journal},
-            {"token": token, "lease_ms": lease_ms, "with_journal": "1" if with_journal else "0"})
+            {"token": token, "lease_ms": lease_ms, "with_journal": "1" if with_journal else "0",
+             "live_prefix": self._keys.process_channel("")})
         lease = _lease(raw[:2])
         if lease.fence <= 0:
             return StepBegin(lease, {}, {}, {}, None)
@@ -290,7 +329,8 @@ class Scripts:
 
 def _lease(raw: Any) -> Lease:
     """-1: nothing to lock (the session is gone); -2: its fence is not a number (corrupt);
-    0: held by another (``pttl`` says for how long); above 0: taken, with that fence."""
+    0: held by another (``pttl`` says for how long); above 0: taken, with that fence (and
+    ``pttl`` -1 when taken from a holder whose connection was gone)."""
     return Lease(int(raw[0]), int(raw[1]))
 
 
@@ -306,7 +346,10 @@ class Terminate:
         return await self._scripts.terminate(sid, "cancel", retention_ms=self._retention_ms)
 
     async def expire(self, sid: str, *, now_ms: int | None, error: str) -> Reply:
-        """Expire ``sid`` if it is still idle past its deadline (re-checked atomically)."""
+        """Expire ``sid`` if it is idle (paused, waiting for its host) past its deadline,
+        re-checked atomically: ``BUSY`` when it runs (queued for a worker or mid-step),
+        ``ALIVE`` when an answer moved its deadline on; ``CorruptState`` when its clock
+        fields are not numbers."""
         return await self._scripts.terminate(sid, "expire", retention_ms=self._retention_ms,
                                              now_ms=now_ms, error=error)
 

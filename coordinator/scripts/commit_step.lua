@@ -23,9 +23,46 @@
 --   complete: packed result
 --   fail:     error text
 -- Returns {'OK'} | {'NOT_FOUND'} | {'FENCED', fence} | {'STALE', asked}
---       | {'INVALID_TRANSITION', phase}
+--       | {'INVALID_TRANSITION', phase} | {'BAD_ARG', name} | {'CORRUPT', field}
 -- Reads the session hash once and writes it once (each redis.call costs about a microsecond
 -- on top of its work, and this runs for every step).
+-- A pause files the session in the deadlines (KEYS[7]): from now on only its host owes it
+-- anything, so from now on it can idle. Its time queued and running never counted.
+-- Arguments, and the numbers read from the session, are checked before the first write:
+-- Redis does not undo a script's writes when a later command fails.
+-- ARGV[i] as a whole number in [lo, hi], else nil. Digits only: tonumber would also take
+-- 'inf', 'nan', '1e20', ' 5' and '0x10'; 15 digits stay exact in Lua's doubles.
+local function whole(i, lo, hi)
+  local s = ARGV[i]
+  if type(s) ~= 'string' or #s > 15 or not string.match(s, '^%d+$') then return nil end
+  local n = tonumber(s)
+  if n < lo or n > hi then return nil end
+  return n
+end
+if #KEYS ~= 12 or #ARGV < 20 then
+  return {'BAD_ARG', 'arity'}
+end
+if ARGV[1] == '' then return {'BAD_ARG', 'sid'} end
+for _, a in ipairs({{2, 'fence'}, {3, 'asked'}, {14, 'llm_calls'}, {15, 'prompt_chars'},
+                    {16, 'prompt_tokens'}}) do
+  if not whole(a[1], 0, 2^48) then return {'BAD_ARG', a[2]} end
+end
+if not whole(10, 1, 2^48) then return {'BAD_ARG', 'backstop_ms'} end
+if not whole(11, 0, 2^48) then return {'BAD_ARG', 'retention_ms'} end
+local outcome = ARGV[17]
+if outcome ~= 'pause' and outcome ~= 'complete' and outcome ~= 'fail' then
+  return {'BAD_ARG', 'outcome'}
+end
+-- The rest: L log entries, then by outcome exactly what the header says, nothing more.
+local nlogs = whole(19, 0, #ARGV)
+if not nlogs then return {'BAD_ARG', 'rest'} end
+local i = 20 + nlogs
+if outcome == 'pause' then
+  local n = whole(i + 1, 1, #ARGV)
+  if not n or #ARGV ~= i + 1 + 2 * n then return {'BAD_ARG', 'rest'} end
+elseif #ARGV ~= i then
+  return {'BAD_ARG', 'rest'}
+end
 -- ARGV[from..to] to one command per 1,000 arguments (Lua's unpack has a stack limit).
 local function each_chunk(cmd, key, from, to)
   for a = from, to, 1000 do
@@ -44,6 +81,18 @@ end
 if phase ~= 'running' then
   return {'INVALID_TRANSITION', phase}
 end
+-- The numbers this script computes with (asked, ttl_ms: always set; the counters and bx_at
+-- once first written), and the job id it acknowledges.
+for j, n in ipairs({{3, 'asked'}, {5, 'ttl_ms'}, {6, 'm:llm_calls'}, {7, 'm:prompt_chars'},
+                    {8, 'm:prompt_tokens'}, {9, 'm:pauses'}, {10, 'bx_at'}}) do
+  local v = tonumber(f[n[1]])
+  if (f[n[1]] or j <= 2) and (v == nil or v ~= v or v == math.huge or v == -math.huge) then
+    return {'CORRUPT', n[2]}
+  end
+end
+if f[4] and not string.match(f[4], '^%d+%-%d+$') then
+  return {'CORRUPT', 'job'}
+end
 local asked = tonumber(f[3])
 if asked ~= tonumber(ARGV[3]) then
   return {'STALE', asked}
@@ -57,8 +106,7 @@ redis.call('DEL', KEYS[2], KEYS[3], KEYS[12])
 if redis.call('EXISTS', KEYS[11]) == 1 then
   redis.call('RENAME', KEYS[11], KEYS[12])  -- a retried feed of this round is still known
 end
-local nlogs = tonumber(ARGV[19])
-local i = 20
+i = 20
 if nlogs > 0 then
   each_chunk('RPUSH', KEYS[5], i, i + nlogs - 1)
   redis.call('LTRIM', KEYS[5], -20, -1)
@@ -78,7 +126,6 @@ if f[4] then
   redis.call('XDEL', KEYS[8], f[4])
 end
 redis.call('HDEL', KEYS[1], 'job', 'last_error')
-local outcome = ARGV[17]
 local add
 if outcome == 'pause' then
   local n = tonumber(ARGV[i + 1])

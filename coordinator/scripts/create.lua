@@ -6,24 +6,46 @@
 -- KEYS[6] registry zset   KEYS[7] deadlines zset   KEYS[8] jobs stream   KEYS[9] dead letters
 -- ARGV[1] session id   ARGV[2] strategy name   ARGV[3] packed input   ARGV[4] packed budget or ''
 -- ARGV[5] idle ttl ms  ARGV[6] backstop expiry ms   ARGV[7] jobs wake channel
--- Returns {'OK', job id}. Ids carry 128 random bits, so an existing session can only be
--- this very call retried after its reply was lost: answer as the first time did.
+-- Returns {'OK', job id} | {'BAD_ARG', name}. Ids carry 128 random bits, so an existing
+-- session can only be this very call retried after its reply was lost: answer as the first
+-- time did.
+-- A new session runs (its start job waits for a worker): nobody idles, so it is not filed
+-- in the deadlines (commit_step.lua files it when it pauses, waiting for its host).
+-- Arguments are checked before the first write: Redis does not undo a script's writes when a
+-- later command fails, so a refused call must fail before it has written anything.
+-- ARGV[i] as a whole number in [lo, hi], else nil. Digits only: tonumber would also take
+-- 'inf', 'nan', '1e20', ' 5' and '0x10'; 15 digits stay exact in Lua's doubles.
+local function whole(i, lo, hi)
+  local s = ARGV[i]
+  if type(s) ~= 'string' or #s > 15 or not string.match(s, '^%d+$') then return nil end
+  local n = tonumber(s)
+  if n < lo or n > hi then return nil end
+  return n
+end
+if #KEYS ~= 9 or #ARGV ~= 7 then
+  return {'BAD_ARG', 'arity'}
+end
+if ARGV[1] == '' then return {'BAD_ARG', 'sid'} end
+if ARGV[2] == '' then return {'BAD_ARG', 'strategy'} end
+if ARGV[3] == '' then return {'BAD_ARG', 'input'} end
+local ttl = whole(5, 1, 315360000000)  -- ten years (settings.MAX_TTL_S)
+if not ttl then return {'BAD_ARG', 'ttl_ms'} end
+if not whole(6, 1, 2^48) then return {'BAD_ARG', 'backstop_ms'} end
 if redis.call('EXISTS', KEYS[1]) == 1 then
   return {'OK', redis.call('HGET', KEYS[1], 'job') or ''}
 end
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-local ttl = tonumber(ARGV[5])
+-- The job first: XADD is the one command here that can still fail (a namespace key of the
+-- wrong type), and then nothing is written.
+local job = redis.call('XADD', KEYS[8], '*', 'k', 'start', 'sid', ARGV[1], 'a', 0)
 redis.call('HSET', KEYS[1],
   'phase', 'running', 'asked', 0, 'remaining', 0, 'fence', 0,
-  'strategy', ARGV[2], 'input', ARGV[3],
-  'started_at', now, 'last_activity_at', now, 'ttl_ms', ttl, 'bx_at', now)
+  'strategy', ARGV[2], 'input', ARGV[3], 'job', job,
+  'started_at', now, 'last_activity_at', now, 'ttl_ms', ARGV[5], 'bx_at', now)
 if ARGV[4] ~= '' then
   redis.call('HSET', KEYS[1], 'budget', ARGV[4])
 end
-local job = redis.call('XADD', KEYS[8], '*', 'k', 'start', 'sid', ARGV[1], 'a', 0)
-redis.call('HSET', KEYS[1], 'job', job)
-redis.call('ZADD', KEYS[7], now + ttl, ARGV[1])
 redis.call('PEXPIRE', KEYS[1], ARGV[6])
 redis.call('PUBLISH', ARGV[7], ARGV[1])
 return {'OK', job}

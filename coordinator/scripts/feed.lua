@@ -11,9 +11,35 @@
 -- ARGV[9] lease ms of lock A
 -- Transition: paused -> running (the last answer of a round).
 -- Returns {'ACCEPTED', remaining} | {'READY', asked} | {'NOT_FOUND'} | {'UNKNOWN_QUERY'}
---       | {'ALREADY_RESPONDED'} | {'INVALID_TRANSITION', phase}
+--       | {'ALREADY_RESPONDED'} | {'INVALID_TRANSITION', phase} | {'BAD_ARG', name}
+--       | {'CORRUPT', field}
 -- Reads the session hash once and writes it once: each redis.call costs about a microsecond
 -- on top of its work, and this script runs for every answer.
+-- The idle deadline (KEYS[7]) is the host's: an answer that leaves some missing moves it; the
+-- last one takes the session out, since from then on a worker owes it the step.
+-- Arguments, and the numbers read from the session, are checked before the first write:
+-- Redis does not undo a script's writes when a later command fails.
+-- ARGV[i] as a whole number in [lo, hi], else nil. Digits only: tonumber would also take
+-- 'inf', 'nan', '1e20', ' 5' and '0x10'; 15 digits stay exact in Lua's doubles.
+local function whole(i, lo, hi)
+  local s = ARGV[i]
+  if type(s) ~= 'string' or #s > 15 or not string.match(s, '^%d+$') then return nil end
+  local n = tonumber(s)
+  if n < lo or n > hi then return nil end
+  return n
+end
+if #KEYS ~= 12 or #ARGV ~= 9 then
+  return {'BAD_ARG', 'arity'}
+end
+if ARGV[1] == '' then return {'BAD_ARG', 'sid'} end
+if ARGV[2] == '' then return {'BAD_ARG', 'query_id'} end
+if ARGV[8] == '' then return {'BAD_ARG', 'token'} end
+local chars, tokens = whole(4, 0, 2^48), whole(5, 0, 2^48)
+if not chars then return {'BAD_ARG', 'response_chars'} end
+if not tokens then return {'BAD_ARG', 'response_tokens'} end
+local backstop = whole(6, 1, 2^48)
+if not backstop then return {'BAD_ARG', 'backstop_ms'} end
+if not whole(9, 1, 2^48) then return {'BAD_ARG', 'lease_ms'} end
 local f = redis.call('HMGET', KEYS[1], 'phase', 'ready_token', 'ready_asked', 'remaining',
   'ttl_ms', 'asked', 'm:response_chars', 'm:response_tokens', 'm:rounds', 'holder_ch', 'fence',
   'cfence', 'holder', 'bx_at')
@@ -21,9 +47,25 @@ local phase = f[1]
 if not phase then
   return {'NOT_FOUND'}
 end
+-- The numbers this script computes with: a hash changed behind the coordinator's back is
+-- refused here, not half-way through the writes. remaining, ttl_ms and asked are always set;
+-- the others once first written.
+local function stored(v)
+  local n = tonumber(v)
+  if n == nil or n ~= n or n == math.huge or n == -math.huge then return nil end
+  return n
+end
+for j, n in ipairs({{4, 'remaining'}, {5, 'ttl_ms'}, {6, 'asked'}, {3, 'ready_asked'},
+                    {7, 'm:response_chars'}, {8, 'm:response_tokens'}, {9, 'm:rounds'},
+                    {14, 'bx_at'}}) do
+  local v = f[n[1]]
+  if (v or j <= 3) and not stored(v) then
+    return {'CORRUPT', n[2]}
+  end
+end
 -- A client retries a call whose reply it lost: the same token means this answer was already
 -- recorded by this very call, so answer as the first time did instead of refusing it.
-if f[2] == ARGV[8] then
+if f[2] == ARGV[8] and f[3] then
   return {'READY', tonumber(f[3])}
 end
 if redis.call('HGET', KEYS[11], ARGV[2]) == ARGV[8] then
@@ -48,16 +90,15 @@ redis.call('HSET', KEYS[11], ARGV[2], ARGV[8])
 redis.call('PEXPIRE', KEYS[11], ARGV[6])
 local remaining = tonumber(f[4]) - 1
 local set = {'remaining', remaining, 'last_activity_at', now,
-  'm:response_chars', tonumber(f[7] or '0') + tonumber(ARGV[4]),
-  'm:response_tokens', tonumber(f[8] or '0') + tonumber(ARGV[5])}
-redis.call('ZADD', KEYS[7], now + tonumber(f[5]), ARGV[1])
+  'm:response_chars', tonumber(f[7] or '0') + chars,
+  'm:response_tokens', tonumber(f[8] or '0') + tokens}
 -- The backstop expiry moves with the deadline. This round's answers are new (and get it
 -- always); the other keys were given it at the last refresh (``bx_at``), which is renewed
 -- only once an eighth of the slack beyond the deadline has passed since: the keys then
 -- outlive any deadline by at least 7/8 of (retention + lease), and a burst of feeds costs
 -- one PEXPIRE each, not five.
 redis.call('PEXPIRE', KEYS[3], ARGV[6])
-if now - tonumber(f[14] or '0') >= (tonumber(ARGV[6]) - tonumber(f[5])) / 8 then
+if now - tonumber(f[14] or '0') >= (backstop - tonumber(f[5])) / 8 then
   for i = 1, 5 do redis.call('PEXPIRE', KEYS[i], ARGV[6]) end
   set[#set + 1] = 'bx_at'
   set[#set + 1] = now
@@ -65,10 +106,12 @@ end
 if remaining > 0 then
   redis.call('HSET', KEYS[1], unpack(set))
   redis.call('ZADD', KEYS[6], 'XX', now, ARGV[1])
+  redis.call('ZADD', KEYS[7], now + tonumber(f[5]), ARGV[1])
   return {'ACCEPTED', remaining}
 end
 local asked = f[6]
 redis.call('ZREM', KEYS[6], ARGV[1])
+redis.call('ZREM', KEYS[7], ARGV[1])
 -- The live holder is handed the step: this script takes lock A in its name (fence bumped,
 -- lease set, the feed token as owner) and the nudge carries the round's answers, so the
 -- holder resumes with no read and commits with one command. It is handed over only when

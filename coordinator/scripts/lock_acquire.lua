@@ -2,13 +2,20 @@
 -- Same layout as redis-py's Lock (the value is the owner token, PX is the lease), so its
 -- release and extend scripts keep working on our locks.
 -- KEYS: lock fence
--- ARGV: token lease_ms fence_field
+-- ARGV: token lease_ms fence_field live_prefix
 -- KEYS[1] lock key   KEYS[2] fence holder: a session hash (ARGV[3] names the field) or,
 --                    with ARGV[3] == '', a plain counter key
 -- ARGV[1] owner token   ARGV[2] lease ms   ARGV[3] fence field or ''
--- Returns {fence, 0} when taken, {0, pttl} when held by another, {-1, 0} when the session
--- hash is gone (nothing to lock), {-2, 0} when the fence is not a number (corrupt: checked
--- before any write, since a script error would not undo the lease it had already set).
+-- ARGV[4] liveness channel prefix: a holder named H is alive while ARGV[4]..H has a subscriber
+-- Returns {fence, 0} when taken, {fence, -1} when taken from a holder whose connection is
+-- gone, {0, pttl} when held by another, {-1, 0} when the session hash is gone (nothing to
+-- lock), {-2, 0} when the fence is not a number (corrupt: checked before any write, since a
+-- script error would not undo the lease it had already set).
+-- A holder is named by its token ('<random>|<worker id>') or, for a session's lock A that the
+-- feed took in the live holder's name (handoff: the token is the session's 'ready_token'), by
+-- the session's 'holder'. A holder whose liveness channel has no subscriber has lost its
+-- connection to Redis (dead, or cut off: the fence refuses its late commit either way), so
+-- its lease is not waited out; an unnamed holder's always is.
 local current
 if ARGV[3] ~= '' then
   if redis.call('EXISTS', KEYS[2]) == 0 then
@@ -21,10 +28,24 @@ end
 if current and not tonumber(current) then
   return {-2, 0}
 end
-if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then
-  if ARGV[3] ~= '' then
-    return {redis.call('HINCRBY', KEYS[2], ARGV[3], 1), 0}
+local broken = 0
+if not redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then
+  local owner = redis.call('GET', KEYS[1])
+  local bar = string.find(owner, '|', 1, true)
+  local holder
+  if bar and bar < #owner then
+    holder = string.sub(owner, bar + 1)
+  elseif ARGV[3] ~= '' then
+    local h = redis.call('HMGET', KEYS[2], 'ready_token', 'holder')
+    if h[1] == owner then holder = h[2] end
   end
-  return {redis.call('INCR', KEYS[2]), 0}
+  if not holder or redis.call('PUBSUB', 'NUMSUB', ARGV[4] .. holder)[2] ~= 0 then
+    return {0, redis.call('PTTL', KEYS[1])}
+  end
+  redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+  broken = -1
 end
-return {0, redis.call('PTTL', KEYS[1])}
+if ARGV[3] ~= '' then
+  return {redis.call('HINCRBY', KEYS[2], ARGV[3], 1), broken}
+end
+return {redis.call('INCR', KEYS[2]), broken}

@@ -2,12 +2,14 @@
 -- The same lease and fence as lock_acquire.lua (this is its hot-path form: a worker starting
 -- a step would otherwise spend a command on the lock and three on reads, every step).
 -- KEYS: lock session pending answers journal
--- ARGV: token lease_ms with_journal
+-- ARGV: token lease_ms with_journal live_prefix
 -- KEYS[1] lock A   KEYS[2] session hash   KEYS[3] pending   KEYS[4] answers   KEYS[5] journal
 -- ARGV[1] owner token   ARGV[2] lease ms   ARGV[3] '1' to include the journal
+-- ARGV[4] liveness channel prefix: a holder named H is alive while ARGV[4]..H has a subscriber
 -- Returns {-1, 0} when the session is gone, {-2, 0} when its fence is not a number (corrupt;
 -- checked before any write), {0, pttl} when another holds the lock, else
--- {fence, 0, session fields (flat), pending (flat), answers (flat), journal or false}.
+-- {fence, 0 or -1, session fields (flat), pending (flat), answers (flat), journal or false},
+-- -1 saying the lock was taken from a holder whose connection is gone (as lock_acquire.lua).
 if redis.call('EXISTS', KEYS[2]) == 0 then
   return {-1, 0}
 end
@@ -15,13 +17,31 @@ local current = redis.call('HGET', KEYS[2], 'fence')
 if current and not tonumber(current) then
   return {-2, 0}
 end
+local broken = 0
 if not redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then
-  return {0, redis.call('PTTL', KEYS[1])}
+  -- Held. A holder is named by its token ('<random>|<worker id>') or, for a lease the feed
+  -- took in the live holder's name (handoff), by the session's holder; one whose liveness
+  -- channel has no subscriber has lost its connection to Redis (dead, or cut off: the fence
+  -- refuses its late commit either way), so its lease is not waited out.
+  local owner = redis.call('GET', KEYS[1])
+  local bar = string.find(owner, '|', 1, true)
+  local holder
+  if bar and bar < #owner then
+    holder = string.sub(owner, bar + 1)
+  else
+    local h = redis.call('HMGET', KEYS[2], 'ready_token', 'holder')
+    if h[1] == owner then holder = h[2] end
+  end
+  if not holder or redis.call('PUBSUB', 'NUMSUB', ARGV[4] .. holder)[2] ~= 0 then
+    return {0, redis.call('PTTL', KEYS[1])}
+  end
+  redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+  broken = -1
 end
 local fence = redis.call('HINCRBY', KEYS[2], 'fence', 1)
 local journal = false
 if ARGV[3] == '1' then
   journal = redis.call('LRANGE', KEYS[5], 0, -1)
 end
-return {fence, 0, redis.call('HGETALL', KEYS[2]), redis.call('HGETALL', KEYS[3]),
+return {fence, broken, redis.call('HGETALL', KEYS[2]), redis.call('HGETALL', KEYS[3]),
         redis.call('HGETALL', KEYS[4]), journal}
