@@ -238,7 +238,8 @@ async def _registry(args: argparse.Namespace) -> AsyncIterator[SessionRegistry]:
     if settings.url is None:
         raise InvalidInput("no Redis URL: pass --redis URL or set REDIS_URL "
                            "(only `coordinator run` has an embedded default)")
-    transport = Transport.from_url(settings.url, timeout_s=settings.redis_timeout_s)
+    transport = Transport.from_url(settings.url, timeout_s=settings.redis_timeout_s,
+                                   allow_eviction=settings.allow_eviction)
     async with SessionRegistry(transport, settings=settings) as reg:
         yield reg
 
@@ -298,7 +299,8 @@ async def _worker(args: argparse.Namespace) -> int:
         env = {**os.environ, "REDIS_URL": settings.url}
         return await supervisor.Supervisor(argv, env, settings).run()
     catalog.load(args.modules)
-    transport = Transport.from_url(settings.url, timeout_s=settings.redis_timeout_s)
+    transport = Transport.from_url(settings.url, timeout_s=settings.redis_timeout_s,
+                                   allow_eviction=settings.allow_eviction)
     worker = Worker(transport, settings, concurrency=args.concurrency)
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

@@ -187,7 +187,8 @@ def _factory_for(source: RegistryFactory | Settings) -> RegistryFactory:
         raise InvalidInput("the HTTP API needs Redis: pass --redis URL or set REDIS_URL")
     Target.parse(url)  # a bad URL is said at start, not on the first request
     return lambda: SessionRegistry(
-        Transport.from_url(url, timeout_s=source.redis_timeout_s), settings=source)
+        Transport.from_url(url, timeout_s=source.redis_timeout_s,
+                           allow_eviction=source.allow_eviction), settings=source)
 
 
 def create_app(

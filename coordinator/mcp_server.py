@@ -187,6 +187,7 @@ async def run_stdio(settings: Settings, *, modules: list[str] | None = None) -> 
         async with embedded(settings, modules=modules) as reg:
             await build_server(reg).run_stdio_async()
         return
-    transport = Transport.from_url(settings.url, timeout_s=settings.redis_timeout_s)
+    transport = Transport.from_url(settings.url, timeout_s=settings.redis_timeout_s,
+                                   allow_eviction=settings.allow_eviction)
     async with SessionRegistry(transport, settings=settings) as reg:
         await build_server(reg).run_stdio_async()

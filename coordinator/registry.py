@@ -71,7 +71,8 @@ class SessionRegistry:
         """A registry on the Redis ``url`` names (checked at once: ``InvalidInput``); it
         connects on first use and owns its connections (``aclose``)."""
         settings = Settings.from_url(url, namespace=namespace, **overrides)
-        return cls(Transport.from_url(url, timeout_s=settings.redis_timeout_s),
+        return cls(Transport.from_url(url, timeout_s=settings.redis_timeout_s,
+                                      allow_eviction=settings.allow_eviction),
                    settings=settings)
 
     @property

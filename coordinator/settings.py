@@ -107,12 +107,17 @@ class Settings:
     shutdown_grace_s: float = 10.0
     #: Most paused executions a worker keeps alive in memory; older ones are replayed if needed.
     max_live_executions: int = 10_000
+    #: Accept a Redis whose ``maxmemory-policy`` evicts keys (refused by default: an evicted
+    #: session key breaks its session silently). ``ALC_ALLOW_EVICTION=1``.
+    allow_eviction: bool = False
 
     def __post_init__(self) -> None:
         """Refuse a bad value when the settings are made, whoever made them."""
         if self.url is not None and not isinstance(self.url, str):
             raise _invalid("url", self.url, "a Redis URL string (or None for embedded)")
         _check_namespace(self.namespace)
+        if not isinstance(self.allow_eviction, bool):
+            raise _invalid("allow_eviction", self.allow_eviction, "true or false")
         for name, allowed in _RANGES.items():
             value = getattr(self, name)
             if not allowed.accepts(value):
@@ -195,8 +200,17 @@ def _encodable(text: str) -> bool:
     return True
 
 
+_FLAGS = {"1": True, "true": True, "yes": True, "on": True,
+          "0": False, "false": False, "no": False, "off": False}
+
+
 def _convert(name: str, raw: str) -> Any:
     """An environment value as its field's type; the range is checked by ``Settings``."""
+    if name == "allow_eviction":
+        flag = raw.strip().lower()
+        if flag not in _FLAGS:
+            raise _invalid(name, raw, "1/true/yes or 0/false/no")
+        return _FLAGS[flag]
     allowed = _RANGES.get(name)
     if allowed is None:
         return raw  # a string field (namespace)

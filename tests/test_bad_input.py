@@ -854,7 +854,25 @@ async def test_ctx_llm_after_a_cancel_is_a_typed_error_in_the_strategy(env: Env)
 
 # -- settings: every knob checked where it is made, naming the variable that sets it -------------
 
-NUMERIC_SETTINGS = [f.name for f in fields(Settings) if f.name not in ("url", "namespace")]
+NUMERIC_SETTINGS = [f.name for f in fields(Settings)
+                    if f.name not in ("url", "namespace", "allow_eviction")]
+
+
+@pytest.mark.parametrize("bad", [1, "yes", None, 0.0])
+def test_a_bad_flag_setting_is_invalid_input(bad: Any) -> None:
+    with pytest.raises(InvalidInput, match="allow_eviction"):
+        Settings(allow_eviction=bad)
+
+
+@pytest.mark.parametrize(("raw", "value"), [("1", True), ("yes", True), ("0", False),
+                                            ("off", False)])
+def test_a_flag_setting_reads_from_the_environment(monkeypatch: pytest.MonkeyPatch, raw: str,
+                                                   value: bool) -> None:
+    monkeypatch.setenv("ALC_ALLOW_EVICTION", raw)
+    assert Settings.from_url(None).allow_eviction is value
+    monkeypatch.setenv("ALC_ALLOW_EVICTION", "maybe")
+    with pytest.raises(InvalidInput, match=r"ALC_ALLOW_EVICTION.*got 'maybe'"):
+        Settings.from_url(None)
 
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), -1, 10**20, "abc", True, None],

@@ -158,6 +158,12 @@ class Stepper(ABC):
                                                       with_journal=sid not in self._live)
                 if not lock.took(begun.lease, token):
                     begun = None
+                    if req.entry_id is not None and not await self._current(sid, req.entry_id):
+                        # A redelivered job applied meanwhile (say, by this worker's own
+                        # handoff, waiting for this very step to end): no lock to wait for.
+                        await self._drop_entry(req.entry_id)
+                        self.stats.stale_skips += 1
+                        return
                     async with self.quarantine.aside():  # holding up no other step
                         await lock.acquire()
             except LockTimeout:
@@ -358,6 +364,13 @@ class Stepper(ABC):
         else:
             log.info("commit for session %s skipped: %s", sid, reply.code)
         return False
+
+    async def _current(self, sid: str, entry_id: str) -> bool:
+        """Whether ``entry_id`` is still the session's job (one read, on the busy-lock path
+        only): a job no longer current was applied already."""
+        job = await self.redis.execute("HGET", self.keys.session(sid).session, "job")
+        return job is not None and (job.decode() if isinstance(job, bytes) else str(job)) \
+            == entry_id
 
     async def _drop_entry(self, entry_id: str) -> None:
         checked(await self.redis.execute_many([

@@ -10,6 +10,7 @@ and leave the mapping of error codes to exceptions to ``raise_for``.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import re
 from collections.abc import Mapping, Sequence
@@ -83,12 +84,10 @@ class Script:
             raise TypeError(f"{self.name}.lua takes KEYS {self.keys} and ARGV {self.argv}; "
                             f"got {tuple(keys)} and {tuple(argv)}")
         key_list = [keys[k] for k in self.keys]
-        args: list[Any] = []
-        for name in self.argv:
-            if name.startswith("*"):
-                args.extend(argv[name])
-            else:
-                args.append(argv[name])
+        if not self.argv or not self.argv[-1].startswith("*"):
+            return key_list, [argv[name] for name in self.argv]
+        args = [argv[name] for name in self.argv[:-1]]  # the hot path: no per-name tests
+        args.extend(argv[self.argv[-1]])
         return key_list, args
 
 
@@ -218,14 +217,7 @@ class Scripts:
                                              timeout=timeout)
 
     def _session(self, sid: str, *, extra: bool = False) -> dict[str, str]:
-        sk = self._keys.session(sid)
-        keys = {"session": sk.session, "pending": sk.pending, "answers": sk.answers,
-                "journal": sk.journal, "logs": sk.logs, "registry": self._keys.registry,
-                "deadlines": self._keys.deadlines, "jobs": self._keys.jobs,
-                "dead": self._keys.dead_letters}
-        if extra:
-            keys.update(lock=sk.lock, fed=sk.fed, fed_prev=sk.fed_prev)
-        return keys
+        return _session_keys(self._keys, sid, extra)
 
     async def create(self, sid: str, *, strategy: str, input: bytes, budget: bytes,
                      ttl_ms: int, backstop_ms: int) -> Reply:
@@ -325,6 +317,19 @@ class Scripts:
         raw = await self._run("retire_consumers", {"jobs": self._keys.jobs},
                               {"group": JOB_GROUP, "*names": names})
         return [_text(x) for x in raw]
+
+
+@functools.lru_cache(maxsize=16384)
+def _session_keys(keys: Keys, sid: str, extra: bool) -> dict[str, str]:
+    """A session script's named keys. Cached (a host and a worker name the same few
+    thousand sessions every step) and never mutated: ``Script.bind`` only reads it."""
+    sk = keys.session(sid)
+    named = {"session": sk.session, "pending": sk.pending, "answers": sk.answers,
+             "journal": sk.journal, "logs": sk.logs, "registry": keys.registry,
+             "deadlines": keys.deadlines, "jobs": keys.jobs, "dead": keys.dead_letters}
+    if extra:
+        named.update(lock=sk.lock, fed=sk.fed, fed_prev=sk.fed_prev)
+    return named
 
 
 def _lease(raw: Any) -> Lease:
