@@ -1411,3 +1411,12 @@ async def test_worker_process_survives_bad_input(redis_url: str, tmp_path: Path)
             assert worker.proc.poll() is None, pool.logs()
     finally:
         pool.close()
+
+
+@pytest.mark.parametrize("bad", [0, -3, 1.5, True, 10**6])
+def test_a_worker_with_a_bad_concurrency_is_refused(bad: Any) -> None:
+    from coordinator.transport import Transport
+    from workers.worker import Worker
+
+    with pytest.raises(InvalidInput, match="concurrency"):
+        Worker(Transport.from_url("redis://127.0.0.1:1/0"), concurrency=bad)

@@ -22,7 +22,7 @@ from dataclasses import asdict
 from typing import Any
 
 from coordinator.codec import pack
-from coordinator.errors import Unavailable
+from coordinator.errors import InvalidInput, Unavailable
 from coordinator.records import clock_lesson, now_ms
 from coordinator.services import Services
 from coordinator.settings import Settings
@@ -56,7 +56,11 @@ class Worker(Stepper):
         settings = settings or Settings()
         worker_id = worker_id or f"{socket.gethostname()}-{secrets.token_hex(4)}"
         self.services = Services(transport, settings, process_id=worker_id)
-        self.concurrency = max(1, concurrency)
+        if isinstance(concurrency, bool) or not isinstance(concurrency, int) \
+                or not 1 <= concurrency <= 10_000:
+            raise InvalidInput(f"concurrency must be a whole number from 1 to 10000, got "
+                               f"{concurrency!r}")
+        self.concurrency = concurrency
         self._pool = Pool(self.concurrency)
         super().__init__(self.services, worker_id=worker_id)
         self.mux = self.services.mux
