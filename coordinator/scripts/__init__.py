@@ -39,8 +39,17 @@ _SECTION = re.compile(r"^-- (KEYS|ARGV):(.*)$")
 _MORE = re.compile(r"^--\s{2,}(\S.*)$")
 
 
-def source(name: str) -> str:
+def _file(name: str) -> str:
     return resources.files(__package__).joinpath(f"{name}.lua").read_text(encoding="utf-8")
+
+
+def source(name: str) -> str:
+    """What runs: the script with ``_prelude.lua``'s helpers spliced in after its header
+    comments (Redis scripts cannot load one another, and copying the helpers into each
+    file would let them drift apart)."""
+    lines = _file(name).splitlines(keepends=True)
+    head = next((n for n, line in enumerate(lines) if not line.startswith("--")), len(lines))
+    return "".join(lines[:head]) + _file("_prelude") + "".join(lines[head:])
 
 
 def header(text: str) -> dict[str, tuple[str, ...]]:
@@ -71,7 +80,7 @@ class Script:
     @classmethod
     def load(cls, name: str) -> Script:
         text = source(name)
-        decl = header(text)
+        decl = header(_file(name))
         if "KEYS" not in decl or "ARGV" not in decl:
             raise RuntimeError(f"{name}.lua declares no KEYS/ARGV header")
         return cls(name, text, hashlib.sha1(text.encode()).hexdigest(), decl["KEYS"],

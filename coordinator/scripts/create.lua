@@ -13,15 +13,7 @@
 -- in the deadlines (commit_step.lua files it when it pauses, waiting for its host).
 -- Arguments are checked before the first write: Redis does not undo a script's writes when a
 -- later command fails, so a refused call must fail before it has written anything.
--- ARGV[i] as a whole number in [lo, hi], else nil. Digits only: tonumber would also take
--- 'inf', 'nan', '1e20', ' 5' and '0x10'; 15 digits stay exact in Lua's doubles.
-local function whole(i, lo, hi)
-  local s = ARGV[i]
-  if type(s) ~= 'string' or #s > 15 or not string.match(s, '^%d+$') then return nil end
-  local n = tonumber(s)
-  if n < lo or n > hi then return nil end
-  return n
-end
+-- whole(i, lo, hi), ARGV[i] as a bounded whole number, comes from _prelude.lua.
 if #KEYS ~= 9 or #ARGV ~= 7 then
   return {'BAD_ARG', 'arity'}
 end

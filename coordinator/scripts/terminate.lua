@@ -19,15 +19,7 @@
 -- Every key of an ended session, the feed tokens included, expires after the retention.
 -- Arguments are checked before the first write (a refusal writes nothing, not even the
 -- index clean-up below): Redis does not undo a script's writes when a later command fails.
--- ARGV[i] as a whole number in [lo, hi], else nil. Digits only: tonumber would also take
--- 'inf', 'nan', '1e20', ' 5' and '0x10'; 15 digits stay exact in Lua's doubles.
-local function whole(i, lo, hi)
-  local s = ARGV[i]
-  if type(s) ~= 'string' or #s > 15 or not string.match(s, '^%d+$') then return nil end
-  local n = tonumber(s)
-  if n < lo or n > hi then return nil end
-  return n
-end
+-- whole(i, lo, hi), ARGV[i] as a bounded whole number, comes from _prelude.lua.
 if #KEYS ~= 11 or #ARGV ~= 8 then
   return {'BAD_ARG', 'arity'}
 end
