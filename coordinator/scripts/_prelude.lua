@@ -9,3 +9,29 @@ local function whole(i, lo, hi)
   if n < lo or n > hi then return nil end
   return n
 end
+-- take_lease(lock, token, lease_ms, session or false, live_prefix): SET NX PX, or take over a
+-- lease whose named holder is gone. A holder is named by its token ('<random>|<worker id>')
+-- or, for a lease the feed took in the live holder's name (handoff), by the session's
+-- holder; one whose liveness channel (live_prefix .. id) has no subscriber has lost its
+-- connection to Redis (dead, or cut off: the fence refuses its late commit either way), so
+-- its lease is not waited out; an unnamed holder's always is. Returns 0 (taken), -1 (taken
+-- from a gone holder), or false and the live holder's pttl.
+local function take_lease(lock, token, lease, session, live_prefix)
+  if redis.call('SET', lock, token, 'NX', 'PX', lease) then
+    return 0
+  end
+  local owner = redis.call('GET', lock)
+  local bar = string.find(owner, '|', 1, true)
+  local holder
+  if bar and bar < #owner then
+    holder = string.sub(owner, bar + 1)
+  elseif session then
+    local h = redis.call('HMGET', session, 'ready_token', 'holder')
+    if h[1] == owner then holder = h[2] end
+  end
+  if not holder or redis.call('PUBSUB', 'NUMSUB', live_prefix .. holder)[2] ~= 0 then
+    return false, redis.call('PTTL', lock)
+  end
+  redis.call('SET', lock, token, 'PX', lease)
+  return -1
+end

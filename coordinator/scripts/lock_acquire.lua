@@ -28,22 +28,10 @@ end
 if current and not tonumber(current) then
   return {-2, 0}
 end
-local broken = 0
-if not redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then
-  local owner = redis.call('GET', KEYS[1])
-  local bar = string.find(owner, '|', 1, true)
-  local holder
-  if bar and bar < #owner then
-    holder = string.sub(owner, bar + 1)
-  elseif ARGV[3] ~= '' then
-    local h = redis.call('HMGET', KEYS[2], 'ready_token', 'holder')
-    if h[1] == owner then holder = h[2] end
-  end
-  if not holder or redis.call('PUBSUB', 'NUMSUB', ARGV[4] .. holder)[2] ~= 0 then
-    return {0, redis.call('PTTL', KEYS[1])}
-  end
-  redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
-  broken = -1
+local broken, pttl = take_lease(KEYS[1], ARGV[1], ARGV[2],
+                                ARGV[3] ~= '' and KEYS[2] or false, ARGV[4])
+if not broken then
+  return {0, pttl}
 end
 if ARGV[3] ~= '' then
   return {redis.call('HINCRBY', KEYS[2], ARGV[3], 1), broken}

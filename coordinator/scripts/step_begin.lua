@@ -17,26 +17,10 @@ local current = redis.call('HGET', KEYS[2], 'fence')
 if current and not tonumber(current) then
   return {-2, 0}
 end
-local broken = 0
-if not redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then
-  -- Held. A holder is named by its token ('<random>|<worker id>') or, for a lease the feed
-  -- took in the live holder's name (handoff), by the session's holder; one whose liveness
-  -- channel has no subscriber has lost its connection to Redis (dead, or cut off: the fence
-  -- refuses its late commit either way), so its lease is not waited out.
-  local owner = redis.call('GET', KEYS[1])
-  local bar = string.find(owner, '|', 1, true)
-  local holder
-  if bar and bar < #owner then
-    holder = string.sub(owner, bar + 1)
-  else
-    local h = redis.call('HMGET', KEYS[2], 'ready_token', 'holder')
-    if h[1] == owner then holder = h[2] end
-  end
-  if not holder or redis.call('PUBSUB', 'NUMSUB', ARGV[4] .. holder)[2] ~= 0 then
-    return {0, redis.call('PTTL', KEYS[1])}
-  end
-  redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
-  broken = -1
+-- Held by a gone holder (see take_lease in _prelude.lua): taken over; by a live one: wait.
+local broken, pttl = take_lease(KEYS[1], ARGV[1], ARGV[2], KEYS[2], ARGV[4])
+if not broken then
+  return {0, pttl}
 end
 local fence = redis.call('HINCRBY', KEYS[2], 'fence', 1)
 local journal = false
