@@ -42,7 +42,7 @@ MADE_BY: dict[tuple[Phase | None, Phase], tuple[str, ...]] = {
     (Phase.RUNNING, Phase.PAUSED): ("commit_step.lua:pause",),
     (Phase.RUNNING, Phase.COMPLETED): ("commit_step.lua:complete",),
     (Phase.RUNNING, Phase.FAILED): (
-        "commit_step.lua:fail", "terminate.lua:expire", "terminate.lua:fail"),
+        "commit_step.lua:fail", "terminate.lua:fail"),  # expire refuses a running one
     (Phase.RUNNING, Phase.CANCELLED): ("terminate.lua:cancel",),
     (Phase.PAUSED, Phase.RUNNING): ("feed.lua",),  # the last answer of a round
     (Phase.PAUSED, Phase.FAILED): ("terminate.lua:expire", "terminate.lua:fail"),

@@ -2,7 +2,8 @@
 -- idle, or fail it (its state is unreadable, or its job failed too many times in a row).
 -- KEYS: session pending answers journal logs registry deadlines jobs dead fed fed_prev
 -- ARGV: sid mode group channel retention_ms now_ms error dead_letter
--- Transitions: running | paused -> cancelled (cancel), failed (expire, fail).
+-- Transitions: running | paused -> cancelled (cancel), failed (fail).
+-- Transition: paused -> failed (expire).
 -- KEYS[1..5] session data keys (session, pending, answers, journal, logs)
 -- KEYS[6] registry zset   KEYS[7] deadlines zset   KEYS[8] jobs stream   KEYS[9] dead letters
 -- KEYS[10] feed tokens of this round   KEYS[11] of the round before
