@@ -168,12 +168,6 @@ class Keys:
     def dead_letters(self) -> str:
         return f"{self.namespace}:dead"
 
-    def script_keys(self, sid: str) -> list[str]:
-        """KEYS[1..9] of every session transition script: the session's five data keys, then
-        the registry, deadlines, jobs and dead-letter keys (commit_step adds lock A as 10)."""
-        sk = self.session(sid)
-        return [*sk.all_data(), self.registry, self.deadlines, self.jobs, self.dead_letters]
-
 
 @functools.lru_cache(maxsize=16384)
 def _session_keys(namespace: str, sid: str) -> SessionKeys:
