@@ -17,6 +17,7 @@
     ├── StepTimeout                   a strategy step ran longer than the step timeout
     ├── CorruptState                  bytes in Redis that do not decode as we wrote them
     ├── Unavailable                   Redis did not answer within the call's bound (retry later)
+    │   └── NotReplicated             applied on the primary, not confirmed by enough replicas
     ├── Misconfigured                 Redis refused us: bad credentials, no such database, ...
     └── LockError                     lock trouble
         ├── LockTimeout               the lock could not be had within its bounded wait
@@ -133,6 +134,15 @@ class Unavailable(SessionError):
         if self.url:
             out["redis"] = self.url
         return out
+
+
+class NotReplicated(Unavailable):
+    """The write was applied on the primary but fewer replicas than ``wait_replicas``
+    confirmed it in time, so a failover now could still lose it. Re-read the session
+    (``wait_event``/``status``) and repeat what is missing: every write recognises its own
+    repetition or is refused as already done."""
+
+    code = "not_replicated"
 
 
 class Misconfigured(SessionError):

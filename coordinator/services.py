@@ -21,7 +21,8 @@ class Services:
         self.transport = transport
         self.settings = settings
         self.keys = Keys(settings.namespace)
-        self.scripts = Scripts(transport, self.keys)
+        self.scripts = Scripts(transport, self.keys, wait_replicas=settings.wait_replicas,
+                               wait_replicas_timeout_ms=settings.wait_replicas_timeout_ms)
         #: This process's one subscribed connection (its home channel keeps it subscribed).
         self.mux: Multiplexer = transport.multiplexer(self.keys.process_channel(process_id))
         self.locks = LockFactory(self.keys, self.scripts, self.mux,

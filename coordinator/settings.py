@@ -107,6 +107,12 @@ class Settings:
     shutdown_grace_s: float = 10.0
     #: Most paused executions a worker keeps alive in memory; older ones are replayed if needed.
     max_live_executions: int = 10_000
+    #: Durability: every state change a caller is told about (create, feed, step commit,
+    #: cancel/expire/fail) waits until this many replicas acknowledged it (``WAIT``), or
+    #: raises ``NotReplicated`` after ``wait_replicas_timeout_ms``. 0: asynchronous
+    #: replication, a failover may lose the last acknowledged writes.
+    wait_replicas: int = 0
+    wait_replicas_timeout_ms: int = 1000
     #: Accept a Redis whose ``maxmemory-policy`` evicts keys (refused by default: an evicted
     #: session key breaks its session silently). ``ALC_ALLOW_EVICTION=1``.
     allow_eviction: bool = False
@@ -175,6 +181,8 @@ _RANGES: dict[str, _Range] = {
     "max_attempts": _Range(int, 1, 1000, "attempts"),
     "shutdown_grace_s": _seconds(_DAY_S, zero_ok=True),
     "max_live_executions": _Range(int, 0, 10_000_000, "executions"),
+    "wait_replicas": _Range(int, 0, 64, "replicas"),
+    "wait_replicas_timeout_ms": _ms(1, 60_000),
 }
 
 

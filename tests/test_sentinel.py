@@ -14,14 +14,15 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
+import redis
 
 import tests.strategies_mp  # noqa: F401  (registers mp-rounds)
-from coordinator import Finished, Paused, Settings
+from coordinator import Finished, NotReplicated, Paused, Settings
 from coordinator.states import Phase
 from coordinator.transport import Target
 from tests.helpers import assert_eventually
 from tests.procs import InProcessCluster, answer_for
-from tests.strategies_mp import expected_rounds
+from tests.strategies_mp import expected_rounds, prompt_for
 from tests.topology import SentinelGroup
 
 pytestmark = pytest.mark.redis
@@ -93,5 +94,39 @@ async def test_sessions_run_through_sentinel_and_finish_exactly_across_a_failove
         _, event = await reg.start_execution("mp-rounds", {"tag": "after", "rounds": 1,
                                                            "width": 1})
         assert isinstance(event, Paused)
+    finally:
+        await cluster.aclose()
+
+
+async def test_with_wait_replicas_every_acknowledged_change_is_on_the_replica(
+    sentinel_group: SentinelGroup,
+) -> None:
+    """``wait_replicas=1``: a session runs as usual, and what a caller was told is on the
+    replica by then; with the replica frozen, a feed is applied but the caller gets the
+    typed ``NotReplicated`` (not a hang, not a raw error), and the session carries on once
+    the replica is back."""
+    sentinel_group.wait_linked()
+    cluster = InProcessCluster.real(sentinel_group.url, settings().with_(
+        wait_replicas=1, wait_replicas_timeout_ms=300))
+    replica = sentinel_group.current_replica()
+    try:
+        await cluster.worker(concurrency=4)
+        reg = cluster.registry()
+        sid, event = await reg.start_execution("mp-rounds", {"tag": "w", "rounds": 2,
+                                                             "width": 1})
+        assert isinstance(event, Paused)
+        with redis.Redis(host="127.0.0.1", port=replica.port, socket_timeout=2) as r:
+            assert r.hget(reg.keys.session(sid).session, "phase") == b"paused"
+        replica.pause()
+        try:
+            with pytest.raises(NotReplicated, match="replica"):
+                await reg.feed_response(sid, "q-0", answer_for(event.queries[0].prompt))
+        finally:
+            replica.resume()
+        event = await reg.wait_event(sid, timeout=20)  # the answer was applied all the same
+        assert isinstance(event, Paused) and event.queries[0].prompt == prompt_for("w", 1, 0)
+        done = await reg.feed_response(sid, "q-0", answer_for(event.queries[0].prompt))
+        assert isinstance(done, Finished) and done.state is Phase.COMPLETED, done
+        assert done.result["rounds"] == expected_rounds("w", 2, 1, answer_for)
     finally:
         await cluster.aclose()

@@ -111,6 +111,20 @@ class SentinelGroup:
                     return int(addr[1])
         raise AssertionError("no sentinel knows the primary")
 
+    def current_replica(self) -> RedisProcess:
+        """The data node that is not the primary now (roles swap at a failover)."""
+        primary = self.primary_port()
+        nodes = [n for n in (self.primary, self.replica) if n is not None]
+        return next(n for n in nodes if n.port != primary)
+
+    def wait_linked(self, timeout_s: float = 15.0) -> None:
+        """Until the current replica's link to the primary is up (after a failover)."""
+        deadline = time.monotonic() + timeout_s
+        while not self._linked(self.current_replica()):
+            if time.monotonic() > deadline:
+                raise AssertionError("the replica did not catch up with the primary")
+            time.sleep(0.05)
+
     def failover(self) -> None:
         """A graceful failover (``SENTINEL FAILOVER``): the replica is caught up first."""
         with redis.Redis(host=_HOST, port=self.sentinels[0].port, socket_timeout=2) as client:

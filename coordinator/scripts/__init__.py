@@ -101,6 +101,9 @@ class Script:
 
 
 _SCRIPTS = {name: Script.load(name) for name in NAMES}
+#: The scripts whose state changes a caller is told about: with ``wait_replicas`` set, each
+#: waits for the replicas' acknowledgement before its caller hears of it.
+_TOLD = frozenset({"create", "feed", "commit_step", "terminate"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -214,14 +217,21 @@ class Scripts:
     """One typed method per script. ``keys`` names every key, so callers pass a session id
     and the values; nothing else knows which keys a script touches."""
 
-    def __init__(self, transport: Transport, keys: Keys) -> None:
+    def __init__(self, transport: Transport, keys: Keys, *, wait_replicas: int = 0,
+                 wait_replicas_timeout_ms: int = 1000) -> None:
         self._transport = transport
         self._keys = keys
+        self._replicas = wait_replicas
+        self._wait_ms = wait_replicas_timeout_ms
 
     async def _run(self, name: str, keys: Mapping[str, str], argv: Mapping[str, Any],
                    timeout: float | None = None) -> Any:
         script = _SCRIPTS[name]
         key_list, args = script.bind(keys, argv)
+        if self._replicas and name in _TOLD:
+            return await self._transport.evalsha_replicated(
+                script.sha, script.source, key_list, args, replicas=self._replicas,
+                wait_ms=self._wait_ms, timeout=timeout)
         return await self._transport.evalsha(script.sha, script.source, key_list, args,
                                              timeout=timeout)
 

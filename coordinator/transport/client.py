@@ -35,7 +35,7 @@ from redis.exceptions import (
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from ..errors import CorruptState, Misconfigured, SessionError, Unavailable
+from ..errors import CorruptState, Misconfigured, NotReplicated, SessionError, Unavailable
 from .pipe import Pipe, pack
 from .pubsub import Multiplexer
 from .target import Target, close_pool
@@ -151,6 +151,28 @@ class Transport:
                 return await self.execute_raw(command, timeout)
         except ResponseError as exc:
             raise _refusal(exc, "a script") from None
+
+    async def evalsha_replicated(self, sha: str, source: str, keys: Sequence[str],
+                                 args: Sequence[Any], *, replicas: int, wait_ms: int,
+                                 timeout: float | None = None) -> Any:
+        """``evalsha``, then ``WAIT replicas wait_ms`` in the same write (one round trip
+        more only for the replicas' acknowledgement); ``NotReplicated`` when fewer confirm."""
+        command = ("EVALSHA", sha, len(keys), *keys, *args)
+        wait = ("WAIT", replicas, wait_ms)
+        budget = None if timeout is None else timeout + wait_ms / 1000
+        reply, acked = await self.execute_many([command, wait], timeout=budget)
+        if isinstance(reply, NoScriptError):
+            await self.execute_raw(("SCRIPT", "LOAD", source), timeout)
+            reply, acked = await self.execute_many([command, wait], timeout=budget)
+        if isinstance(reply, ResponseError):
+            raise _refusal(reply, "a script") from None
+        if isinstance(acked, Exception) or int(acked) < replicas:
+            raise NotReplicated(
+                f"redis at {self.safe_url} applied the write, but only {acked} of {replicas} "
+                f"replica(s) confirmed it within {wait_ms} ms; a failover now could lose it: "
+                "re-read the session before repeating it", url=self.safe_url,
+                cause=f"WAIT {replicas} {wait_ms} -> {acked}")
+        return reply
 
     async def execute_raw(self, command: tuple[Any, ...], timeout: float | None) -> Any:
         """``execute`` with error replies left as redis-py's ``ResponseError``."""
