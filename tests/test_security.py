@@ -67,8 +67,8 @@ ACL_COMMANDS = (
     "evalsha", "script|load", "script|exists",
     # strings, keys, server time
     "get", "mget", "set", "del", "exists", "rename", "pexpire", "pttl", "incr", "time", "ping",
-    # the server's maxmemory policy, read once per connection
-    "info",
+    # the server's maxmemory policy, read once per connection; WAIT for ALC_WAIT_REPLICAS
+    "info", "wait",
     # session hashes
     "hget", "hmget", "hgetall", "hkeys", "hset", "hdel", "hexists", "hincrby",
     # journal and logs, strategy names
