@@ -37,8 +37,8 @@ from typing import Any
 
 from coordinator import Finished, Paused, SessionRegistry
 from coordinator.codec import text
-from coordinator.keys import JOB_GROUP, Keys
-from tests.procs import WorkerPool, WorkerProc, answer_for
+from coordinator.keys import Keys
+from tests.procs import WorkerPool, WorkerProc, answer_for, steps_held_by
 from tests.redis_proc import RedisProcess
 from tests.strategies_mp import expected_rounds
 
@@ -121,28 +121,7 @@ class Trial:
         self.affected = held | (await self._held_by(victim_id) & self.in_flight)
 
     async def _held_by(self, worker_id: str) -> set[str]:
-        sids = sorted(self.waiting)
-        pipe = self.reg.client.pipeline(transaction=False)
-        for sid in sids:
-            sk = self.keys.session(sid)
-            pipe.get(sk.lock)
-            pipe.hmget(sk.session, ["ready_token", "holder", "job"])
-        pipe.xpending_range(self.keys.jobs, JOB_GROUP, "-", "+", 1000, consumername=worker_id)
-        *replies, pending = await pipe.execute()
-        jobs = {text(row["message_id"]) for row in pending}
-        held = set()
-        for i, sid in enumerate(sids):
-            lock, (ready, holder, job) = replies[2 * i], replies[2 * i + 1]
-            named = ""
-            if lock is not None:
-                value = text(lock)
-                if "|" in value:
-                    named = value.split("|", 1)[1]
-                elif holder is not None and ready == lock:
-                    named = text(holder)
-            if named == worker_id or (job is not None and text(job) in jobs):
-                held.add(sid)
-        return held
+        return await steps_held_by(self.reg.client, self.keys, sorted(self.waiting), worker_id)
 
     def samples(self, sids: set[str]) -> list[float]:
         return [min(t for t in self.returned[sid] if t > self.killed_at) - self.killed_at

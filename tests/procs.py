@@ -405,3 +405,33 @@ async def _bounded(aw: Any, what: str, seconds: float = 20.0) -> None:
     task.cancel()
     raise AssertionError(f"{what} did not finish within {seconds:g} s; tasks:\n"
                          f"{stacks.getvalue()}")
+
+
+def lock_holder(lock: bytes | None, ready_token: bytes | None, holder: bytes | None) -> str:
+    """Whom lock A's value names (as the lock scripts read it), or ''."""
+    if lock is None:
+        return ""
+    value = lock.decode()
+    if "|" in value:
+        return value.split("|", 1)[1]
+    return holder.decode() if holder is not None and ready_token == lock else ""
+
+
+async def steps_held_by(client: Any, keys: Keys, sids: list[str], worker_id: str) -> set[str]:
+    """Those of ``sids`` whose step is ``worker_id``'s: lock A in its name, or their job
+    pending on its consumer (one pipeline). The recovery tests and ``bench.recovery`` use it
+    to know which sessions a kill affects."""
+    pipe = client.pipeline(transaction=False)
+    for sid in sids:
+        sk = keys.session(sid)
+        pipe.get(sk.lock)
+        pipe.hmget(sk.session, ["ready_token", "holder", "job"])
+    pipe.xpending_range(keys.jobs, JOB_GROUP, "-", "+", 1000, consumername=worker_id)
+    *replies, pending = await pipe.execute()
+    jobs = {row["message_id"] for row in pending}
+    held = set()
+    for i, sid in enumerate(sids):
+        lock, (ready, holder, job) = replies[2 * i], replies[2 * i + 1]
+        if lock_holder(lock, ready, holder) == worker_id or (job is not None and job in jobs):
+            held.add(sid)
+    return held

@@ -49,7 +49,7 @@ from coordinator.settings import Settings
 from coordinator.states import Phase
 from tests.conftest import FakeCluster
 from tests.helpers import GATES, Gate, assert_eventually
-from tests.procs import WAIT_S, WorkerPool, WorkerProc, answer_for
+from tests.procs import WAIT_S, WorkerPool, WorkerProc, answer_for, steps_held_by
 from tests.strategies_mp import expected_rounds, hold_keys, prompt_for
 from workers import strategy
 from workers.context import Context
@@ -273,16 +273,6 @@ async def host(redis_url: str, namespace: str) -> AsyncIterator[SessionRegistry]
         await reg.aclose()
 
 
-def lock_holder(lock: bytes | None, ready_token: bytes | None, holder: bytes | None) -> str:
-    """Whom lock A's value names (as the lock scripts read it), or ''."""
-    if lock is None:
-        return ""
-    value = text(lock)
-    if "|" in value:
-        return value.split("|", 1)[1]
-    return text(holder) if holder is not None and ready_token == lock else ""
-
-
 def spread(samples: list[float]) -> str:
     if not samples:
         return "none"
@@ -376,23 +366,7 @@ class KillRun:
         return list(await pipe.execute())
 
     async def _held_by(self, worker_id: str) -> set[str]:
-        """Sessions the host awaits whose step is the victim's: lock A in its name, or their
-        job pending on its consumer."""
-        sids = sorted(self.waiting)
-        pipe = self.reg.client.pipeline(transaction=False)
-        for sid in sids:
-            sk = self.keys.session(sid)
-            pipe.get(sk.lock)
-            pipe.hmget(sk.session, ["ready_token", "holder", "job"])
-        pipe.xpending_range(self.keys.jobs, JOB_GROUP, "-", "+", 1000, consumername=worker_id)
-        *replies, pending = await pipe.execute()
-        jobs = {text(row["message_id"]) for row in pending}
-        held = set()
-        for i, sid in enumerate(sids):
-            lock, (ready, holder, job) = replies[2 * i], replies[2 * i + 1]
-            if lock_holder(lock, ready, holder) == worker_id or (job and text(job) in jobs):
-                held.add(sid)
-        return held
+        return await steps_held_by(self.reg.client, self.keys, sorted(self.waiting), worker_id)
 
     def recovery(self, sids: set[str]) -> list[float]:
         """Kill -> the first event after it, of each of ``sids``."""

@@ -131,9 +131,13 @@ class Stepper(ABC):
             # error so the dead letter can say what kept failing.
             self.stats.step_errors += 1
             log.exception("step of session %s failed; it will be retried", sid)
+            key = self.keys.session(sid).session
             with contextlib.suppress(Exception):
-                await self.redis.execute("HSET", self.keys.session(sid).session, "last_error",
-                                         f"{type(exc).__name__}: {exc}"[:2000])
+                # PEXPIRE NX: a hash whose keys expired meanwhile is not left behind for ever
+                # (an existing one keeps its own expiry).
+                await self.redis.execute_many([
+                    ("HSET", key, "last_error", f"{type(exc).__name__}: {exc}"[:2000]),
+                    ("PEXPIRE", key, self.settings.backstop_ms, "NX")])
         finally:
             self._busy.discard(sid)
             queued = self._queued.pop(sid, None)
