@@ -106,8 +106,16 @@ async def test_with_wait_replicas_every_acknowledged_change_is_on_the_replica(
     typed ``NotReplicated`` (not a hang, not a raw error), and the session carries on once
     the replica is back."""
     sentinel_group.wait_linked()
+
+    def replicating() -> bool:  # the replica acknowledges writes (settled after a failover)
+        with redis.Redis(host="127.0.0.1", port=sentinel_group.primary_port(),
+                         socket_timeout=3) as r:
+            r.set("tsentinel:probe", "1")
+            return bool(r.execute_command("WAIT", 1, 500) >= 1)
+
+    await assert_eventually(replicating, timeout=20, message="the replica acknowledges WAIT")
     cluster = InProcessCluster.real(sentinel_group.url, settings().with_(
-        wait_replicas=1, wait_replicas_timeout_ms=300))
+        wait_replicas=1, wait_replicas_timeout_ms=1500))
     replica = sentinel_group.current_replica()
     try:
         await cluster.worker(concurrency=4)
