@@ -6,6 +6,7 @@
     ├── NotFound                      no such session (never existed, or its retention ran out)
     ├── UnknownQuery                  query id not in the pending batch
     ├── AlreadyResponded              query id answered already in this round
+    ├── StaleRound                    the answer was given for a round the session is not at
     ├── NoPendingQuery                resolve_sole_pending_id with 0 or >1 pending queries
     ├── InvalidTransition             the session is not in a state that allows the call
     ├── WaitTimeout                   a bounded wait ran out; the session carries on
@@ -72,6 +73,16 @@ class UnknownQuery(SessionError):
 
 class AlreadyResponded(SessionError):
     code = "already_responded"
+
+
+class StaleRound(SessionError):
+    """The answer names a query of a round the session is no longer (or not yet) at: another
+    caller answered that round, or a Redis failover rolled the session back to an earlier
+    pause. ``q-0`` recurs every round, so applying it would answer the wrong question. Re-read
+    the session (``wait_event``) and answer the queries it shows; ``state`` holds the round
+    the session is at, as ``round <n>``."""
+
+    code = "stale_round"
 
 
 class NoPendingQuery(SessionError):

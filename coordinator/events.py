@@ -35,7 +35,7 @@ def parse_pause(message: bytes, after_asked: int) -> Paused | None:
         kind, asked, records = msgpack.unpackb(message, raw=False)
         if kind != _PAUSE or int(asked) <= after_asked:
             return None
-        return Paused(tuple(LlmQuery.from_record(r) for r in records))
+        return Paused(tuple(LlmQuery.from_record(r) for r in records), round=int(asked))
     except (ValueError, TypeError, KeyError, msgpack.ExtraData):
         return None
 
@@ -48,7 +48,7 @@ class Handoff:
     fence: int
     token: str
     asked: int
-    cfence: int
+    tries: int
     answers: dict[str, bytes]
 
 
@@ -60,7 +60,7 @@ def parse_handoff(message: bytes) -> Handoff | None:
     head = message.split(b"\n", 7)
     if len(head) < 7:
         raise ValueError("handoff message is truncated")
-    _, sid, fence, token, asked, cfence, count = head[:7]
+    _, sid, fence, token, asked, tries, count = head[:7]
     rest = head[7] if len(head) > 7 else b""
     answers: dict[str, bytes] = {}
     pos = 0
@@ -74,4 +74,4 @@ def parse_handoff(message: bytes) -> Handoff | None:
             raise ValueError("handoff message is truncated")
         answers[rest[pos:qid_end].decode()] = value
         pos = start + size + 1
-    return Handoff(sid.decode(), int(fence), token.decode(), int(asked), int(cfence), answers)
+    return Handoff(sid.decode(), int(fence), token.decode(), int(asked), int(tries), answers)

@@ -123,6 +123,9 @@ class Accepted(FeedResult):
 @dataclass(frozen=True, slots=True)
 class Paused(FeedResult):
     queries: tuple[LlmQuery, ...]
+    #: The round these queries belong to (1 for the first pause; 0 when not known). Query
+    #: ids restart every round, so a feed names its round to never answer another one's.
+    round: int = field(default=0, compare=False)
 
     def to_json(self, session_id: str) -> dict[str, Any]:
         if len(self.queries) == 1:

@@ -116,7 +116,8 @@ class SessionRecord:
     ttl_ms: int
     holder: str | None = None
     job: str | None = None
-    cfence: int = 0
+    #: tries at the current step since it last committed (each takes lock A once)
+    tries: int = 0
     last_error: str | None = None
     finished_at: int | None = None
     input: Any = None
@@ -145,7 +146,7 @@ class SessionRecord:
                 ttl_ms=int(h["ttl_ms"]),
                 holder=h["holder"].decode() if "holder" in h else None,
                 job=h["job"].decode() if "job" in h else None,
-                cfence=int(h.get("cfence", b"0")),
+                tries=int(h.get("tries", b"0")),
                 last_error=h["last_error"].decode() if "last_error" in h else None,
                 finished_at=int(h["finished_at"]) if "finished_at" in h else None,
                 error=h["error"].decode() if "error" in h else None,
@@ -273,5 +274,5 @@ def settled_event(
                 f"session {rec.sid} is paused in round {rec.asked} with no question left to "
                 f"answer ({len(rec.qids)} asked, {len(answered)} answered)",
                 session_id=rec.sid)
-        return Paused(tuple(queries))
+        return Paused(tuple(queries), round=rec.asked)
     return None

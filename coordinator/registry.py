@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import secrets
 import time
+from collections import OrderedDict
 from typing import Any
 
 from . import snapshot
@@ -65,6 +66,10 @@ class SessionRegistry:
         self.terminate = self.services.terminate
         self.sweeper = self.services.sweeper
         self._known_strategies: set[str] = set()
+        #: The round of the last pause this registry showed for each session (most recent
+        #: ``_ROUNDS_KEPT``): a feed names it, so an answer is never applied to another
+        #: round (``StaleRound``), e.g. after a failover took the session back a round.
+        self._rounds: OrderedDict[str, int] = OrderedDict()
 
     @classmethod
     def from_url(cls, url: str, namespace: str = "alc", **overrides: Any) -> SessionRegistry:
@@ -145,16 +150,27 @@ class SessionRegistry:
         response: str,
         usage: dict[str, int] | None = None,
         *,
+        round: int | None = None,
         timeout: float | None = None,
     ) -> FeedResult:
         """Record one answer. ``Accepted(remaining)`` while the round is incomplete, else the
-        session's next event once a worker has applied the round."""
+        session's next event once a worker has applied the round.
+
+        The answer is for the round of the last pause this registry showed for the session
+        (or ``round``, a ``Paused.round``, when given: the way for a host whose pauses came
+        from another process); a session at another round refuses it with ``StaleRound``,
+        and nothing is written. With neither, the answer is taken for the current round."""
         response = check_text(response, what="response", limit=self.settings.max_response_bytes)
         if not isinstance(query_id, str) or not query_id:
             raise InvalidInput("query_id must be a non-empty string such as 'q-0'")
         _check_id(query_id, "query_id")
         _check_id(session_id, "session_id")
         _check_timeout(timeout, session_id=session_id)
+        if round is not None and (isinstance(round, bool) or not isinstance(round, int)
+                                  or not 0 < round < 2**48):
+            raise InvalidInput(f"round must be a positive integer (a Paused.round), got "
+                               f"{_short(round)}", session_id=session_id)
+        expected = self._rounds.get(session_id, 0) if round is None else round
         tokens = estimate_tokens(len(response))
         record: dict[str, Any] = {"r": response}
         if usage is not None:
@@ -166,7 +182,8 @@ class SessionRegistry:
             reply = await self.scripts.feed(
                 session_id, query_id, answer=pack(record), response_chars=len(response),
                 response_tokens=tokens, backstop_ms=self.settings.backstop_ms,
-                token=secrets.token_hex(16), lease_ms=self.settings.lease_ms, timeout=timeout)
+                token=secrets.token_hex(16), lease_ms=self.settings.lease_ms, round=expected,
+                timeout=timeout)
             if not reply.ready:
                 return Accepted(reply.remaining)
             return await self._await_settled(session_id, sub, timeout,
@@ -197,6 +214,16 @@ class SessionRegistry:
         async with await self.mux.subscribe(self.keys.session(session_id).channel) as sub:
             return await self._await_settled(session_id, sub, timeout, after_asked=None)
 
+    def _shown(self, sid: str, event: FeedResult | None) -> None:
+        """Remember the round of a pause shown for ``sid`` (forget it once finished)."""
+        if isinstance(event, Paused):
+            self._rounds[sid] = event.round
+            self._rounds.move_to_end(sid)
+            if len(self._rounds) > _ROUNDS_KEPT:
+                self._rounds.popitem(last=False)
+        elif isinstance(event, Finished):
+            self._rounds.pop(sid, None)
+
     async def _await_settled(
         self, sid: str, sub: Subscription, timeout: float | None, *, after_asked: int | None
     ) -> FeedResult:
@@ -222,6 +249,7 @@ class SessionRegistry:
             if isinstance(msg, bytes):
                 paused = parse_pause(msg, after_asked or 0)
                 if paused is not None:
+                    self._shown(sid, paused)
                     return paused
             check = True
 
@@ -249,7 +277,9 @@ class SessionRegistry:
                 break
         rec = SessionRecord.from_hash(sid, raw)
         try:
-            return settled_event(rec, pending, set(answered)), rec.asked
+            event = settled_event(rec, pending, set(answered))
+            self._shown(sid, event)
+            return event, rec.asked
         except CorruptState as exc:
             if not stable:
                 return None, rec.asked  # still moving: its next event will tell
@@ -370,6 +400,8 @@ class SessionRegistry:
 
 #: Reads of a session that a commit landing in between sends round again (``_read_event``).
 _READ_TRIES = 3
+#: Sessions whose last shown round a registry remembers (a few MB at most).
+_ROUNDS_KEPT = 100_000
 
 
 def _filter(value: PendingFilter | str | None) -> PendingFilter | None:

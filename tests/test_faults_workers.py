@@ -411,7 +411,7 @@ async def test_step_handed_to_a_frozen_holder_is_taken_over_and_its_late_step_fe
         # handed over: the lock is the feed's, in the frozen holder's name, one fence on
         await assert_eventually(lambda: reg.client.exists(sk.lock), timeout=WAIT_S,
                                 message="the feed did not take lock A for the holder")
-        assert int(await reg.client.hget(sk.session, "fence")) == fence_before + 1
+        assert int(await reg.client.hget(sk.session, "fence")) > fence_before
         taken = await asyncio.wait_for(feeder, WAIT_S)
         assert taken == Paused((LlmQuery(id="q-0", prompt=prompt_for(tag, 1, 0)),)), (
             f"{taken}\n{pool.logs()}")

@@ -29,6 +29,7 @@ from coordinator import (
     Phase,
     SessionError,
     SessionRegistry,
+    StaleRound,
     UnknownQuery,
     UnknownStrategy,
     WaitTimeout,
@@ -293,6 +294,47 @@ async def test_query_ids_restart_each_round(registry: SessionRegistry, worker: A
     event = await registry.feed_response(sid, "q-0", "a")
     assert isinstance(event, Paused)
     assert [(q.id, q.prompt) for q in event.queries] == [("q-0", "r1 i0"), ("q-1", "r1 i1")]
+
+
+async def test_pauses_carry_their_round(registry: SessionRegistry, worker: Any) -> None:
+    sid, event = await paused(registry, "treg-rounds", {"rounds": 2, "width": 1})
+    assert event.round == 1
+    nxt = await registry.feed_response(sid, "q-0", "a")
+    assert isinstance(nxt, Paused) and nxt.round == 2
+    again = await registry.wait_event(sid)
+    assert isinstance(again, Paused) and again.round == 2
+
+
+async def test_an_answer_for_a_round_the_session_left_is_stale(
+    fake_cluster: FakeCluster, registry: SessionRegistry, worker: Any
+) -> None:
+    """q-0 recurs every round: a host still at round 1 whose session another caller moved on
+    (or a failover moved back) must not answer round 2's q-0. It gets ``StaleRound``,
+    nothing is written, and re-reading then answering what it is shown finishes the
+    session right."""
+    other = fake_cluster.registry()
+    sid, first = await paused(registry, "treg-rounds", {"rounds": 3, "width": 1})
+    assert first.round == 1
+    assert (await other.wait_event(sid)).round == 1  # type: ignore[attr-defined]
+    moved = await other.feed_response(sid, "q-0", "by-other")
+    assert isinstance(moved, Paused) and moved.round == 2
+    with pytest.raises(StaleRound) as caught:
+        await registry.feed_response(sid, "q-0", "meant-for-round-1")
+    assert caught.value.session_id == sid and caught.value.state == "round 2"
+    assert caught.value.to_json()["type"] == "stale_round"
+    snap = await registry.status(sid, pending_filter="meta")
+    assert snap["phase"] == "paused" and [p["query_id"] for p in snap["pending"]] == ["q-0"]
+    # an explicit round overrides what the registry remembers
+    with pytest.raises(StaleRound):
+        await other.feed_response(sid, "q-0", "x", round=3)
+    with pytest.raises(InvalidInput):
+        await other.feed_response(sid, "q-0", "x", round=0)
+    shown = await registry.wait_event(sid)
+    assert isinstance(shown, Paused) and shown.round == 2
+    third = await registry.feed_response(sid, "q-0", "r2")
+    assert isinstance(third, Paused) and third.round == 3
+    done = await registry.feed_response(sid, "q-0", "r3", round=3)
+    assert isinstance(done, Finished) and done.result == [["by-other"], ["r2"], ["r3"]], done
 
 
 # -- typed errors -----------------------------------------------------------------------------

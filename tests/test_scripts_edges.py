@@ -24,7 +24,7 @@ from typing import Any
 import pytest
 
 from coordinator.codec import pack
-from coordinator.errors import CorruptState, InvalidInput, SessionError
+from coordinator.errors import CorruptState, InvalidInput, SessionError, StaleRound
 from coordinator.models import Paused
 from coordinator.registry import SessionRegistry, new_session_id
 from coordinator.scripts import Script
@@ -225,7 +225,8 @@ async def test_feed_refuses_bad_arguments_before_writing(rig: Rig) -> None:
         return lambda: reg.scripts.feed(sid, query_id, **kw)
 
     problems: list[str] = []
-    cases: list[tuple[str, Any]] = [(a, v) for a in ("response_chars", "response_tokens")
+    cases: list[tuple[str, Any]] = [(a, v) for a in ("response_chars", "response_tokens",
+                                                     "round")
                                     for v in NOT_WHOLE]
     cases += [(a, v) for a in ("backstop_ms", "lease_ms") for v in NOT_POSITIVE]
     cases += [("query_id", ""), ("token", "")]
@@ -235,13 +236,33 @@ async def test_feed_refuses_bad_arguments_before_writing(rig: Rig) -> None:
     keys, args = bound("feed", reg.scripts._session(sid, extra=True), {
         "sid": sid, "query_id": "q-1", "answer": b"x", "response_chars": 1,
         "response_tokens": 1, "backstop_ms": 2000, "wake_channel": reg.keys.jobs_wake,
-        "token": "t", "lease_ms": 1000})
+        "token": "t", "lease_ms": 1000, "round": 0})
     for k, a in arity_cases(keys, args):
         problems += await raw_refused_without_a_write(reg, "feed", k, a)
     assert problems == [], "\n".join(problems)
 
     reply = await accepted_with_a_write(reg, feed())
     assert reply.ready and reply.asked == 2  # the second round is complete
+
+
+async def test_feed_for_another_round_is_stale_and_writes_nothing(rig: Rig) -> None:
+    reg, sid = rig.reg, rig.paused
+    asked = int(await reg.client.hget(reg.keys.session(sid).session, "asked"))
+
+    def feed(round: int) -> Callable[[], Awaitable[Any]]:
+        return lambda: reg.scripts.feed(
+            sid, "q-1", answer=pack({"r": "b"}), response_chars=1, response_tokens=1,
+            backstop_ms=120_000, token=secrets.token_hex(16), lease_ms=1000, round=round)
+
+    problems: list[str] = []
+    for wrong in (1, asked - 1, asked + 1, 2**40):
+        if wrong != asked and wrong > 0:
+            problems += await refused_without_a_write(reg, f"feed round={wrong}", feed(wrong),
+                                                      expect=StaleRound,
+                                                      named=f"at round {asked}")
+    assert problems == [], "\n".join(problems)
+    reply = await accepted_with_a_write(reg, feed(asked))
+    assert reply.ready and reply.asked == asked
 
 
 # -- commit_step.lua ----------------------------------------------------------------------------

@@ -237,7 +237,7 @@ class Stepper(ABC):
         answers)."""
         live = None if h is None else self._live.get(h.sid)
         if h is None or live is None or live.asked != h.asked \
-                or h.fence - h.cfence > self.settings.max_attempts:
+                or h.tries > self.settings.max_attempts:
             return None
         queries = live.last_queries
         try:
@@ -276,9 +276,9 @@ class Stepper(ABC):
                 await self._drop_entry(entry_id)  # applied already (or ended): nothing to do
             self.stats.stale_skips += 1
             return None
-        # Each acquisition of lock A bumps the fence and each commit records it, so the gap
+        # Each acquisition of lock A counts a try and each commit resets the count, so it
         # counts the attempts at this step since it last succeeded (crashes included).
-        attempts = (lock.fence or 0) - rec.cfence
+        attempts = rec.tries
         if attempts > self.settings.max_attempts:
             self.stats.dead_letters += 1
             reason = f"failed {attempts - 1} times in a row"

@@ -25,6 +25,7 @@ from ..errors import (
     InvalidTransition,
     NotFound,
     SessionError,
+    StaleRound,
     UnknownQuery,
 )
 from ..keys import JOB_GROUP, Keys
@@ -250,17 +251,26 @@ class Scripts:
 
     async def feed(self, sid: str, query_id: str, *, answer: bytes, response_chars: int,
                    response_tokens: int, backstop_ms: int, token: str, lease_ms: int,
-                   timeout: float | None = None) -> FeedReply:
-        """Raises the session errors (``raise_for``) for a refused answer."""
+                   round: int = 0, timeout: float | None = None) -> FeedReply:
+        """Raises the session errors (``raise_for``) for a refused answer; ``StaleRound``
+        when ``round`` (0: not checked) is not the round the session is at."""
         reply = _parse(await self._run("feed", self._session(sid, extra=True), {
             "sid": sid, "query_id": query_id, "answer": answer,
             "response_chars": response_chars, "response_tokens": response_tokens,
             "backstop_ms": backstop_ms, "wake_channel": self._keys.jobs_wake, "token": token,
-            "lease_ms": lease_ms}, timeout))
+            "lease_ms": lease_ms, "round": round}, timeout))
         if reply.code == "ACCEPTED":
             return FeedReply(False, remaining=int(reply.args[0]))
         if reply.code == "READY":
             return FeedReply(True, asked=int(reply.args[0]))
+        if reply.code == "STALE_ROUND":
+            at = int(reply.args[0])
+            raise StaleRound(
+                f"query {query_id!r} was answered for round {round} of session {sid}, but the "
+                f"session is at round {at} (another caller answered meanwhile, or a Redis "
+                "failover took it back to an earlier pause); nothing was written: re-read it "
+                "(wait_event) and answer the queries it shows",
+                session_id=sid, query_id=query_id, state=f"round {at}")
         raise_for(reply, session_id=sid, query_id=query_id)
         raise AssertionError("unreachable")
 

@@ -1,13 +1,26 @@
 -- _prelude.lua: helpers every script gets, spliced in after its header (a Redis script
 -- cannot load another, so coordinator/scripts/__init__.py puts them together once).
 -- ARGV[i] as a whole number in [lo, hi], else nil. Digits only: tonumber would also take
--- 'inf', 'nan', '1e20', ' 5' and '0x10'; 15 digits stay exact in Lua's doubles.
+-- 'inf', 'nan', '1e20', ' 5' and '0x10'. Up to 16 digits (fences are clock microseconds);
+-- with hi at most 2^53 - 1 every accepted value is exact in Lua's doubles.
 local function whole(i, lo, hi)
   local s = ARGV[i]
-  if type(s) ~= 'string' or #s > 15 or not string.match(s, '^%d+$') then return nil end
+  if type(s) ~= 'string' or #s > 16 or not string.match(s, '^%d+$') then return nil end
   local n = tonumber(s)
   if n < lo or n > hi then return nil end
   return n
+end
+-- next_fence(current): the fencing token after ``current``: the server's clock in
+-- microseconds, or current + 1 when that is not above it. A counter alone would hand out a
+-- token twice once a failover rolled it back (the lost increments are issued again); the
+-- clock has moved on by then. Returned as a whole-number string (a Lua number would be
+-- written as '1.7e+15'); 2^53 microseconds is year 2255, so doubles hold it exactly.
+local function next_fence(current)
+  local t = redis.call('TIME')
+  local n = tonumber(t[1]) * 1000000 + tonumber(t[2])
+  local after = (tonumber(current) or 0) + 1
+  if after > n then n = after end
+  return string.format('%.0f', n)
 end
 -- take_lease(lock, token, lease_ms, session or false, live_prefix): SET NX PX, or take over a
 -- lease whose named holder is gone. A holder is named by its token ('<random>|<worker id>')

@@ -35,10 +35,11 @@ if #KEYS ~= 12 or #ARGV < 20 then
   return {'BAD_ARG', 'arity'}
 end
 if ARGV[1] == '' then return {'BAD_ARG', 'sid'} end
-for _, a in ipairs({{2, 'fence'}, {3, 'asked'}, {14, 'llm_calls'}, {15, 'prompt_chars'},
+for _, a in ipairs({{3, 'asked'}, {14, 'llm_calls'}, {15, 'prompt_chars'},
                     {16, 'prompt_tokens'}}) do
   if not whole(a[1], 0, 2^48) then return {'BAD_ARG', a[2]} end
 end
+if not whole(2, 0, 2^53 - 1) then return {'BAD_ARG', 'fence'} end
 if not whole(10, 1, 2^48) then return {'BAD_ARG', 'backstop_ms'} end
 if not whole(11, 0, 2^48) then return {'BAD_ARG', 'retention_ms'} end
 local outcome = ARGV[17]
@@ -105,7 +106,7 @@ if nlogs > 0 then
 end
 i = i + nlogs
 local set = {'last_activity_at', now, 'holder', ARGV[8], 'holder_ch', ARGV[9],
-  'cfence', ARGV[2],
+  'tries', 0,
   'm:llm_calls', tonumber(f[6] or '0') + tonumber(ARGV[14]),
   'm:prompt_chars', tonumber(f[7] or '0') + tonumber(ARGV[15]),
   'm:prompt_tokens', tonumber(f[8] or '0') + tonumber(ARGV[16])}

@@ -1,7 +1,7 @@
 -- feed.lua: record one answer of the current round; on the last one, queue the resume job.
 -- KEYS: session pending answers journal logs registry deadlines jobs dead lock fed fed_prev
 -- ARGV: sid query_id answer response_chars response_tokens backstop_ms wake_channel token
---       lease_ms
+--       lease_ms round
 -- KEYS[1..5] session data keys (session, pending, answers, journal, logs)
 -- KEYS[6] registry zset   KEYS[7] deadlines zset   KEYS[8] jobs stream   KEYS[9] dead letters
 -- KEYS[10] lock A   KEYS[11] feed tokens of this round   KEYS[12] of the round before
@@ -9,9 +9,11 @@
 -- ARGV[4] response chars   ARGV[5] response tokens   ARGV[6] backstop expiry ms
 -- ARGV[7] jobs wake channel   ARGV[8] this feed call's token (random, unique per call)
 -- ARGV[9] lease ms of lock A
+-- ARGV[10] the round the caller answers (as shown to it), or 0 when it does not say
 -- Transition: paused -> running (the last answer of a round).
 -- Returns {'ACCEPTED', remaining} | {'READY', asked} | {'NOT_FOUND'} | {'UNKNOWN_QUERY'}
---       | {'ALREADY_RESPONDED'} | {'INVALID_TRANSITION', phase} | {'BAD_ARG', name}
+--       | {'ALREADY_RESPONDED'} | {'INVALID_TRANSITION', phase} | {'STALE_ROUND', asked}
+--       | {'BAD_ARG', name}
 --       | {'CORRUPT', field}
 -- Reads the session hash once and writes it once: each redis.call costs about a microsecond
 -- on top of its work, and this script runs for every answer.
@@ -20,7 +22,7 @@
 -- Arguments, and the numbers read from the session, are checked before the first write:
 -- Redis does not undo a script's writes when a later command fails.
 -- whole(i, lo, hi), ARGV[i] as a bounded whole number, comes from _prelude.lua.
-if #KEYS ~= 12 or #ARGV ~= 9 then
+if #KEYS ~= 12 or #ARGV ~= 10 then
   return {'BAD_ARG', 'arity'}
 end
 if ARGV[1] == '' then return {'BAD_ARG', 'sid'} end
@@ -32,9 +34,11 @@ if not tokens then return {'BAD_ARG', 'response_tokens'} end
 local backstop = whole(6, 1, 2^48)
 if not backstop then return {'BAD_ARG', 'backstop_ms'} end
 if not whole(9, 1, 2^48) then return {'BAD_ARG', 'lease_ms'} end
+local round = whole(10, 0, 2^48)
+if not round then return {'BAD_ARG', 'round'} end
 local f = redis.call('HMGET', KEYS[1], 'phase', 'ready_token', 'ready_asked', 'remaining',
   'ttl_ms', 'asked', 'm:response_chars', 'm:response_tokens', 'm:rounds', 'holder_ch', 'fence',
-  'cfence', 'holder', 'bx_at')
+  'tries', 'holder', 'bx_at')
 local phase = f[1]
 if not phase then
   return {'NOT_FOUND'}
@@ -49,7 +53,7 @@ local function stored(v)
 end
 for j, n in ipairs({{4, 'remaining'}, {5, 'ttl_ms'}, {6, 'asked'}, {3, 'ready_asked'},
                     {7, 'm:response_chars'}, {8, 'm:response_tokens'}, {9, 'm:rounds'},
-                    {14, 'bx_at'}}) do
+                    {14, 'bx_at'}, {12, 'tries'}}) do
   local v = f[n[1]]
   if (v or j <= 3) and not stored(v) then
     return {'CORRUPT', n[2]}
@@ -68,6 +72,12 @@ if redis.call('HGET', KEYS[12], ARGV[2]) == ARGV[8] then
 end
 if phase ~= 'paused' then
   return {'INVALID_TRANSITION', phase}
+end
+-- Query ids restart every round (q-0, q-1, ...): an answer meant for another round than the
+-- session is at (answered by another caller meanwhile, or a failover rolled the session
+-- back to an earlier pause) would answer the wrong question. Refused, never applied.
+if round ~= 0 and round ~= tonumber(f[6]) then
+  return {'STALE_ROUND', tonumber(f[6])}
 end
 if redis.call('HEXISTS', KEYS[3], ARGV[2]) == 1 then
   return {'ALREADY_RESPONDED'}
@@ -111,7 +121,7 @@ redis.call('ZREM', KEYS[7], ARGV[1])
 -- otherwise the holder gets a plain nudge (it takes the lock itself). The job goes to the
 -- stream either way, for recovery; its field 'h' names the holder that heard of it, so the
 -- worker reading it leaves it to that holder. When no holder heard, the workers are woken.
--- Handoff message: lines 'H', session id, fence, lock token, round, last committed fence,
+-- Handoff message: lines 'H', session id, fence, lock token, round, tries at this step,
 -- N, then N times: query id, byte length, packed answer.
 local nudge = f[10]
 local heard = false
@@ -119,7 +129,8 @@ if nudge then
   local fence = tonumber(f[11] or '0')
   if fence and redis.call('EXISTS', KEYS[10]) == 0 then
     local ans = redis.call('HGETALL', KEYS[3])
-    local parts = {'H', ARGV[1], fence + 1, ARGV[8], asked, f[12] or '0', #ans / 2}
+    local nfence, tries = next_fence(fence), tonumber(f[12] or '0') + 1
+    local parts = {'H', ARGV[1], nfence, ARGV[8], asked, tries, #ans / 2}
     for j = 1, #ans, 2 do
       parts[#parts + 1] = ans[j]
       parts[#parts + 1] = #ans[j + 1]
@@ -128,7 +139,9 @@ if nudge then
     if redis.call('PUBLISH', nudge, table.concat(parts, '\n')) > 0 then
       redis.call('SET', KEYS[10], ARGV[8], 'PX', ARGV[9])
       set[#set + 1] = 'fence'
-      set[#set + 1] = fence + 1
+      set[#set + 1] = nfence
+      set[#set + 1] = 'tries'
+      set[#set + 1] = tries
       heard = true
     end
   else

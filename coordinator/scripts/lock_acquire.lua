@@ -33,7 +33,13 @@ local broken, pttl = take_lease(KEYS[1], ARGV[1], ARGV[2],
 if not broken then
   return {0, pttl}
 end
+-- The next fence never repeats one handed out before (see next_fence), even after a
+-- failover rolled the counter back. Lock A also counts a try at the session's step.
+local fence = next_fence(current)
 if ARGV[3] ~= '' then
-  return {redis.call('HINCRBY', KEYS[2], ARGV[3], 1), broken}
+  redis.call('HSET', KEYS[2], ARGV[3], fence)
+  redis.call('HINCRBY', KEYS[2], 'tries', 1)
+else
+  redis.call('SET', KEYS[2], fence)
 end
-return {redis.call('INCR', KEYS[2]), broken}
+return {tonumber(fence), broken}

@@ -22,10 +22,14 @@ local broken, pttl = take_lease(KEYS[1], ARGV[1], ARGV[2], KEYS[2], ARGV[4])
 if not broken then
   return {0, pttl}
 end
-local fence = redis.call('HINCRBY', KEYS[2], 'fence', 1)
+-- A new fence (never one handed out before, see next_fence) and one more try at this step
+-- (commit_step.lua resets tries; a step that keeps failing is dead-lettered on its count).
+local fence = next_fence(current)
+redis.call('HSET', KEYS[2], 'fence', fence)
+redis.call('HINCRBY', KEYS[2], 'tries', 1)
 local journal = false
 if ARGV[3] == '1' then
   journal = redis.call('LRANGE', KEYS[5], 0, -1)
 end
-return {fence, broken, redis.call('HGETALL', KEYS[2]), redis.call('HGETALL', KEYS[3]),
+return {tonumber(fence), broken, redis.call('HGETALL', KEYS[2]), redis.call('HGETALL', KEYS[3]),
         redis.call('HGETALL', KEYS[4]), journal}
