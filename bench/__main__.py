@@ -94,7 +94,64 @@ async def run(args: argparse.Namespace, url: str) -> dict[str, Any]:
     out["state"] = await _state(url, q)
 
     out["peers"] = await _peers(url, args)
+
+    # Beside the single node: each on its own topology; one failing to start (no
+    # redis-server >= 7 for a cluster, no free ports, ...) leaves its rows out, not the run.
+    sentinel = await _sentinel(q)
+    if sentinel is not None:
+        out["sentinel"] = sentinel
+    cluster = await _cluster(q)
+    if cluster is not None:
+        out["cluster"] = cluster
     return out
+
+
+async def _sentinel(quick: bool) -> dict[str, Any] | None:
+    print("sentinel ...", file=sys.stderr)
+    try:
+        from tests.topology import SentinelGroup
+
+        from . import sentinel
+
+        group = SentinelGroup()
+        group.start()
+    except Exception as exc:
+        print(f"warning: no Sentinel rows, the group did not start: "
+              f"{type(exc).__name__}: {exc}", file=sys.stderr)
+        return None
+    try:
+        res = await sentinel.measure(group, 10 if quick else 40)
+        return {k: asdict(v) for k, v in res.items()}
+    except Exception as exc:
+        print(f"warning: no Sentinel rows, the run failed: {type(exc).__name__}: {exc}",
+              file=sys.stderr)
+        return None
+    finally:
+        group.close()
+
+
+async def _cluster(quick: bool) -> dict[str, Any] | None:
+    print("cluster ...", file=sys.stderr)
+    try:
+        from tests.topology import ClusterGroup
+
+        from . import cluster
+
+        group = ClusterGroup()
+        group.start()
+    except Exception as exc:
+        print(f"warning: no Cluster rows, the cluster did not start: "
+              f"{type(exc).__name__}: {exc}", file=sys.stderr)
+        return None
+    try:
+        return await cluster.measure(group, sessions=50, seconds=3 if quick else 8,
+                                     pings=500 if quick else 2000)
+    except Exception as exc:
+        print(f"warning: no Cluster rows, the run failed: {type(exc).__name__}: {exc}",
+              file=sys.stderr)
+        return None
+    finally:
+        group.close()
 
 
 async def _state(url: str, quick: bool) -> dict[str, Any]:
@@ -200,6 +257,23 @@ def _recovery_rows(rec: dict[str, Any], lat: Callable[[dict[str, Any]], str]) ->
     return rows
 
 
+def _topology_rows(r: dict[str, Any]) -> list[str]:
+    """The Sentinel and Cluster rows, under a heading each (absent when not measured)."""
+    lines: list[str] = []
+    if "sentinel" in r:
+        from . import sentinel
+
+        lines.append("| **Sentinel** (a primary, a replica, three sentinels) | |")
+        lines += sentinel.rows({k: Latency(**v) for k, v in r["sentinel"].items()})
+    if "cluster" in r:
+        from . import cluster
+
+        c = r["cluster"]
+        lines.append(f"| **Cluster ({c['primaries']} primaries, {c['shards']} shards)** | |")
+        lines += cluster.rows(c)
+    return lines
+
+
 def table(r: dict[str, Any], meta: dict[str, Any]) -> str:
     def lat(x: dict[str, Any]) -> str:
         return f"{x['p50_ms']:.3f} / {x['p99_ms']:.3f} / {x['max_ms']:.3f}"
@@ -248,6 +322,7 @@ def table(r: dict[str, Any], meta: dict[str, Any]) -> str:
             lines.append(f"| peer {name} | {lat(p['latency'])}; {tp} |")
         elif isinstance(p, dict):
             lines.append(f"| peer {name} | skipped: {p.get('skipped')} |")
+    lines += _topology_rows(r)
     lines += ["", "| target | measured | met |", "| --- | --- | --- |"]
     for name, measured, ok in targets(r):
         lines.append(f"| {name} | {measured} | {'yes' if ok else 'NO'} |")

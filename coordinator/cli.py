@@ -100,6 +100,9 @@ def _parser() -> argparse.ArgumentParser:
         sp.add_argument("--redis", default=None,
                         help="Redis URL (default: $REDIS_URL; `run` falls back to embedded)")
         sp.add_argument("--namespace", default=None, help="key namespace (default: alc)")
+        sp.add_argument("--shards", type=int, default=None, metavar="S",
+                        help="shards of a new namespace (default: $ALC_SHARDS, else 1 on "
+                             "one Redis, 4 per primary on a Cluster); fixed once created")
 
     w = sub.add_parser("worker", help="run a worker process")
     common(w)
@@ -229,7 +232,7 @@ def _import_modules(modules: list[str]) -> None:
 
 
 def _settings(args: argparse.Namespace) -> Settings:
-    return Settings.from_url(args.redis, namespace=args.namespace)
+    return Settings.from_url(args.redis, namespace=args.namespace, shards=args.shards)
 
 
 @contextlib.asynccontextmanager
@@ -295,7 +298,8 @@ async def _worker(args: argparse.Namespace) -> int:
         argv = [sys.executable, "-m", "coordinator", "worker",
                 "--concurrency", str(args.concurrency), "--log-level", args.log_level,
                 *(f"--import={m}" for m in args.modules),
-                *(["--namespace", args.namespace] if args.namespace else [])]
+                *(["--namespace", args.namespace] if args.namespace else []),
+                *(["--shards", str(args.shards)] if args.shards is not None else [])]
         env = {**os.environ, "REDIS_URL": settings.url}
         return await supervisor.Supervisor(argv, env, settings).run()
     catalog.load(args.modules)

@@ -9,7 +9,9 @@ deadline index (``commit_step.lua`` files a session when it pauses, each answer 
 some missing moves it, the last answer takes it out), and ``terminate.lua`` refuses to expire
 a running one (``BUSY``) whatever the index said, so the sweep reads candidates only.
 
-The sweep is a change to the registry as a whole, so it runs under lock C; for each candidate
+The sweep is a change to the registry as a whole, so it runs under lock C (one per shard,
+``coordinator.shards``: each shard is swept under its own, taken without waiting, so workers
+spread the shards among themselves); for each candidate
 it then takes that session's lock A (order C then A, as everywhere), and ``terminate.lua``
 re-checks phase and deadline atomically, so an answer that just landed keeps the session.
 Redis key expiry is only the backstop, for keys nothing else ends (a session whose every job
@@ -30,6 +32,7 @@ from .locks import LockFactory
 from .records import as_hash
 from .scripts import Scripts, Terminate
 from .settings import Settings
+from .shards import ShardMap
 from .transport import Transport, checked
 
 log = logging.getLogger(__name__)
@@ -39,21 +42,31 @@ BATCH = 500
 
 class Sweeper:
     def __init__(
-        self, transport: Transport, keys: Keys, locks: LockFactory, terminate: Terminate,
-        scripts: Scripts, settings: Settings,
+        self, transport: Transport, keys: Keys, shards: ShardMap, locks: LockFactory,
+        terminate: Terminate, scripts: Scripts, settings: Settings,
     ) -> None:
         self._scripts = scripts
         self._redis = transport
         self._keys = keys
+        self._shards = shards
         self._terminate = terminate
         self._locks = locks
         self._settings = settings
         self.reaped_total = 0
 
     async def sweep(self, now_ms: int | None = None) -> list[str]:
-        """Expire what is due; returns the ids expired. ``now_ms`` injects the clock (tests).
-        Returns [] at once when another process is sweeping."""
-        lock_c = self._locks.registry()
+        """Expire what is due in every shard; returns the ids expired. ``now_ms`` injects
+        the clock (tests). A shard another process is sweeping is skipped at once."""
+        reaped: list[str] = []
+        for shard in self._shards.all:
+            reaped += await self._sweep_shard(shard, now_ms)
+        self.reaped_total += len(reaped)
+        if reaped:
+            log.info("gc expired %d idle session(s)", len(reaped))
+        return reaped
+
+    async def _sweep_shard(self, shard: Keys, now_ms: int | None) -> list[str]:
+        lock_c = self._locks.registry(shard)
         try:
             await lock_c.acquire(blocking=False)
         except LockTimeout:
@@ -67,22 +80,20 @@ class Sweeper:
                 else:
                     limit = now_ms
                 due: list[Any] = await self._redis.execute(
-                    "ZRANGEBYSCORE", self._keys.deadlines, "-inf", limit, "LIMIT", 0, BATCH)
+                    "ZRANGEBYSCORE", shard.deadlines, "-inf", limit, "LIMIT", 0, BATCH)
                 for raw in due:
                     sid = text(raw)
                     try:
-                        if await self._expire_one(sid, now_ms):
+                        if await self._expire_one(shard, sid, now_ms):
                             reaped.append(sid)
                     except Exception:  # one bad session must not stop the sweep
                         log.exception("gc could not expire session %s; skipping it", sid)
-                await self._forget_dead_workers()
-                await self._retire_dead_consumers()
+                if shard.index == 0:  # the namespace-wide index, once per sweep
+                    await self._forget_dead_workers()
+                await self._retire_dead_consumers(shard)
         finally:
             with contextlib.suppress(Exception):
                 await lock_c.release()
-        self.reaped_total += len(reaped)
-        if reaped:
-            log.info("gc expired %d idle session(s)", len(reaped))
         return reaped
 
     async def _forget_dead_workers(self) -> None:
@@ -100,12 +111,12 @@ class Sweeper:
             [("EXISTS", self._keys.worker(wid)) for wid in worker_ids]))
         return [wid for wid, ok in zip(worker_ids, alive, strict=True) if not ok]
 
-    async def _retire_dead_consumers(self) -> list[str]:
+    async def _retire_dead_consumers(self, shard: Keys) -> list[str]:
         """Drop the job group's consumers whose worker's heartbeat is gone and that hold no
         job (a killed worker's, once its jobs were claimed; a stopped one's that could not
         say goodbye). Returns the names dropped."""
         (consumers,) = await self._redis.execute_many(
-            [("XINFO", "CONSUMERS", self._keys.jobs, JOB_GROUP)])
+            [("XINFO", "CONSUMERS", shard.jobs, JOB_GROUP)])
         if isinstance(consumers, Exception):
             if "NOGROUP" in str(consumers) or "no such key" in str(consumers):
                 return []  # no stream or no group yet: nothing to retire
@@ -113,20 +124,20 @@ class Sweeper:
         # a flat field list from a server, a dict with text keys from fakeredis
         names = [text(c["name"] if isinstance(c, dict) else as_hash(c)[b"name"])
                  for c in consumers]
-        retired = await self._scripts.retire_consumers(await self._dead(names))
+        retired = await self._scripts.retire_consumers(shard, await self._dead(names))
         if retired:
             log.info("gc retired %d consumer(s) of dead workers from the job group",
                      len(retired))
         return retired
 
-    async def _expire_one(self, sid: str, now_ms: int | None) -> bool:
+    async def _expire_one(self, shard: Keys, sid: str, now_ms: int | None) -> bool:
         lock_a = self._locks.session(sid, wait_s=min(self._settings.lock_wait_s, 2.0))
         try:
             await lock_a.acquire()
         except LockTimeout:
             return False  # mid-step: active by definition; the next sweep looks again
         except NotFound:
-            await self._redis.execute("ZREM", self._keys.deadlines, sid)
+            await self._redis.execute("ZREM", shard.deadlines, sid)
             return False
         except CorruptState as exc:
             log.error("%s; failing the session", exc.message)

@@ -29,7 +29,10 @@ key                            type    holds
                                        feed retried after a lost reply is recognised
 =============================  ======  =======================================================
 
-Per namespace (no TTL; small)
+Per shard (no TTL; small). A namespace has S shards (``coordinator.shards``, S stored in
+``ns:shards``). Unsharded (S = 1 on one Redis) the names are as below; sharded, shard k's
+names carry its tag ``T`` (5 hex digits whose Cluster slot is the shard's): ``ns:{T}:registry``
+and so on, and a session's id is chosen to hash to that slot, so each script touches one slot.
 
 =============================  ======  =======================================================
 ``ns:registry``                zset    sessions held in the registry (paused), score = last
@@ -41,31 +44,39 @@ Per namespace (no TTL; small)
 ``ns:jobs``                    stream  start / resume jobs, consumer group ``workers``
 ``ns:dead``                    stream  dead letters: jobs that failed ``max_attempts`` times in a
                                        row, or that no worker understands (capped ~10 000)
-``ns:lock:registry``           string  lock C: owner token, PX lease
-``ns:lock:registry:fence``     string  lock C fencing counter
+``ns:lock:registry``           string  lock C of the shard: owner token, PX lease
+``ns:lock:registry:fence``     string  lock C fencing token (server clock in µs, see
+                                       ``_prelude.lua``'s ``next_fence``)
+=============================  ======  =======================================================
+
+Per namespace (no TTL; small; one key each, so any slot)
+
+=============================  ======  =======================================================
+``ns:shards``                  string  the shard table (msgpack: version, shard slots),
+                                       written once when the namespace is first used
 ``ns:strategies``              set     strategy names some worker registered (start checks it)
 ``ns:workers``                 zset    worker id -> last heartbeat (ms), for status output
 ``ns:worker:<id>``             string  worker heartbeat, PX = heartbeat ttl (alive while set)
 =============================  ======  =======================================================
 
-Channels (pub/sub only wakes; the keys above hold the truth)
+Channels (sharded pub/sub: SPUBLISH / SSUBSCRIBE; they only wake, the keys hold the truth;
+each is in the slot of the script that publishes on it)
 
 - ``ns:{sid}:events``: a session settled (paused / finished) or became ready to resume.
-- ``ns:worker:<id>:nudge``: "a session you hold is ready / cancelled" (payload: sid), or a
-  handoff: "it is ready, lock A is taken for you, here are the answers"
+- ``ns:worker:<id>:nudge`` (per shard): "a session you hold is ready / cancelled" (payload:
+  sid), or a handoff: "it is ready, lock A is taken for you, here are the answers"
   (``coordinator.events.Handoff``, written by ``feed.lua``).
-- ``ns:jobs:wake``: a job was added to ``ns:jobs``.
+- ``ns:jobs:wake`` (per shard): a job was added to that shard's ``ns:jobs``.
 - ``<lock key>:released``: a lock (C or A) was released; waiters try again.
-- ``ns:proc:<id>``: keeps each process's pub/sub connection subscribed to at least one channel.
-
-Scripts touch one session's keys plus the namespace keys above, so a namespace must live on
-one Redis primary (a standalone server, or Sentinel); Redis Cluster is not supported yet.
+- ``ns:proc:<id>`` (per shard): a worker's liveness channel, subscribed while it runs; the
+  scripts count its subscribers (``PUBSUB SHARDNUMSUB``) to tell a gone holder from a slow
+  one, so it lives in the shard's slot.
 """
 
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 JOB_GROUP = "workers"
 
@@ -101,7 +112,15 @@ class SessionKeys:
 
 @dataclass(frozen=True, slots=True)
 class Keys:
+    """The keys of one shard of a namespace (``coordinator.shards``), and the namespace's
+    global keys. ``tag`` "" is the unsharded layout (one shard, the names above); a tag
+    ``T`` puts the shard's keys in Redis Cluster slot of ``T``: ``ns:{T}:registry``, ..."""
+
     namespace: str = "alc"
+    tag: str = ""
+    #: This shard's number in its namespace (0 for the unsharded layout).
+    index: int = 0
+    _prefix: str = field(init=False, repr=False, compare=False, default="")
 
     def __post_init__(self) -> None:
         if not self.namespace or any(c in self.namespace for c in "{}: \t\n"):
@@ -109,6 +128,9 @@ class Keys:
                 f"namespace {self.namespace!r} must be non-empty and free of '{{', '}}', ':' "
                 "and whitespace"
             )
+        # the shard's prefix, computed once: every per-shard name starts with it
+        object.__setattr__(self, "_prefix", f"{self.namespace}:{{{self.tag}}}" if self.tag
+                           else self.namespace)
 
     def session(self, sid: str) -> SessionKeys:
         return _session_keys(self.namespace, sid)
@@ -121,27 +143,31 @@ class Keys:
 
     @property
     def registry(self) -> str:
-        return f"{self.namespace}:registry"
+        return f"{self._prefix}:registry"
 
     @property
     def deadlines(self) -> str:
-        return f"{self.namespace}:deadlines"
+        return f"{self._prefix}:deadlines"
 
     @property
     def jobs(self) -> str:
-        return f"{self.namespace}:jobs"
+        return f"{self._prefix}:jobs"
 
     @property
     def jobs_wake(self) -> str:
-        return f"{self.namespace}:jobs:wake"
+        return f"{self._prefix}:jobs:wake"
 
     @property
     def registry_lock(self) -> str:
-        return f"{self.namespace}:lock:registry"
+        return f"{self._prefix}:lock:registry"
 
     @property
     def registry_fence(self) -> str:
-        return f"{self.namespace}:lock:registry:fence"
+        return f"{self._prefix}:lock:registry:fence"
+
+    @property
+    def shard_table(self) -> str:
+        return f"{self.namespace}:shards"
 
     @property
     def strategies(self) -> str:
@@ -155,18 +181,18 @@ class Keys:
         return f"{self.namespace}:worker:{worker_id}"
 
     def worker_nudge(self, worker_id: str) -> str:
-        return f"{self.namespace}:worker:{worker_id}:nudge"
+        return f"{self._prefix}:worker:{worker_id}:nudge"
 
     @staticmethod
     def lock_released(lock_key: str) -> str:
         return f"{lock_key}:released"
 
     def process_channel(self, proc_id: str) -> str:
-        return f"{self.namespace}:proc:{proc_id}"
+        return f"{self._prefix}:proc:{proc_id}"
 
     @property
     def dead_letters(self) -> str:
-        return f"{self.namespace}:dead"
+        return f"{self._prefix}:dead"
 
 
 @functools.lru_cache(maxsize=16384)

@@ -49,6 +49,7 @@ from typing import Any
 from .errors import CorruptState, LockLost, LockOrderError, LockTimeout, NotFound
 from .keys import Keys
 from .scripts import Lease, Scripts
+from .shards import ShardMap
 from .transport import Multiplexer
 
 log = logging.getLogger(__name__)
@@ -97,8 +98,11 @@ class FencedLock:
         wait_s: float,
         session_id: str | None = None,
         owner: str | None = None,
+        shard: Keys | None = None,
     ) -> None:
         self.name = name
+        #: The shard the lock lives in (where its holders' liveness channels are).
+        self.shard = shard
         #: The worker named in this lock's tokens (None: the lock names no holder).
         self.owner = owner
         #: ``local.token``: the owner token while held (as in redis-py's ``Lock``).
@@ -131,7 +135,7 @@ class FencedLock:
     async def do_acquire(self, token: str | bytes) -> bool:
         return self._accept(await self._scripts.lock_acquire(
             self.name, self._fence_key, token=token, lease_ms=self.lease_ms,
-            fence_field=self._fence_field))
+            fence_field=self._fence_field, shard=self.shard))
 
     def took(self, lease: Lease, token: str) -> bool:
         """Adopt an acquisition made by a script that also did other work (``step_begin``,
@@ -267,9 +271,10 @@ class LockFactory:
     """Builds lock C and lock A with the right keys, fences, leases and waits."""
 
     def __init__(
-        self, keys: Keys, scripts: Scripts, mux: Multiplexer, *, lease_ms: int, wait_s: float,
+        self, shards: ShardMap, scripts: Scripts, mux: Multiplexer, *, lease_ms: int,
+        wait_s: float,
     ) -> None:
-        self._keys = keys
+        self._shards = shards
         self._scripts = scripts
         self._mux = mux
         self.lease_ms = lease_ms
@@ -283,21 +288,25 @@ class LockFactory:
         whose channel has no subscriber is taken over at once."""
         self.owner = worker_id
 
-    def registry(self, **overrides: Any) -> FencedLock:
-        name = self._keys.registry_lock
+    def registry(self, shard: Keys | None = None, **overrides: Any) -> FencedLock:
+        """Lock C of ``shard`` (None: the first; the only one, unsharded). Each shard has
+        its own: a sweep of one shard never waits on another's."""
+        keys = shard or self._shards.all[0]
+        name = keys.registry_lock
         return FencedLock(
             name, kind=LockKind.REGISTRY, scripts=self._scripts, mux=self._mux,
-            released_channel=self._keys.lock_released(name),
-            fence_key=self._keys.registry_fence,
+            released_channel=Keys.lock_released(name), shard=keys,
+            fence_key=keys.registry_fence,
             lease_ms=overrides.get("lease_ms", self.lease_ms),
             wait_s=overrides.get("wait_s", self.wait_s),
         )
 
     def session(self, sid: str, **overrides: Any) -> FencedLock:
-        sk = self._keys.session(sid)
+        keys = self._shards.of(sid)
+        sk = keys.session(sid)
         return FencedLock(
             sk.lock, kind=LockKind.SESSION, scripts=self._scripts, mux=self._mux,
-            released_channel=self._keys.lock_released(sk.lock),
+            released_channel=Keys.lock_released(sk.lock), shard=keys,
             fence_key=sk.session, fence_field="fence",
             lease_ms=overrides.get("lease_ms", self.lease_ms),
             wait_s=overrides.get("wait_s", self.wait_s),

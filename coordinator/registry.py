@@ -35,12 +35,13 @@ from .records import SessionRecord, as_hash, settled_event
 from .scripts import raise_for
 from .services import Services
 from .settings import MAX_TTL_S, Settings
+from .shards import Shards
 from .transport import Subscription, Transport, checked
 
 
 def new_session_id() -> str:
-    """``s-<hex ms>-<32 hex>``: 128 random bits, so ids cannot be guessed."""
-    return f"s-{time.time_ns() // 1_000_000:x}-{secrets.token_hex(16)}"
+    """An id in the unsharded layout (``Shards.new_session_id``: 128 random bits)."""
+    return Shards.single("alc").new_session_id()
 
 
 class SessionRegistry:
@@ -121,8 +122,9 @@ class SessionRegistry:
         if budget is not None:
             _check_budget(budget)
         ttl_ms = _ttl_ms(self.settings.session_ttl_s if ttl is None else ttl)
+        shards = await self.services.ready()
         await self._check_strategy(strategy)
-        sid = new_session_id()
+        sid = shards.new_session_id()
         reply = await self.scripts.create(
             sid, strategy=strategy, input=pack(input), budget=pack(budget) if budget else b"",
             ttl_ms=ttl_ms, backstop_ms=self.settings.backstop_ms + ttl_ms)
@@ -171,6 +173,7 @@ class SessionRegistry:
             raise InvalidInput(f"round must be a positive integer (a Paused.round), got "
                                f"{_short(round)}", session_id=session_id)
         expected = self._rounds.get(session_id, 0) if round is None else round
+        await self.services.ready()
         tokens = estimate_tokens(len(response))
         record: dict[str, Any] = {"r": response}
         if usage is not None:
@@ -191,6 +194,7 @@ class SessionRegistry:
 
     async def resolve_sole_pending_id(self, session_id: str) -> QueryId:
         _check_id(session_id, "session_id")
+        await self.services.ready()
         event, _ = await self._read_event(session_id)
         queries = event.queries if isinstance(event, Paused) else ()
         if len(queries) == 1:
@@ -211,6 +215,7 @@ class SessionRegistry:
         Finished; waits (at most ``timeout``) while it runs."""
         _check_id(session_id, "session_id")
         _check_timeout(timeout, session_id=session_id)
+        await self.services.ready()
         async with await self.mux.subscribe(self.keys.session(session_id).channel) as sub:
             return await self._await_settled(session_id, sub, timeout, after_asked=None)
 
@@ -299,7 +304,10 @@ class SessionRegistry:
     ) -> dict[str, dict[str, Any]]:
         """Snapshots of the sessions held in the registry (paused). Takes no lock."""
         pf = _filter(pending_filter)
-        sids = [text(s) for s in await self.redis.execute("ZRANGE", self.keys.registry, 0, -1)]
+        shards = await self.services.ready()
+        sids = [text(s) for reply in checked(await self.redis.execute_many(
+                    [("ZRANGE", shard.registry, 0, -1) for shard in shards.keys]))
+                for s in reply]
         return await snapshot.read_many(
             self.redis.execute_many, self.keys, sids, pending_filter=pf,
             include_history=include_history)
@@ -312,6 +320,7 @@ class SessionRegistry:
     ) -> dict[str, Any]:
         """One session's snapshot, live or finished (within retention), with its result."""
         _check_id(session_id, "session_id")
+        (await self.services.ready()).of(session_id)  # NotFound for an id of no shard
         snaps = await snapshot.read_many(
             self.redis.execute_many, self.keys, [session_id],
             pending_filter=_filter(pending_filter), include_history=include_history,
@@ -334,6 +343,7 @@ class SessionRegistry:
 
     async def cancel(self, session_id: str) -> Finished:
         _check_id(session_id, "session_id")
+        await self.services.ready()
         raise_for(await self.terminate.cancel(session_id), session_id=session_id)
         event, _ = await self._read_event(session_id)
         assert isinstance(event, Finished)
@@ -357,8 +367,9 @@ class SessionRegistry:
         ids = sorted(await self.workers())
         if not ids:
             return {}
-        blobs: list[Any] = await self.redis.execute("MGET", *[self.keys.worker(wid)
-                                                              for wid in ids])
+        # one GET each, not an MGET: on a Cluster the keys live in many slots
+        blobs = checked(await self.redis.execute_many([("GET", self.keys.worker(wid))
+                                                       for wid in ids]))
         out: dict[str, dict[str, Any]] = {}
         for wid, blob in zip(ids, blobs, strict=True):
             if blob is None:
@@ -371,21 +382,28 @@ class SessionRegistry:
         return out
 
     async def dead_letters(self, count: int = 20) -> tuple[int, list[dict[str, str]]]:
-        """How many jobs were dead-lettered, and the newest ``count`` of them."""
+        """How many jobs were dead-lettered, and the newest ``count`` of them (over every
+        shard, newest first)."""
         if isinstance(count, bool) or not isinstance(count, int) or not 0 < count <= 10_000:
             raise InvalidInput(f"count must be an integer from 1 to 10000, got {count!r}")
-        total, rows = checked(await self.redis.execute_many([
-            ("XLEN", self.keys.dead_letters),
-            ("XREVRANGE", self.keys.dead_letters, "+", "-", "COUNT", count)]))
+        shards = await self.services.ready()
+        replies = checked(await self.redis.execute_many([
+            command for shard in shards.keys for command in (
+                ("XLEN", shard.dead_letters),
+                ("XREVRANGE", shard.dead_letters, "+", "-", "COUNT", count))]))
+        total = sum(int(n) for n in replies[0::2])
+        rows = [row for reply in replies[1::2] for row in reply]
         entries = [{"id": text(i), **{text(k): text(v) for k, v in as_hash(f).items()}}
                    for i, f in rows]
-        return int(total), entries
+        entries.sort(key=lambda e: tuple(int(p) for p in e["id"].split("-")), reverse=True)
+        return total, entries[:count]
 
     async def gc_sweep(self, now_ms: int | None = None) -> list[str]:
         """Expire idle sessions now (workers also do this every ``gc_interval_s``)."""
         if now_ms is not None and (isinstance(now_ms, bool) or not isinstance(now_ms, int)
                                    or not 0 <= now_ms < 2**53):  # Lua counts in doubles
             raise InvalidInput(f"now_ms must be a Unix time in ms (an integer), got {now_ms!r}")
+        await self.services.ready()
         return await self.sweeper.sweep(now_ms=now_ms)
 
     async def aclose(self) -> None:

@@ -116,6 +116,10 @@ class Settings:
     #: Accept a Redis whose ``maxmemory-policy`` evicts keys (refused by default: an evicted
     #: session key breaks its session silently). ``ALC_ALLOW_EVICTION=1``.
     allow_eviction: bool = False
+    #: Shards of the namespace (``coordinator.shards``), fixed when the namespace is first
+    #: used and stored in Redis. 0: the stored count, or for a new namespace 1 on a single
+    #: Redis (Sentinel included) and 4 per primary on a Cluster. ``ALC_SHARDS``.
+    shards: int = 0
 
     def __post_init__(self) -> None:
         """Refuse a bad value when the settings are made, whoever made them."""
@@ -183,6 +187,7 @@ _RANGES: dict[str, _Range] = {
     "max_live_executions": _Range(int, 0, 10_000_000, "executions"),
     "wait_replicas": _Range(int, 0, 64, "replicas"),
     "wait_replicas_timeout_ms": _ms(1, 60_000),
+    "shards": _Range(int, 0, 256, "shards"),
 }
 
 

@@ -144,10 +144,13 @@ async def any_cluster(request: pytest.FixtureRequest, fake_settings: Any) -> Asy
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     """Modules that set ``ON_BOTH_SERVERS = True`` (the core specifications) run every test
     that uses the in-process cluster twice: on fakeredis and on a real redis-server, through
-    the same production transport."""
+    the same production transport; those that also set ``SHARDED_TOO`` a third time, on a
+    namespace of 4 shards."""
     if getattr(metafunc.module, "ON_BOTH_SERVERS", False) and \
             "server_kind" in metafunc.fixturenames:
-        metafunc.parametrize("server_kind", ["fakeredis", pytest.param(
+        sharded = ["fakeredis-4-shards"] if getattr(metafunc.module, "SHARDED_TOO", False) \
+            else []
+        metafunc.parametrize("server_kind", ["fakeredis", *sharded, pytest.param(
             "redis-server", marks=pytest.mark.redis)], indirect=True)
 
 
@@ -163,6 +166,8 @@ async def fake_cluster(fake_settings: Any, server_kind: str,
     shared redis-server as well."""
     if server_kind == "fakeredis":
         cluster = InProcessCluster.fake(fake_settings)
+    elif server_kind == "fakeredis-4-shards":  # a sharded namespace on one server
+        cluster = InProcessCluster.fake(fake_settings.with_(shards=4))
     else:
         url = request.getfixturevalue("redis_url")
         cluster = InProcessCluster.real(url, fake_settings.with_(url=url))
@@ -209,3 +214,18 @@ def worker_pool(redis_url: str, namespace: str, tmp_path: Path) -> Iterator[Work
         yield pool
     finally:
         pool.close()
+
+
+@pytest.fixture(scope="session")
+def redis_cluster() -> Iterator[Any]:
+    """A Redis Cluster (three primaries, each with a replica) for the whole run, ~2 s to
+    start. Tests that kill or reshard nodes must put it back, or start a ``ClusterGroup``
+    of their own."""
+    from tests.topology import ClusterGroup
+
+    group = ClusterGroup()
+    try:
+        group.start()
+        yield group
+    finally:
+        group.close()

@@ -12,6 +12,7 @@ import asyncio
 import inspect
 import socket
 from collections.abc import Awaitable, Callable
+from typing import Any
 
 __all__ = ["assert_eventually", "free_port"]
 
@@ -76,3 +77,10 @@ class Gate:
 
 #: Gates by name, for strategies defined in test modules (see the ``gates`` fixture).
 GATES: dict[str, Gate] = {}
+
+
+async def shard_keys(owner: Any, sid: str | None = None) -> Any:
+    """The keys of ``sid``'s shard (or of the first shard) of a registry's or worker's
+    namespace, once its shard table is read: what a test names a stream or index by."""
+    shards = await owner.services.ready()
+    return shards.of(sid) if sid is not None else shards.keys[0]

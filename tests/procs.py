@@ -136,6 +136,27 @@ class WorkerProc:
         return await asyncio.wait_for(self.wait_exit(), WAIT_S)
 
 
+def sync_client(url: str) -> Any:
+    """A plain synchronous redis-py client for any URL the coordinator takes (a cluster's
+    seeds, a Sentinel group's current primary, or one server), for tests to look with."""
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(url)
+    hosts = [h.rpartition(":") for h in parts.netloc.rpartition("@")[2].split(",")]
+    if parts.scheme.endswith("+cluster"):
+        from redis.cluster import ClusterNode, RedisCluster
+
+        return RedisCluster(startup_nodes=[ClusterNode(h, int(p)) for h, _, p in hosts],
+                            socket_timeout=5.0)
+    if parts.scheme.endswith("+sentinel"):
+        from redis.sentinel import Sentinel
+
+        service = next(x for x in parts.path.split("/") if x)
+        return Sentinel([(h, int(p)) for h, _, p in hosts],
+                        socket_timeout=5.0).master_for(service, socket_timeout=5.0)
+    return redis.Redis.from_url(url, socket_timeout=5.0)
+
+
 @dataclass
 class WorkerPool:
     """Starts ``coordinator worker`` processes; ``close()`` (the fixtures' teardown) kills
@@ -149,7 +170,7 @@ class WorkerPool:
 
     async def start(self, concurrency: int = 4, **env: str) -> WorkerProc:
         """Start one worker and return once it has registered its heartbeat."""
-        client = redis.Redis.from_url(self.url, socket_timeout=5.0)
+        client = sync_client(self.url)
         try:
             workers_key = Keys(self.namespace).workers
             before = {k.decode() for k in client.zrange(workers_key, 0, -1)}

@@ -48,7 +48,7 @@ from coordinator.registry import SessionRegistry
 from coordinator.settings import Settings
 from coordinator.states import Phase
 from tests.conftest import FakeCluster
-from tests.helpers import GATES, Gate, assert_eventually
+from tests.helpers import GATES, Gate, assert_eventually, shard_keys
 from tests.procs import WAIT_S, WorkerPool, WorkerProc, answer_for, steps_held_by
 from tests.strategies_mp import expected_rounds, hold_keys, prompt_for
 from workers import strategy
@@ -93,8 +93,11 @@ async def test_lock_a_of_a_gone_holder_is_taken_at_once_and_nobody_elses(
     r, keys = reg.client, reg.keys
     sid = await reg.submit("tfr-never-run", {})  # no worker: running, its start job queued
     sk = keys.session(sid)
-    # "alive" has a live connection on its process channel; "ghost" has none
-    await reg.mux.subscribe(keys.process_channel("alive"))
+    # "alive" has a live connection on its process channel (in the session's shard, where
+    # the scripts look, and in the first, lock C's); "ghost" has none
+    shard, first = await shard_keys(reg, sid), await shard_keys(reg)
+    await reg.mux.subscribe(shard.process_channel("alive"))
+    await reg.mux.subscribe(first.process_channel("alive"))
     cases = [
         # (lock value, session fields, taken?)
         ("r1|ghost", {}, True),  # a worker's own token, the worker gone
@@ -137,11 +140,11 @@ async def test_lock_a_of_a_gone_holder_is_taken_at_once_and_nobody_elses(
     # Lock C names no holder, so its lease is always waited out; a token naming a gone one
     # would be taken (the same rule), though nothing takes lock C with such a token.
     for value, taken in (("c1", False), ("c1|ghost", True), ("c1|alive", False)):
-        await r.set(keys.registry_lock, value, px=60_000)
-        lease = await reg.scripts.lock_acquire(keys.registry_lock, keys.registry_fence,
+        await r.set(first.registry_lock, value, px=60_000)
+        lease = await reg.scripts.lock_acquire(first.registry_lock, first.registry_fence,
                                                token="c2", lease_ms=5_000, fence_field="")
         assert (lease.fence > 0) is taken and (lease.pttl == -1) is taken, (value, lease)
-        assert text(await r.get(keys.registry_lock)) == ("c2" if taken else value)
+        assert text(await r.get(first.registry_lock)) == ("c2" if taken else value)
 
 
 # -- 2. in-process rescues ----------------------------------------------------------------------

@@ -89,7 +89,7 @@ class Cluster(InProcessCluster):
         return killed
 
     def subscribers(self, channel: str) -> int:
-        ((_, count),) = self.admin.pubsub_numsub(channel)
+        ((_, count),) = self.admin.pubsub_shardnumsub(channel)
         return int(count)
 
     async def aclose(self) -> None:
@@ -144,7 +144,7 @@ async def test_multiplexer_counts_the_reconnect_and_resyncs_its_waiters(
         assert mux.reconnects == 1
         # The subscription is live again: the next message arrives.
         assert cluster.subscribers(channel) == 1
-        cluster.admin.publish(channel, b"after")
+        cluster.admin.spublish(channel, b"after")
         assert await sub.get(BOUND_S) == b"after"
         sub.close()
 
@@ -165,7 +165,7 @@ async def test_multiplexer_keeps_lingering_channels_warm_across_kills(cluster: C
             # One SUBSCRIBE carried every channel: confirmed one, confirmed all.
             assert cluster.subscribers(warm) == 1
         async with await mux.subscribe(warm) as again:
-            cluster.admin.publish(warm, b"still warm")
+            cluster.admin.spublish(warm, b"still warm")
             assert await again.get(BOUND_S) == b"still warm"
     await assert_eventually(lambda: cluster.subscribers(live) == 0, timeout=BOUND_S,
                             message="the closed multiplexer is still subscribed")
@@ -182,7 +182,7 @@ async def test_subscribe_racing_a_kill_is_confirmed_on_the_new_connection(
         assert cluster.kill_pubsub() == 1  # this loop has not run since: the loss is unseen
         sub = await within(mux.subscribe(channel), "the racing subscribe", mux)
         assert mux.reconnects == 1
-        cluster.admin.publish(channel, b"hello")
+        cluster.admin.spublish(channel, b"hello")
         assert await sub.get(BOUND_S) == b"hello"
 
 
@@ -194,7 +194,7 @@ async def test_multiplexer_reads_bursts_and_large_messages(cluster: Cluster) -> 
     async with multiplexer(cluster.url, home) as mux, await mux.subscribe(channel) as sub:
         pipe = cluster.admin.pipeline(transaction=False)
         for payload in sent:
-            pipe.publish(channel, payload)
+            pipe.spublish(channel, payload)
         pipe.execute()
         got = [await sub.get(BOUND_S) for _ in sent]
         assert got == sent
@@ -252,12 +252,12 @@ def publish_seen(url: str, channel: str, trigger: Any) -> bytes:
     client = redis.Redis.from_url(url, socket_timeout=BOUND_S + 5)
     ps = client.pubsub()
     try:
-        ps.subscribe(channel)
-        while (msg := ps.get_message(timeout=BOUND_S)) is not None and msg["type"] != "subscribe":
+        ps.ssubscribe(channel)
+        while (msg := ps.get_message(timeout=BOUND_S)) is not None and msg["type"] != "ssubscribe":
             pass
         trigger()
         while (msg := ps.get_message(timeout=BOUND_S)) is not None:
-            if msg["type"] == "message":
+            if msg["type"] == "smessage":
                 data: bytes = msg["data"]
                 return data
         raise AssertionError(f"nothing was published on {channel}")

@@ -289,7 +289,7 @@ async def rig(server: RedisProcess, tmp_path: Path, workers: int = 2) -> AsyncIt
 
 
 async def numsub(client: Redis, channel: str) -> int:
-    [(_, n)] = await client.pubsub_numsub(channel)
+    [(_, n)] = await client.pubsub_shardnumsub(channel)
     return int(n)
 
 
@@ -820,7 +820,7 @@ async def test_waiters_are_told_to_recheck_after_a_restart(
             f"after the restart the waiter got {first!r}, not RESYNC (mux.reconnects "
             f"{mux.reconnects}); messages published while it was away are lost unseen")
         assert mux.reconnects >= 1
-        await client.publish("fr-chan", "after")
+        await client.spublish("fr-chan", "after")
         assert await sub.get(WAIT_S) == b"after"  # and the subscription works again
     finally:
         await transport.aclose()

@@ -457,7 +457,7 @@ async def tfw_ask(ctx: Context, tag: str = "", **_: Any) -> dict[str, str]:
 
 async def lock_waiters(client: Any, keys: Keys, sid: str) -> int:
     """How many processes wait for lock A of ``sid`` (subscribers of its release channel)."""
-    ((_, count),) = await client.pubsub_numsub(keys.lock_released(keys.session(sid).lock))
+    ((_, count),) = await client.pubsub_shardnumsub(keys.lock_released(keys.session(sid).lock))
     return int(count)
 
 

@@ -81,7 +81,7 @@ async def server_ms(client: Any) -> int:
 
 async def lock_waiters(reg: SessionRegistry, sid: str) -> int:
     keys = reg.keys
-    ((_, count),) = await reg.client.pubsub_numsub(keys.lock_released(keys.session(sid).lock))
+    ((_, count),) = await reg.client.pubsub_shardnumsub(keys.lock_released(keys.session(sid).lock))
     return int(count)
 
 

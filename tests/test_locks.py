@@ -15,12 +15,14 @@ from coordinator.locks import FencedLock, held_locks
 from coordinator.models import Paused
 from coordinator.scripts import Reply
 from tests.conftest import FakeCluster
-from tests.helpers import assert_eventually
+from tests.helpers import assert_eventually, shard_keys
 from workers.runtime import Crash, Done
 from workers.worker import Worker
 
 #: The core specification: every test below runs on fakeredis and on a real redis-server.
 ON_BOTH_SERVERS = True
+#: ... and on a namespace of 4 shards (coordinator.shards), on fakeredis.
+SHARDED_TOO = True
 
 # The sessions here never run (no worker in these tests), so any name will do.
 STRATEGY = "tlock-never-run"
@@ -46,7 +48,7 @@ async def someone_waits_on(reg: SessionRegistry, lock: FencedLock) -> None:
     channel = reg.keys.lock_released(str(lock.name))
 
     async def subscribed() -> bool:
-        [(_, n)] = await reg.client.pubsub_numsub(channel)
+        [(_, n)] = await reg.client.pubsub_shardnumsub(channel)
         return n >= 1
 
     await assert_eventually(subscribed, timeout=5, message=f"no waiter on {channel}")
@@ -76,18 +78,19 @@ async def test_c_while_holding_a_is_a_lock_order_error(reg: SessionRegistry, sid
 
 
 async def test_c_then_a_is_allowed(reg: SessionRegistry, sid: str) -> None:
-    lock_c = reg.locks.registry()
+    shard = await shard_keys(reg, sid)
+    lock_c = reg.locks.registry(shard)
     lock_a = reg.locks.session(sid)
     await lock_c.acquire()
     await lock_a.acquire()
     assert held_locks() == ("C", "A")
     assert lock_c.fence and lock_a.fence
-    assert await key_exists(reg, reg.keys.registry_lock)
+    assert await key_exists(reg, shard.registry_lock)
     assert await key_exists(reg, reg.keys.session(sid).lock)
     await lock_a.release()
     await lock_c.release()
     assert held_locks() == ()
-    assert not await key_exists(reg, reg.keys.registry_lock)
+    assert not await key_exists(reg, shard.registry_lock)
     assert not await key_exists(reg, reg.keys.session(sid).lock)
 
 
@@ -410,7 +413,7 @@ async def test_gc_sweep_skips_while_another_process_holds_c(
 ) -> None:
     sid = await idle_session(fake_cluster, reg)
     other = fake_cluster.registry()
-    lock_c = other.locks.registry()
+    lock_c = other.locks.registry(await shard_keys(reg, sid))  # the session's shard's C
     await lock_c.acquire()
     assert await reg.gc_sweep(now_ms=far_future_ms()) == []  # returns at once, reaps nothing
     assert (await reg.status(sid))["phase"] == "paused"

@@ -36,12 +36,14 @@ from coordinator import (
 )
 from coordinator.models import LlmQuery
 from tests.conftest import FakeCluster
-from tests.helpers import assert_eventually
+from tests.helpers import assert_eventually, shard_keys
 from workers import strategy
 from workers.context import Context
 
 #: The core specification: every test below runs on fakeredis and on a real redis-server.
 ON_BOTH_SERVERS = True
+#: ... and on a namespace of 4 shards (coordinator.shards), on fakeredis.
+SHARDED_TOO = True
 
 # -- test strategies (names unique to this module) --------------------------------------------
 
@@ -159,7 +161,7 @@ async def subscribed(reg: SessionRegistry, sid: str) -> None:
     channel = reg.keys.session(sid).channel
 
     async def listening() -> bool:
-        [(_, n)] = await reg.client.pubsub_numsub(channel)
+        [(_, n)] = await reg.client.pubsub_shardnumsub(channel)
         return n >= 1
 
     await assert_eventually(listening, timeout=5, message=f"nobody subscribed to {channel}")
@@ -996,7 +998,8 @@ async def test_gc_deadline_is_last_activity_plus_ttl(registry: SessionRegistry,
     sid, _ = await paused(registry, "treg-batch", ttl=10.0)
     await registry.feed_response(sid, "q-0", "a")  # activity moves the idle deadline
     last = (await registry.status(sid))["last_activity_at"]
-    assert await registry.client.zscore(registry.keys.deadlines, sid) == last + 10_000
+    deadlines = (await shard_keys(registry, sid)).deadlines
+    assert await registry.client.zscore(deadlines, sid) == last + 10_000
     assert await registry.gc_sweep(now_ms=last + 9_999) == []
     assert await registry.gc_sweep(now_ms=last + 10_000) == [sid]
 
@@ -1007,9 +1010,10 @@ async def test_gc_rechecks_the_deadline_under_the_lock(registry: SessionRegistry
     the session: the expiry re-checks last activity atomically and re-files the deadline."""
     sid, first = await paused(registry, "treg-ask", ttl=60.0)
     last = (await registry.status(sid))["last_activity_at"]
-    await registry.client.zadd(registry.keys.deadlines, {sid: 1})
+    deadlines = (await shard_keys(registry, sid)).deadlines
+    await registry.client.zadd(deadlines, {sid: 1})
     assert await registry.gc_sweep(now_ms=last + 1_000) == []
-    assert await registry.client.zscore(registry.keys.deadlines, sid) == last + 60_000
+    assert await registry.client.zscore(deadlines, sid) == last + 60_000
     assert await registry.wait_event(sid) == first
 
 

@@ -60,7 +60,8 @@ WAIT_S = 30.0
 
 #: Every command the coordinator sends, directly or from its Lua scripts (ACL rules apply to
 #: commands a script calls too), through its transport (EVALSHA, and SCRIPT LOAD on NOSCRIPT;
-#: PING; SUBSCRIBE / UNSUBSCRIBE on the pub/sub connection). Found by running the flow under
+#: PING; SSUBSCRIBE / SUNSUBSCRIBE on the pub/sub connection; on a cluster, CLUSTER SLOTS for
+#: the slot map and ASKING before a command redirected by ASK). Found by running the flow under
 #: ``-@all`` plus this list, with the ACL log empty.
 ACL_COMMANDS = (
     # scripts (registered once, called by SHA; redis-py loads them on NOSCRIPT)
@@ -78,8 +79,11 @@ ACL_COMMANDS = (
     # the job stream and dead letters
     "xadd", "xack", "xdel", "xlen", "xrevrange", "xreadgroup", "xautoclaim", "xgroup|create",
     "xpending", "xgroup|delconsumer", "xinfo|consumers", "xclaim",
-    # wake-ups; which workers' connections are gone (their jobs and locks are taken over)
-    "publish", "subscribe", "unsubscribe", "pubsub|numsub",
+    # wake-ups (sharded pub/sub); which workers' connections are gone (their jobs and locks
+    # are taken over)
+    "spublish", "ssubscribe", "sunsubscribe", "pubsub|shardnumsub",
+    # a cluster's slot map, and following an ASK redirection
+    "cluster|slots", "asking",
 )
 
 
@@ -93,7 +97,7 @@ _METHOD_COMMANDS: dict[str, str | None] = {
     "xack": "xack", "xdel": "xdel", "xlen": "xlen", "xrevrange": "xrevrange",
     "xreadgroup": "xreadgroup", "xautoclaim": "xautoclaim", "xgroup_create": "xgroup|create",
     "xinfo_consumers": "xinfo|consumers",
-    "subscribe": "subscribe", "unsubscribe": "unsubscribe",
+    "subscribe": "ssubscribe", "unsubscribe": "sunsubscribe",
     "pipeline": None, "execute": None, "pubsub": None, "register_script": None,
     "get_message": None, "aclose": None,
     # dynamic: the command is the first element of a literal tuple, collected below
@@ -266,7 +270,7 @@ def test_least_privilege_user_cannot_leave_its_namespace(acl_server: AclServer) 
             lambda: app.set("other:key", "1"),
             lambda: app.get("secret-of-someone-else"),
             lambda: app.hgetall("tenant2:{s-1}"),
-            lambda: app.publish("other:channel", "x"),
+            lambda: app.spublish("other:channel", "x"),
             lambda: app.eval("return 1", 0),  # arbitrary Lua: only registered scripts (SHA)
             lambda: app.evalsha(app.script_load("return redis.call('GET', KEYS[1])"), 1,
                                 "other:key"),
@@ -292,7 +296,7 @@ def test_least_privilege_user_cannot_leave_its_namespace(acl_server: AclServer) 
         assert acl_server.admin.exists("other:key", "outside:key") == 0
         ps = app.pubsub()
         with pytest.raises(NoPermissionError):
-            ps.subscribe("other:channel")
+            ps.ssubscribe("other:channel")
             ps.get_message(timeout=5)
         ps.close()
     finally:
@@ -573,7 +577,7 @@ async def test_pickle_in_queries_answers_journal_jobs_and_events_is_never_execut
     await reg.client.xadd(reg.keys.jobs, {"k": payload, "sid": payload})
     sid3 = await reg.submit("tsec-ask", {"tag": "e"})
     waiter = asyncio.create_task(reg.wait_event(sid3, timeout=5))
-    await reg.client.publish(reg.keys.session(sid3).channel, payload)
+    await reg.client.spublish(reg.keys.session(sid3).channel, payload)
     ev = await waiter
     assert isinstance(ev, Paused) and ev.queries[0].prompt == "e?"
 

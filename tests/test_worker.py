@@ -29,7 +29,7 @@ from coordinator.models import LlmQuery
 from coordinator.scripts import NAMES, source
 from coordinator.transport import Transport
 from tests.conftest import FakeCluster
-from tests.helpers import assert_eventually
+from tests.helpers import assert_eventually, shard_keys
 from workers import catalog, strategy
 from workers.context import Context
 from workers.runtime import Ask, Crash, Done, Execution, JournalRound, digest
@@ -37,6 +37,8 @@ from workers.worker import Worker
 
 #: The core specification: every test below runs on fakeredis and on a real redis-server.
 ON_BOTH_SERVERS = True
+#: ... and on a namespace of 4 shards (coordinator.shards), on fakeredis.
+SHARDED_TOO = True
 
 # -- test strategies (names unique to this module) --------------------------------------------
 
@@ -195,7 +197,7 @@ async def test_live_step_is_handed_over_and_costs_the_worker_one_command(
     sent: list[str] = []
 
     def counting(args: tuple[Any, ...]) -> None:
-        if not _gc_lock_call(worker, args):
+        if not _gc_lock_call(worker, args) and args[0] not in _BACKGROUND:
             sent.append(args[0] if args[0] != "EVALSHA" else f"EVALSHA {_script_of(args[1])}")
 
     worker.redis.trace = counting
@@ -237,12 +239,18 @@ async def test_a_start_step_reads_the_session_once(
     assert done == ["step_begin", "commit_step"], done
 
 
+#: What a worker sends on its own schedule, not a step's: the GC sweep (of every shard),
+#: the heartbeat and the rescue look.
+_BACKGROUND = {"TIME", "ZRANGEBYSCORE", "XINFO", "EXISTS", "ZRANGE", "ZREM", "SET", "ZADD",
+               "XPENDING", "PUBSUB"}
+
+
 def _gc_lock_call(worker: Worker, args: tuple[Any, ...]) -> bool:
     """The worker's GC sweep (started with the worker) taking or releasing lock C, or loading
     the lock scripts to do so: not a step's command."""
     if args[0] == "SCRIPT":  # a script loaded after a NOSCRIPT
         return True
-    return args[0] == "EVALSHA" and args[3] == worker.keys.registry_lock
+    return args[0] == "EVALSHA" and args[3] in {k.registry_lock for k in worker.services.shards.all}
 
 
 def _script_of(sha: Any) -> str:
@@ -507,10 +515,11 @@ async def test_corrupt_pending_query_fails_only_that_session(
 
 async def test_unknown_job_kind_leaves_the_stream(registry: SessionRegistry,
                                                   worker: Worker) -> None:
-    await registry.client.xadd(registry.keys.jobs, {"k": "bogus", "sid": "s-0-x"})
+    jobs = (await shard_keys(registry)).jobs
+    await registry.client.xadd(jobs, {"k": "bogus", "sid": "s-0-x"})
 
     async def stream_empty() -> bool:
-        return await registry.client.xlen(registry.keys.jobs) == 0
+        return await registry.client.xlen(jobs) == 0
 
     await assert_eventually(stream_empty, timeout=5, message="bogus job never left the stream")
 

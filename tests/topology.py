@@ -1,4 +1,5 @@
-"""Real Redis topologies for tests: a Sentinel group (a primary, a replica, three sentinels).
+"""Real Redis topologies for tests: a Sentinel group (a primary, a replica, three sentinels) and
+a Redis Cluster (three primaries, each with a replica).
 
 Each part is a ``RedisProcess`` (its own port, directory and PID), so a test can kill,
 freeze or restart any of them. A pre-written Sentinel configuration (fixed ids, the replica
@@ -10,8 +11,11 @@ from __future__ import annotations
 
 import contextlib
 import secrets
+import socket
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import redis
 
@@ -135,3 +139,146 @@ class SentinelGroup:
             if node is not None:
                 with contextlib.suppress(Exception):
                     node.close()
+
+
+# -- Redis Cluster ------------------------------------------------------------------------------
+
+#: Each primary's slots (three primaries): CLUSTER ADDSLOTSRANGE start end.
+_SLOT_RANGES = ((0, 5460), (5461, 10922), (10923, 16383))
+_CLUSTER_ARGS = [
+    "--cluster-enabled", "yes", "--cluster-node-timeout", "1000",
+    "--cluster-replica-validity-factor", "0", "--repl-diskless-sync-delay", "0",
+]
+
+
+def _cluster_port() -> int:
+    """A free port whose cluster bus port (port + 10000) is free too."""
+    for _ in range(100):
+        port = free_port()
+        if port + 10000 >= 65536:
+            continue
+        with contextlib.suppress(OSError), socket.socket() as probe:
+            probe.bind((_HOST, port + 10000))
+            return port
+    raise RedisStartError("no free port pair (port, port + 10000) for a cluster node")
+
+
+class ClusterGroup:
+    """Three primaries, each with one replica, on loopback; ``close()`` stops them all.
+
+    Slots are assigned with ``CLUSTER ADDSLOTSRANGE``, the nodes joined with ``CLUSTER MEET``
+    and ``CLUSTER REPLICATE``: ready in ~2 s (Redis's own writable delay after start-up).
+    """
+
+    def __init__(self) -> None:
+        self.nodes: list[RedisProcess] = []
+        self._replica: dict[int, RedisProcess] = {}  # primary port -> its replica at start
+
+    @property
+    def url(self) -> str:
+        return "redis+cluster://" + ",".join(f"{_HOST}:{n.port}" for n in self.nodes[:3])
+
+    def start(self) -> None:
+        try:
+            for _ in range(6):
+                node = RedisProcess(port=_cluster_port(), extra_args=list(_CLUSTER_ARGS))
+                self.nodes.append(node)
+                node.start()
+            primaries, replicas = self.nodes[:3], self.nodes[3:]
+            ids = {n.port: str(self._call(n, "CLUSTER", "MYID")) for n in self.nodes}
+            for node, (start, end) in zip(primaries, _SLOT_RANGES, strict=True):
+                self._call(node, "CLUSTER", "ADDSLOTSRANGE", start, end)
+            for node in self.nodes[1:]:
+                self._call(self.nodes[0], "CLUSTER", "MEET", _HOST, node.port)
+            for primary, replica in zip(primaries, replicas, strict=True):
+                self._replica[primary.port] = replica
+                self._until(lambda r=replica, p=primary: self._replicated(r, ids[p.port]),
+                            "a replica could not follow its primary")
+            self._until(self._ready, "the cluster did not become ready")
+        except BaseException:
+            self.close()
+            raise
+
+    @staticmethod
+    def _call(node: RedisProcess, *args: object) -> object:
+        with redis.Redis(host=_HOST, port=node.port, socket_timeout=2,
+                         decode_responses=True) as client:
+            return client.execute_command(*args)
+
+    def _replicated(self, replica: RedisProcess, primary_id: str) -> bool:
+        """Tell ``replica`` to follow ``primary_id`` (refused while it does not know that node
+        yet); true once its replication link is up."""
+        with contextlib.suppress(redis.ResponseError):
+            self._call(replica, "CLUSTER", "REPLICATE", primary_id)
+            return self._info(replica).get("master_link_status") == "up"
+        return False
+
+    @staticmethod
+    def _until(check: Callable[[], bool], what: str, timeout_s: float = 20.0) -> None:
+        deadline = time.monotonic() + timeout_s
+        while not check():
+            if time.monotonic() > deadline:
+                raise RedisStartError(what)
+            time.sleep(0.02)
+
+    @staticmethod
+    def _info(node: RedisProcess, section: str = "replication") -> dict[str, Any]:
+        with redis.Redis(host=_HOST, port=node.port, socket_timeout=1) as client:
+            info: dict[str, Any] = client.info(section)
+            return info
+
+    def live(self) -> list[RedisProcess]:
+        return [n for n in self.nodes if n.is_running]
+
+    def slot_map(self, node: RedisProcess) -> list[tuple[int, int, int]]:
+        """``node``'s view of the slots: (start, end, primary port), sorted."""
+        reply = self._call(node, "CLUSTER", "SLOTS")
+        assert isinstance(reply, list)
+        return sorted((int(r[0]), int(r[1]), int(r[2][1])) for r in reply)
+
+    def _ready(self) -> bool:
+        """Every live node says cluster_state:ok and sees the same slot map."""
+        try:
+            nodes = self.live()
+            for node in nodes:
+                info = self._call(node, "CLUSTER", "INFO")
+                if "cluster_state:ok" not in str(info):
+                    return False
+            maps = {tuple(self.slot_map(n)) for n in nodes}
+            return len(maps) == 1 and sum(e - s + 1 for s, e, _ in next(iter(maps))) == 16384
+        except redis.RedisError:
+            return False
+
+    def primaries(self) -> list[RedisProcess]:
+        """The primaries now, in slot order."""
+        ports = [port for _, _, port in self.slot_map(self.live()[0])]
+        by_port = {n.port: n for n in self.nodes}
+        return list(dict.fromkeys(by_port[p] for p in ports))
+
+    def replica_of(self, primary: RedisProcess) -> RedisProcess:
+        """The replica ``primary`` had when the cluster started."""
+        return self._replica[primary.port]
+
+    def node_id(self, node: RedisProcess) -> str:
+        return str(self._call(node, "CLUSTER", "MYID"))
+
+    def kill(self, node: RedisProcess) -> None:
+        """SIGKILL ``node``, as a crash would."""
+        node.kill()
+
+    def wait_failover(self, old_primary: RedisProcess, timeout_s: float = 20.0) -> None:
+        """Until ``old_primary``'s replica is a primary and every live node says
+        cluster_state:ok with the same slot map."""
+        replica = self.replica_of(old_primary)
+
+        def promoted() -> bool:
+            with contextlib.suppress(redis.RedisError):
+                return self._info(replica).get("role") == "master" and self._ready()
+            return False
+
+        self._until(promoted, "the replica was not promoted", timeout_s)
+
+    def close(self) -> None:
+        for node in self.nodes:
+            with contextlib.suppress(Exception):
+                node.close()

@@ -44,7 +44,7 @@ from typing import Any
 
 from coordinator.errors import SessionError
 from coordinator.events import parse_handoff
-from coordinator.keys import JOB_GROUP
+from coordinator.keys import JOB_GROUP, Keys
 from coordinator.records import as_hash, now_ms
 from coordinator.services import Services
 from coordinator.transport import Subscription, checked
@@ -136,11 +136,14 @@ class Intake:
         pool: Pool,
         submit: Callable[[StepRequest], None],
         stop: asyncio.Event,
+        shard: Keys | None = None,
     ) -> None:
         self.id = worker_id
         self.settings = services.settings
         self.redis = services.transport
-        self.keys = services.keys
+        #: The shard whose stream, wake-ups and nudges this intake serves (a worker has one
+        #: intake per shard it serves); its keys name the namespace's global keys too.
+        self.keys = shard or services.shards.all[0]
         self.mux = services.mux
         self.locks = services.locks
         self.stats = stats
@@ -153,25 +156,33 @@ class Intake:
         #: Workers whose process channel had no subscriber at the last look.
         self._gone: set[str] = set()
 
-    async def start(self, beat: Callable[[], Awaitable[None]]) -> list[asyncio.Task[None]]:
-        """Subscribe, then run the loops (and ``beat``, the heartbeat); returns their tasks.
+    async def start(self, beat: Callable[[], Awaitable[None]] | None
+                    ) -> list[asyncio.Task[None]]:
+        """Subscribe, then run the loops (and ``beat``, the heartbeat, when given: one
+        intake of a worker's runs it); returns their tasks.
         The multiplexer is running once subscribed, its home channel (this worker's process
         channel: ``Services`` is made with the worker id as process id) heard for as long as
         it runs, so from then on lock A names this worker (``LockFactory.name_owner``)."""
         settings = self.settings
+        # This worker's liveness channel in this shard (where the scripts look for it),
+        # subscribed from now until it exits (the home channel, unsharded).
+        await self.mux.subscribe(self.keys.process_channel(self.id))
         wake = await self.mux.subscribe(self.keys.jobs_wake)
         nudge = await self.mux.subscribe(self.nudge_channel, on_message=self.on_nudge)
         self.locks.name_owner(self.id)
-        return [
-            asyncio.create_task(self._job_loop(wake), name="jobs"),
-            asyncio.create_task(self._nudge_loop(nudge), name="nudges"),
-            asyncio.create_task(every(settings.heartbeat_ttl_ms / 3000, beat, self._stop,
-                                      "heartbeat"), name="heartbeat"),
+        k = self.keys.index
+        loops = [
+            asyncio.create_task(self._job_loop(wake), name=f"jobs-{k}"),
+            asyncio.create_task(self._nudge_loop(nudge), name=f"nudges-{k}"),
             asyncio.create_task(every(settings.claim_idle_ms / 2000, self.claim_once,
-                                      self._stop, "autoclaim"), name="autoclaim"),
+                                      self._stop, "autoclaim"), name=f"autoclaim-{k}"),
             asyncio.create_task(every(RESCUE_EVERY_S, self.rescue_once, self._stop, "rescue"),
-                                name="rescue"),
+                                name=f"rescue-{k}"),
         ]
+        if beat is not None:
+            loops.append(asyncio.create_task(every(settings.heartbeat_ttl_ms / 3000, beat,
+                                                   self._stop, "heartbeat"), name="heartbeat"))
+        return loops
 
     async def ensure_group(self) -> None:
         (reply,) = await self.redis.execute_many(
@@ -250,7 +261,7 @@ class Intake:
             self._gone = set()
             return 0
         heard = await self.redis.execute(
-            "PUBSUB", "NUMSUB", *[self.keys.process_channel(n) for n in names])
+            "PUBSUB", "SHARDNUMSUB", *[self.keys.process_channel(n) for n in names])
         gone = {n for n, count in zip(names, heard[1::2], strict=True) if int(count) == 0}
         newly, self._gone = gone - self._gone, gone
         started = 0
@@ -264,7 +275,7 @@ class Intake:
             # Rounds handed to them that nobody read yet (field ``h``; no wake-up was sent
             # for those): every worker reads them now, and whoever knows the holder gone
             # steps them (the others at their next look).
-            await self.redis.execute("PUBLISH", self.keys.jobs_wake, "rescue")
+            await self.redis.execute("SPUBLISH", self.keys.jobs_wake, "rescue")
         return started
 
     async def _claim_from(self, consumer: str) -> int:

@@ -100,7 +100,7 @@ class Stepper(ABC):
         self.locks = services.locks
         self.terminate = services.terminate
         self.stats = WorkerStats()
-        self._nudge_channel = self.keys.worker_nudge(worker_id)
+        self._shards = services.shards
         #: Paused executions by session, least recently stepped first (path 1 and 2).
         self._live: OrderedDict[str, Execution] = OrderedDict()
         self._busy: set[str] = set()
@@ -165,7 +165,7 @@ class Stepper(ABC):
                     if req.entry_id is not None and not await self._current(sid, req.entry_id):
                         # A redelivered job applied meanwhile (say, by this worker's own
                         # handoff, waiting for this very step to end): no lock to wait for.
-                        await self._drop_entry(req.entry_id)
+                        await self._drop_entry(sid, req.entry_id)
                         self.stats.stale_skips += 1
                         return
                     async with self.quarantine.aside():  # holding up no other step
@@ -178,7 +178,7 @@ class Stepper(ABC):
             except NotFound:
                 self._forget(sid)
                 if req.entry_id:
-                    await self._drop_entry(req.entry_id)
+                    await self._drop_entry(sid, req.entry_id)
                 return
         released = False
         try:
@@ -267,13 +267,13 @@ class Stepper(ABC):
             return None
         rec = data.rec
         if entry_id is not None and rec.job != entry_id:
-            await self._drop_entry(entry_id)  # an old job of this session: applied already
+            await self._drop_entry(sid, entry_id)  # an old job of this session: applied already
             self.stats.stale_skips += 1
             return None
         if rec.phase is not Phase.RUNNING:
             self._forget(sid)
             if entry_id:
-                await self._drop_entry(entry_id)  # applied already (or ended): nothing to do
+                await self._drop_entry(sid, entry_id)  # applied already (or ended): nothing to do
             self.stats.stale_skips += 1
             return None
         # Each acquisition of lock A counts a try and each commit resets the count, so it
@@ -342,7 +342,8 @@ class Stepper(ABC):
         assert lock.fence is not None and lock.local.token is not None
         reply = await self.scripts.commit_step(
             sid, fence=lock.fence, asked=asked_from, token=lock.local.token, holder=self.id,
-            holder_channel=self._nudge_channel, backstop_ms=self.settings.backstop_ms,
+            holder_channel=self._shards.of(sid).worker_nudge(self.id),
+            backstop_ms=self.settings.backstop_ms,
             retention_ms=self.settings.retention_ms, journal_entry=journal_entry,
             progress=progress, llm_calls=len(queries),
             prompt_chars=sum(len(q.prompt) for q in queries),
@@ -376,9 +377,11 @@ class Stepper(ABC):
         return job is not None and (job.decode() if isinstance(job, bytes) else str(job)) \
             == entry_id
 
-    async def _drop_entry(self, entry_id: str) -> None:
+    async def _drop_entry(self, sid: str, entry_id: str) -> None:
+        """Acknowledge and drop job ``entry_id`` of session ``sid`` (in its shard's stream)."""
+        jobs = self._shards.of(sid).jobs
         checked(await self.redis.execute_many([
-            ("XACK", self.keys.jobs, JOB_GROUP, entry_id), ("XDEL", self.keys.jobs, entry_id)]))
+            ("XACK", jobs, JOB_GROUP, entry_id), ("XDEL", jobs, entry_id)]))
 
     async def _fail_corrupt(self, sid: str, exc: CorruptState) -> None:
         """Fail one unreadable session clearly; the worker goes on serving the others."""

@@ -23,6 +23,7 @@ from typing import Any
 
 from coordinator.codec import pack
 from coordinator.errors import InvalidInput, Unavailable
+from coordinator.keys import Keys
 from coordinator.records import clock_lesson, now_ms
 from coordinator.services import Services
 from coordinator.settings import Settings
@@ -66,9 +67,18 @@ class Worker(Stepper):
         self.mux = self.services.mux
         self.sweeper = self.services.sweeper
         self._stop = asyncio.Event()
-        self.intake = Intake(self.services, worker_id=worker_id, stats=self.stats,
-                             pool=self._pool, submit=self._submit, stop=self._stop)
+        #: One intake per shard served (made at start, once the shards are known); the
+        #: first is ``intake``.
+        self.intakes = [self._intake(None)]
         self._loops: list[asyncio.Task[None]] = []
+
+    def _intake(self, shard: Keys | None) -> Intake:
+        return Intake(self.services, worker_id=self.id, stats=self.stats, pool=self._pool,
+                      submit=self._submit, stop=self._stop, shard=shard)
+
+    @property
+    def intake(self) -> Intake:
+        return self.intakes[0]
 
     def _submit(self, req: StepRequest) -> None:
         self._pool.spawn(self._step(req))
@@ -81,17 +91,19 @@ class Worker(Stepper):
         return self.redis.client
 
     async def start(self) -> None:
-        await self.intake.ensure_group()
+        shards = await self.services.ready()
+        self.intakes = [self._intake(shard) for shard in shards.keys]
+        for intake in self.intakes:
+            await intake.ensure_group()
         await self.redis.execute("SADD", self.keys.strategies, *catalog.names())
         await self._learn_clock()  # before the first heartbeat, which is stamped with it
         await self._beat()
         await self.mux.start()
-        self._loops = [
-            *await self.intake.start(beat=self._beat),
-            asyncio.create_task(self.sweeper.run(self._stop), name="gc"),
-        ]
-        log.info("worker %s started (concurrency %d, strategies: %s)",
-                 self.id, self.concurrency, ", ".join(catalog.names()))
+        self._loops = [asyncio.create_task(self.sweeper.run(self._stop), name="gc")]
+        for n, intake in enumerate(self.intakes):
+            self._loops += await intake.start(beat=self._beat if n == 0 else None)
+        log.info("worker %s started (concurrency %d, %d shard(s), strategies: %s)",
+                 self.id, self.concurrency, len(self.intakes), ", ".join(catalog.names()))
 
     async def run(self) -> None:
         """Start, then serve until ``stop()`` (or a signal handler that calls it). A stop
@@ -142,7 +154,8 @@ class Worker(Stepper):
         grace_s = self.settings.shutdown_grace_s if grace_s is None else grace_s
         self._stop.set()
         # no more handoffs: the next rounds go elsewhere
-        await _best_effort(self.mux.drop(self.intake.nudge_channel))
+        for intake in self.intakes:
+            await _best_effort(self.mux.drop(intake.nudge_channel))
         for task in self._loops:
             task.cancel()
         # Bounded, and never swallowing a cancel of our own: a loop whose cancel was eaten
@@ -157,7 +170,8 @@ class Worker(Stepper):
             ("DEL", self.keys.worker(self.id)), ("ZREM", self.keys.workers, self.id)]))
         # Leave the job group too, unless a step cut short still holds a job (then another
         # worker claims it, and a later GC sweep retires this consumer).
-        await _best_effort(self.scripts.retire_consumers([self.id]))
+        for intake in self.intakes:
+            await _best_effort(self.scripts.retire_consumers(intake.keys, [self.id]))
         await _best_effort(self.mux.aclose())
         await self.services.aclose()
 
@@ -165,11 +179,11 @@ class Worker(Stepper):
 
     async def run_once(self) -> int:
         """Read the jobs this worker has room for and start them; returns how many."""
-        return await self.intake.run_once()
+        return sum([await intake.run_once() for intake in self.intakes])
 
     async def claim_once(self) -> int:
         """Take over jobs left pending too long by a dead or stalled worker."""
-        return await self.intake.claim_once()
+        return sum([await intake.claim_once() for intake in self.intakes])
 
     # -- what others see of it -----------------------------------------------------------
 

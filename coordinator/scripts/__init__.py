@@ -30,6 +30,7 @@ from ..errors import (
 )
 from ..keys import JOB_GROUP, Keys
 from ..records import as_hash
+from ..shards import ShardMap
 from ..transport import Transport
 
 NAMES = (
@@ -218,10 +219,10 @@ class Scripts:
     """One typed method per script. ``keys`` names every key, so callers pass a session id
     and the values; nothing else knows which keys a script touches."""
 
-    def __init__(self, transport: Transport, keys: Keys, *, wait_replicas: int = 0,
+    def __init__(self, transport: Transport, shards: ShardMap, *, wait_replicas: int = 0,
                  wait_replicas_timeout_ms: int = 1000) -> None:
         self._transport = transport
-        self._keys = keys
+        self._shards = shards
         self._replicas = wait_replicas
         self._wait_ms = wait_replicas_timeout_ms
 
@@ -237,7 +238,7 @@ class Scripts:
                                              timeout=timeout)
 
     def _session(self, sid: str, *, extra: bool = False) -> dict[str, str]:
-        return _session_keys(self._keys, sid, extra)
+        return _session_keys(self._shards.of(sid), sid, extra)
 
     async def create(self, sid: str, *, strategy: str, input: bytes, budget: bytes,
                      ttl_ms: int, backstop_ms: int) -> Reply:
@@ -245,7 +246,7 @@ class Scripts:
         reply = _parse(await self._run("create", self._session(sid), {
             "sid": sid, "strategy": strategy, "input": input, "budget": budget,
             "ttl_ms": ttl_ms, "backstop_ms": backstop_ms,
-            "wake_channel": self._keys.jobs_wake}))
+            "wake_channel": self._shards.of(sid).jobs_wake}))
         _raise_refusal(reply, sid)
         return reply
 
@@ -257,7 +258,8 @@ class Scripts:
         reply = _parse(await self._run("feed", self._session(sid, extra=True), {
             "sid": sid, "query_id": query_id, "answer": answer,
             "response_chars": response_chars, "response_tokens": response_tokens,
-            "backstop_ms": backstop_ms, "wake_channel": self._keys.jobs_wake, "token": token,
+            "backstop_ms": backstop_ms, "wake_channel": self._shards.of(sid).jobs_wake,
+            "token": token,
             "lease_ms": lease_ms, "round": round}, timeout))
         if reply.code == "ACCEPTED":
             return FeedReply(False, remaining=int(reply.args[0]))
@@ -282,10 +284,10 @@ class Scripts:
         """``OK`` | ``NOT_FOUND`` | ``FENCED`` (fence) | ``STALE`` (asked) |
         ``INVALID_TRANSITION`` (phase); ``rest`` as the script's header describes. Raises
         ``InvalidInput`` / ``CorruptState`` for a call the script refused before writing."""
-        sk = self._keys.session(sid)
+        sk = self._shards.of(sid).session(sid)
         reply = _parse(await self._run("commit_step", self._session(sid, extra=True), {
             "sid": sid, "fence": fence, "asked": asked, "token": token, "group": JOB_GROUP,
-            "channel": sk.channel, "released_channel": self._keys.lock_released(sk.lock),
+            "channel": sk.channel, "released_channel": Keys.lock_released(sk.lock),
             "holder": holder, "holder_channel": holder_channel, "backstop_ms": backstop_ms,
             "retention_ms": retention_ms, "journal_entry": journal_entry,
             "progress": progress, "llm_calls": llm_calls, "prompt_chars": prompt_chars,
@@ -300,7 +302,7 @@ class Scripts:
         """``OK`` | ``NOT_FOUND`` | ``INVALID_TRANSITION`` (phase) | ``ALIVE`` (deadline) |
         ``BUSY`` (``expire`` of a running session: not idle). Raises ``InvalidInput`` /
         ``CorruptState`` for a call the script refused before writing."""
-        sk = self._keys.session(sid)
+        sk = self._shards.of(sid).session(sid)
         reply = _parse(await self._run("terminate", {
             **self._session(sid), "fed": sk.fed, "fed_prev": sk.fed_prev}, {
             "sid": sid, "mode": mode, "group": JOB_GROUP,
@@ -311,11 +313,13 @@ class Scripts:
         return reply
 
     async def lock_acquire(self, lock: str, fence_key: str, *, token: str | bytes,
-                           lease_ms: int, fence_field: str) -> Lease:
+                           lease_ms: int, fence_field: str, shard: Keys | None = None) -> Lease:
+        """``shard``: the shard the lock lives in (its holders' liveness channels are
+        there); None: the first (unsharded, the only one)."""
+        live = (shard or self._shards.all[0]).process_channel("")
         return _lease(await self._run("lock_acquire", {"lock": lock, "fence": fence_key},
                                       {"token": token, "lease_ms": lease_ms,
-                                       "fence_field": fence_field,
-                                       "live_prefix": self._keys.process_channel("")}))
+                                       "fence_field": fence_field, "live_prefix": live}))
 
     async def lock_release(self, lock: str, *, token: bytes, released_channel: str) -> bool:
         return bool(await self._run("lock_release", {"lock": lock},
@@ -327,23 +331,25 @@ class Scripts:
 
     async def step_begin(self, sid: str, *, token: str, lease_ms: int,
                          with_journal: bool) -> StepBegin:
-        sk = self._keys.session(sid)
+        keys = self._shards.of(sid)
+        sk = keys.session(sid)
         raw = await self._run("step_begin", {
             "lock": sk.lock, "session": sk.session, "pending": sk.pending,
             "answers": sk.answers, "journal": sk.journal},
             {"token": token, "lease_ms": lease_ms, "with_journal": "1" if with_journal else "0",
-             "live_prefix": self._keys.process_channel("")})
+             "live_prefix": keys.process_channel("")})
         lease = _lease(raw[:2])
         if lease.fence <= 0:
             return StepBegin(lease, {}, {}, {}, None)
         return StepBegin(lease, as_hash(raw[2]), as_hash(raw[3]), as_hash(raw[4]),
                          raw[5] if isinstance(raw[5], list) else None)
 
-    async def retire_consumers(self, names: Sequence[str]) -> list[str]:
-        """Drop those of ``names`` that hold no pending job; returns the ones dropped."""
+    async def retire_consumers(self, shard: Keys, names: Sequence[str]) -> list[str]:
+        """Drop those of ``names`` that hold no pending job in ``shard``'s job group;
+        returns the ones dropped."""
         if not names:
             return []
-        raw = await self._run("retire_consumers", {"jobs": self._keys.jobs},
+        raw = await self._run("retire_consumers", {"jobs": shard.jobs},
                               {"group": JOB_GROUP, "*names": names})
         return [_text(x) for x in raw]
 

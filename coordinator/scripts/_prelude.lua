@@ -42,7 +42,7 @@ local function take_lease(lock, token, lease, session, live_prefix)
     local h = redis.call('HMGET', session, 'ready_token', 'holder')
     if h[1] == owner then holder = h[2] end
   end
-  if not holder or redis.call('PUBSUB', 'NUMSUB', live_prefix .. holder)[2] ~= 0 then
+  if not holder or redis.call('PUBSUB', 'SHARDNUMSUB', live_prefix .. holder)[2] ~= 0 then
     return false, redis.call('PTTL', lock)
   end
   redis.call('SET', lock, token, 'PX', lease)

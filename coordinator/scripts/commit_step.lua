@@ -157,7 +157,7 @@ for _, v in ipairs(add) do set[#set + 1] = v end
 redis.call('HSET', KEYS[1], unpack(set))
 if redis.call('GET', KEYS[10]) == ARGV[4] then
   redis.call('DEL', KEYS[10])
-  redis.call('PUBLISH', ARGV[7], '1')
+  redis.call('SPUBLISH', ARGV[7], '1')
 end
-redis.call('PUBLISH', ARGV[6], ARGV[18])
+redis.call('SPUBLISH', ARGV[6], ARGV[18])
 return {'OK'}

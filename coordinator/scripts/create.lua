@@ -39,5 +39,5 @@ if ARGV[4] ~= '' then
   redis.call('HSET', KEYS[1], 'budget', ARGV[4])
 end
 redis.call('PEXPIRE', KEYS[1], ARGV[6])
-redis.call('PUBLISH', ARGV[7], ARGV[1])
+redis.call('SPUBLISH', ARGV[7], ARGV[1])
 return {'OK', job}

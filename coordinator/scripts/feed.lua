@@ -117,7 +117,7 @@ redis.call('ZREM', KEYS[7], ARGV[1])
 -- The live holder is handed the step: this script takes lock A in its name (fence bumped,
 -- lease set, the feed token as owner) and the nudge carries the round's answers, so the
 -- holder resumes with no read and commits with one command. It is handed over only when
--- the holder's connection hears it (PUBLISH counts the receivers) and the lock is free;
+-- the holder's connection hears it (SPUBLISH counts the receivers) and the lock is free;
 -- otherwise the holder gets a plain nudge (it takes the lock itself). The job goes to the
 -- stream either way, for recovery; its field 'h' names the holder that heard of it, so the
 -- worker reading it leaves it to that holder. When no holder heard, the workers are woken.
@@ -136,7 +136,7 @@ if nudge then
       parts[#parts + 1] = #ans[j + 1]
       parts[#parts + 1] = ans[j + 1]
     end
-    if redis.call('PUBLISH', nudge, table.concat(parts, '\n')) > 0 then
+    if redis.call('SPUBLISH', nudge, table.concat(parts, '\n')) > 0 then
       redis.call('SET', KEYS[10], ARGV[8], 'PX', ARGV[9])
       set[#set + 1] = 'fence'
       set[#set + 1] = nfence
@@ -145,7 +145,7 @@ if nudge then
       heard = true
     end
   else
-    heard = redis.call('PUBLISH', nudge, ARGV[1]) > 0
+    heard = redis.call('SPUBLISH', nudge, ARGV[1]) > 0
   end
 end
 local job
@@ -154,7 +154,7 @@ if heard then
                    'h', f[13] or '?')
 else
   job = redis.call('XADD', KEYS[8], '*', 'k', 'resume', 'sid', ARGV[1], 'a', asked)
-  redis.call('PUBLISH', ARGV[7], ARGV[1])
+  redis.call('SPUBLISH', ARGV[7], ARGV[1])
 end
 for _, v in ipairs({'phase', 'running', 'ready_token', ARGV[8], 'ready_asked', asked,
                     'm:rounds', tonumber(f[9] or '0') + 1, 'job', job}) do

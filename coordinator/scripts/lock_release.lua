@@ -9,5 +9,5 @@ if redis.call('GET', KEYS[1]) ~= ARGV[1] then
   return 0
 end
 redis.call('DEL', KEYS[1])
-redis.call('PUBLISH', ARGV[2], '1')
+redis.call('SPUBLISH', ARGV[2], '1')
 return 1

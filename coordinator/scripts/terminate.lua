@@ -96,7 +96,7 @@ redis.call('PEXPIRE', KEYS[10], ARGV[5])
 redis.call('PEXPIRE', KEYS[11], ARGV[5])
 local nudge = redis.call('HGET', KEYS[1], 'holder_ch')
 if nudge then
-  redis.call('PUBLISH', nudge, ARGV[1])
+  redis.call('SPUBLISH', nudge, ARGV[1])
 end
-redis.call('PUBLISH', ARGV[4], redis.call('HGET', KEYS[1], 'phase'))
+redis.call('SPUBLISH', ARGV[4], redis.call('HGET', KEYS[1], 'phase'))
 return {'OK'}

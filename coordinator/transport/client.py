@@ -4,6 +4,14 @@ The registry, the worker and their collaborators (scripts, locks, GC) hold a ``T
 and nothing of redis-py: commands and scripts go through ``execute``/``execute_many``/
 ``evalsha`` over one pipelined connection (``pipe.Pipe``), waits through ``multiplexer``.
 
+**On a Redis Cluster** (a ``redis+cluster://`` URL) there is one ``Pipe`` per primary
+(``topology.Topology``), and each command goes to the primary that owns the slot of its key
+(``slots.routing_key``; ``routing.Router`` follows MOVED/ASK and failovers within the same
+budget). A keyless command (PING, INFO, SCRIPT, PUBSUB, WAIT, ...) names its node with
+``node="host:port"`` (one of ``primaries()``), or runs through ``execute_on``; without one it
+goes to the first primary, and inside ``execute_many`` with the command before it (so ``WAIT``
+follows its write). On a single server or Sentinel, ``node`` is ignored.
+
 **Every call is bounded.** One budget per call (``Settings.redis_timeout_s``, or the
 caller's own timeout when shorter) covers connecting, the handshake, the reply and every
 retry; nothing below retries on its own (the pools are built with no retries), so retries
@@ -20,7 +28,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Awaitable, Callable, Sequence
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 from redis.asyncio import ConnectionPool, Redis
 from redis.exceptions import (
@@ -38,15 +46,17 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from ..errors import CorruptState, Misconfigured, NotReplicated, SessionError, Unavailable
 from .pipe import Pipe, pack
 from .pubsub import Multiplexer
+from .routing import Router, Unit, transient, units_of
 from .target import Target, close_pool
+from .topology import Topology
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 #: Longest one connect (with its handshake) may take inside a call's budget.
 CONNECT_TIMEOUT_S = 2.0
-#: Server replies that mean "not now" rather than "never": retried within the budget.
-_TRANSIENT = ("LOADING", "BUSY ", "MASTERDOWN", "TRYAGAIN", "CLUSTERDOWN")
+#: A non-cluster transport's one node, as ``primaries()`` names it: all slots.
+ALL_SLOTS = [(0, 16383)]
 
 
 class Transport:
@@ -58,14 +68,25 @@ class Transport:
         timeout_s: float = 5.0,
         admin: Callable[[], Redis] | None = None,
         allow_eviction: bool = False,
+        cluster: Target | None = None,
     ) -> None:
+        """``cluster``: a ``redis+cluster://`` target (commands then go to its primaries,
+        not to ``pool``)."""
         self.safe_url = safe_url
         self.timeout_s = timeout_s
         self._pool = pool
         self._allow_eviction = allow_eviction
-        self._pipe = Pipe(pool, reply_timeout_s=timeout_s,
-                          connect_timeout_s=min(CONNECT_TIMEOUT_S, timeout_s),
-                          on_refused=self._refused, on_connected=self._check_server)
+        self._pipe = self._new_pipe(pool)
+        self._topology: Topology | None = None
+        self._router: Router | None = None
+        if cluster is not None:
+            self._topology = Topology(
+                cluster, make_pipe=self._new_pipe, timeout_s=timeout_s, pool_options={
+                    "socket_timeout": None,
+                    "socket_connect_timeout": min(CONNECT_TIMEOUT_S, timeout_s)})
+            self._router = Router(self._topology, timeout_s=timeout_s,
+                                  unavailable=self._unavailable, refused=self._refused,
+                                  failed=self._failed)
         self._make_admin = admin
         self._admin: Redis | None = None
         self._muxes: list[Multiplexer] = []
@@ -83,12 +104,16 @@ class Transport:
         pool = target.pool(socket_timeout=None, socket_connect_timeout=connect_s)
 
         def admin() -> Redis:
+            if target.is_cluster:  # a RedisCluster: most of Redis's commands, routed
+                return cast(Redis, target.cluster_client(
+                    socket_timeout=timeout_s, socket_connect_timeout=connect_s))
             # from_pool: the client owns the pool, so its aclose() closes the connections
             return Redis.from_pool(target.pool(
                 socket_timeout=timeout_s, socket_connect_timeout=connect_s))
 
         return cls(pool, safe_url=target.safe_url, timeout_s=timeout_s, admin=admin,
-                   allow_eviction=allow_eviction)
+                   allow_eviction=allow_eviction,
+                   cluster=target if target.is_cluster else None)
 
     @classmethod
     def in_memory(cls, server: Any, *, timeout_s: float = 5.0) -> Transport:
@@ -103,11 +128,36 @@ class Transport:
         return cls(pool, safe_url="memory://embedded", timeout_s=timeout_s, admin=admin,
                    allow_eviction=True)
 
+    def _new_pipe(self, pool: ConnectionPool) -> Pipe:
+        return Pipe(pool, reply_timeout_s=self.timeout_s,
+                    connect_timeout_s=min(CONNECT_TIMEOUT_S, self.timeout_s),
+                    on_refused=self._refused, on_connected=self._check_server)
+
+    @property
+    def is_cluster(self) -> bool:
+        return self._router is not None
+
+    async def primaries(self, timeout: float | None = None
+                        ) -> list[tuple[str, list[tuple[int, int]]]]:
+        """Each primary (``"host:port"``) with its slot ranges; a single server (or the
+        primary behind Sentinel) is one entry named by ``safe_url``, with every slot."""
+        if self._topology is None:
+            return [(self.safe_url, list(ALL_SLOTS))]
+        topology = self._topology
+        await self._bounded(lambda left: topology.ensure(left), timeout, "CLUSTER SLOTS")
+        return topology.primaries()
+
+    async def execute_on(self, node: str, *args: Any, timeout: float | None = None) -> Any:
+        """A (keyless) command on one primary, as ``primaries()`` names it: ``INFO
+        commandstats`` per primary, ``PUBSUB SHARDNUMSUB``, ``SCRIPT FLUSH``, ... On a single
+        server ``node`` is ignored."""
+        return await self.execute(*args, timeout=timeout, node=node)
+
     @property
     def client(self) -> Redis:
         """A plain redis-py client on the same server, for tools and tests that inspect keys
         (and for redis-py's ``Lock``, which wants one). The coordinator's own calls never go
-        through it."""
+        through it. On a cluster, a ``redis.asyncio.RedisCluster`` on the URL's seeds."""
         if self._admin is None:
             if self._make_admin is None:
                 raise RuntimeError("this transport has no admin client")
@@ -116,19 +166,25 @@ class Transport:
 
     # -- calls ---------------------------------------------------------------------------
 
-    async def execute(self, *args: Any, timeout: float | None = None) -> Any:
-        """One command's reply; ``SessionError`` subclasses on failure."""
+    async def execute(self, *args: Any, timeout: float | None = None,
+                      node: str | None = None) -> Any:
+        """One command's reply; ``SessionError`` subclasses on failure. ``node``: where a
+        keyless command runs on a cluster (see the module docstring)."""
         try:
-            return await self.execute_raw(args, timeout)
+            return await self.execute_raw(args, timeout, node=node)
         except ResponseError as exc:
             raise _refusal(exc, str(args[0])) from None
 
     async def execute_many(self, commands: Sequence[tuple[Any, ...]], *,
-                           timeout: float | None = None) -> list[Any]:
+                           timeout: float | None = None, node: str | None = None) -> list[Any]:
         """Commands in one write; their replies in order, error replies as redis-py
-        exception objects in the list (callers that need every reply use ``checked``)."""
+        exception objects in the list (callers that need every reply use ``checked``). On a
+        cluster: one write per primary, concurrently; ``node`` sends them all to one."""
         if not commands:
             return []
+        if self._router is not None:
+            units = units_of(commands, node)
+            return await self._routed(units, timeout, str(commands[0][0]))
         packed = b"".join([pack(c) for c in commands])
         n = len(commands)
         replies: list[Any] = await self._bounded(
@@ -144,6 +200,12 @@ class Transport:
         """A script by SHA, loaded on NOSCRIPT (a restarted server, a SCRIPT FLUSH)."""
         command = ("EVALSHA", sha, len(keys), *keys, *args)
         try:
+            if self._router is not None:  # NOSCRIPT: loaded by the router, on that node
+                (reply,) = await self._routed([Unit([command], None, source)], timeout,
+                                              "a script")
+                if isinstance(reply, ResponseError):
+                    raise reply
+                return reply
             try:
                 return await self.execute_raw(command, timeout)
             except NoScriptError:
@@ -160,7 +222,11 @@ class Transport:
         command = ("EVALSHA", sha, len(keys), *keys, *args)
         wait = ("WAIT", replicas, wait_ms)
         budget = None if timeout is None else timeout + wait_ms / 1000
-        reply, acked = await self.execute_many([command, wait], timeout=budget)
+        if self._router is not None:  # one unit: WAIT on the EVALSHA's connection
+            reply, acked = await self._routed([Unit([command, wait], None, source)], budget,
+                                              "a script")
+        else:
+            reply, acked = await self.execute_many([command, wait], timeout=budget)
         if isinstance(reply, NoScriptError):
             await self.execute_raw(("SCRIPT", "LOAD", source), timeout)
             reply, acked = await self.execute_many([command, wait], timeout=budget)
@@ -174,8 +240,14 @@ class Transport:
                 cause=f"WAIT {replicas} {wait_ms} -> {acked}")
         return reply
 
-    async def execute_raw(self, command: tuple[Any, ...], timeout: float | None) -> Any:
+    async def execute_raw(self, command: tuple[Any, ...], timeout: float | None, *,
+                          node: str | None = None) -> Any:
         """``execute`` with error replies left as redis-py's ``ResponseError``."""
+        if self._router is not None:
+            (reply,) = await self._routed([Unit([command], node)], timeout, str(command[0]))
+            if isinstance(reply, ResponseError):
+                raise reply
+            return reply
         packed = pack(command)
         reply = await self._bounded(lambda left: self._pipe.call(packed, timeout=left),
                                     timeout, str(command[0]))
@@ -183,12 +255,25 @@ class Transport:
             self.trace(command)
         return reply
 
+    async def _routed(self, units: list[Unit], timeout: float | None, what: str) -> list[Any]:
+        """Cluster: the units' replies, flat, in order."""
+        assert self._router is not None
+        await self._router.run(units, timeout, what)
+        replies = [reply for unit in units for reply in unit.replies or ()]
+        if self.trace is not None:
+            for unit in units:
+                for command in unit.commands:
+                    self.trace(command)
+        return replies
+
     async def ping(self, timeout: float | None = None) -> None:
         await self.execute("PING", timeout=timeout)
 
     def multiplexer(self, home_channel: str) -> Multiplexer:
+        """This process's subscriptions (sharded pub/sub); on a cluster each channel is heard
+        on the primary that owns its slot."""
         mux = Multiplexer(self._pool, home_channel, safe_url=self.safe_url,
-                          timeout_s=self.timeout_s)
+                          timeout_s=self.timeout_s, placement=self._topology)
         self._muxes.append(mux)
         return mux
 
@@ -196,10 +281,14 @@ class Transport:
         for mux in self._muxes:
             await mux.aclose()
         await self._pipe.aclose()
+        if self._topology is not None:
+            await self._topology.aclose()
         if self._admin is not None:
             admin, self._admin = self._admin, None
             await admin.aclose()
-            await close_pool(admin.connection_pool)
+            pool = getattr(admin, "connection_pool", None)  # a RedisCluster has none
+            if pool is not None:
+                await close_pool(pool)
         await close_pool(self._pool)
 
     async def _check_server(self, conn: Any) -> None:
@@ -246,7 +335,7 @@ class Transport:
             except AuthenticationError as exc:
                 raise self._refused(exc) from None
             except ResponseError as exc:
-                if not str(exc).startswith(_TRANSIENT):
+                if not transient(exc):
                     raise
                 cause = exc
             except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
@@ -274,6 +363,9 @@ class Transport:
             "is all or nothing): re-read the session once Redis is back before repeating it",
             url=self.safe_url, cause=text)
 
+    def _failed(self, node: str, exc: BaseException) -> SessionError:
+        return SessionError(f"redis at {self.safe_url} (node {node}) failed: {exc}")
+
     def _refused(self, exc: BaseException) -> Misconfigured:
         text = str(exc)
         hint = ""
@@ -300,6 +392,10 @@ def _refusal(exc: ResponseError, what: str) -> SessionError:
         return Unavailable(f"redis refused {what}: it is full (maxmemory reached, "
                            f"{text}); free memory or raise maxmemory, then retry",
                            cause=text)
+    if text.startswith("NOREPLICAS") or "NOREPLICAS" in type(exc).__name__.upper():
+        return Unavailable(f"redis refused {what}: {text}; the primary has fewer healthy "
+                           "replicas than its min-replicas-to-write: nothing was written, "
+                           "retry once a replica is back", cause=text)
     if text.startswith("NOPERM") or isinstance(exc, NoPermissionError):
         return Misconfigured(f"redis refused {what}: {text}; the URL's user lacks a "
                              "permission the coordinator needs (see the README's ACL notes)")

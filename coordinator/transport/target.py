@@ -1,6 +1,6 @@
 """Where Redis is: one URL, checked before anything connects, and the pools it implies.
 
-Two shapes of URL:
+Three shapes of URL:
 
 - ``redis://[user:pass@]host:port/db`` (``rediss://`` for TLS, ``unix:///path.sock``): one
   server.
@@ -10,6 +10,9 @@ Two shapes of URL:
   primary, so the transport follows a failover (a demoted primary's ``READONLY`` reply drops
   the connection and the next attempt asks again). ``user:pass`` authenticate to the data
   nodes; ``?sentinel_password=..`` (and ``sentinel_username``) to the sentinels.
+- ``redis+cluster://[user:pass@]host:port[,host:port...][?options]`` (``rediss+cluster://``):
+  a Redis Cluster. The listed hosts are seeds (port 6379 when left out): any one that answers
+  tells the slot map (``coordinator.transport.topology``). A cluster has only database 0.
 
 A URL a user typed is the most common misconfiguration there is, so it is checked here,
 once, with messages that say what is wrong with it (``InvalidInput``), instead of failing
@@ -25,7 +28,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Any
-from urllib.parse import parse_qs, unquote, urlsplit, urlunsplit
+from urllib.parse import parse_qs, quote, unquote, urlsplit, urlunsplit
 
 from redis.asyncio import ConnectionPool
 
@@ -35,7 +38,12 @@ from ..errors import InvalidInput
 PROTOCOL = 2
 _SCHEMES = {"redis": False, "rediss": True, "unix": False}
 _SENTINEL_SCHEMES = {"redis+sentinel": False, "rediss+sentinel": True}
+_CLUSTER_SCHEMES = {"redis+cluster": False, "rediss+cluster": True}
 SENTINEL_PORT = 26379
+REDIS_PORT = 6379
+_ACCEPTED = ("redis://host:port/db, rediss://host:port/db (TLS), unix:///path.sock, "
+             "redis+sentinel://host:port[,host:port...]/service_name[/db] or "
+             "redis+cluster://host:port[,host:port...]")
 #: Query options the pools understand; anything else is a typo we should name.
 _KNOWN_OPTIONS = {
     "db", "password", "username", "ssl_cert_reqs", "ssl_ca_certs", "ssl_certfile",
@@ -56,6 +64,12 @@ class Target:
     #: Sentinel URLs: the sentinels and the name of the service they watch.
     sentinels: tuple[tuple[str, int], ...] = ()
     service: str = ""
+    #: Cluster URLs: the seed nodes (empty for every other shape).
+    seeds: tuple[tuple[str, int], ...] = ()
+
+    @property
+    def is_cluster(self) -> bool:
+        return bool(self.seeds)
 
     @classmethod
     def parse(cls, url: str) -> Target:
@@ -64,11 +78,12 @@ class Target:
         parts = urlsplit(url.strip())
         if parts.scheme in _SENTINEL_SCHEMES:
             return _parse_sentinel(url.strip())
+        if parts.scheme in _CLUSTER_SCHEMES:
+            return _parse_cluster(url.strip())
         if parts.scheme not in _SCHEMES:
             raise InvalidInput(
                 f"Redis URL {_mask(url)!r} has scheme {parts.scheme or '(none)'!r}; use "
-                "redis://host:port/db, rediss://host:port/db (TLS), unix:///path.sock or "
-                "redis+sentinel://host:port[,host:port...]/service_name[/db]")
+                f"{_ACCEPTED}")
         try:
             port = parts.port
         except ValueError:
@@ -98,9 +113,50 @@ class Target:
 
         if self.sentinels:
             return self._sentinel_pool(**kwargs)
+        if self.seeds:
+            return self.node_pool(*self.seeds[0], **kwargs)
         return ConnectionPool.from_url(
             self.url, protocol=PROTOCOL, retry=Retry(NoBackoff(), 0), health_check_interval=0,
             **kwargs)
+
+    def node_url(self, host: str, port: int) -> str:
+        """A cluster URL's credentials and options for one node: ``redis[s]://...host:port/0``
+        (not for messages: it carries the password)."""
+        parts = urlsplit(self.url)
+        userinfo = parts.netloc.rpartition("@")[0]
+        netloc = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        options = {k: v[0] for k, v in parse_qs(parts.query).items() if k != "db"}
+        query = "&".join(f"{k}={quote(v, safe='')}" for k, v in options.items())
+        scheme = "rediss" if _CLUSTER_SCHEMES.get(parts.scheme) else "redis"
+        return urlunsplit((scheme, f"{userinfo}@{netloc}" if userinfo else netloc, "/0",
+                           query, ""))
+
+    def node_pool(self, host: str, port: int, **kwargs: Any) -> ConnectionPool:
+        """A pool for one node of a cluster, with the URL's credentials and options."""
+        from redis.asyncio.retry import Retry
+        from redis.backoff import NoBackoff
+
+        return ConnectionPool.from_url(
+            self.node_url(host, port), protocol=PROTOCOL, retry=Retry(NoBackoff(), 0),
+            health_check_interval=0, **kwargs)
+
+    def cluster_client(self, **kwargs: Any) -> Any:
+        """A redis-py ``RedisCluster`` on the seeds (the admin client of a cluster URL)."""
+        from redis.asyncio.cluster import ClusterNode, RedisCluster
+
+        parts = urlsplit(self.url)
+        options: dict[str, Any] = {
+            k: v[0] for k, v in parse_qs(parts.query).items() if k != "db"}
+        userinfo = parts.netloc.rpartition("@")[0]
+        user, _, password = userinfo.partition(":")
+        if user:
+            options["username"] = unquote(user)
+        if password:
+            options["password"] = unquote(password)
+        if _CLUSTER_SCHEMES.get(parts.scheme):
+            options["ssl"] = True
+        return RedisCluster(startup_nodes=[ClusterNode(h, p) for h, p in self.seeds],
+                            **options, **kwargs)
 
     def _sentinel_pool(self, **kwargs: Any) -> ConnectionPool:
         from redis.asyncio.retry import Retry
@@ -164,6 +220,38 @@ def _parse_sentinel(url: str) -> Target:
                            f"not {raw_db!r}")
     return Target(url=url, safe_url=safe, db=int(raw_db), sentinels=tuple(sentinels),
                   service=segments[0])
+
+
+def _parse_cluster(url: str) -> Target:
+    parts = urlsplit(url)
+    safe = _mask(url)
+    hosts = parts.netloc.rpartition("@")[2]
+    seeds: list[tuple[str, int]] = []
+    for item in hosts.split(","):
+        if item.startswith("["):  # [IPv6]:port
+            host, _, rest = item[1:].partition("]")
+            port = rest[1:] if rest.startswith(":") else rest or str(REDIS_PORT)
+        else:
+            host, sep, port = item.rpartition(":")
+            if not sep:
+                host, port = item, str(REDIS_PORT)
+        if not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise InvalidInput(f"Redis URL {safe!r}: {item!r} is not a cluster node host:port "
+                               "(the seed nodes are listed as host:port,host:port)")
+        seeds.append((host, int(port)))
+    options = parse_qs(parts.query)
+    unknown = sorted(set(options) - _KNOWN_OPTIONS)
+    if unknown:
+        raise InvalidInput(f"Redis URL {safe!r} has unknown option(s) {', '.join(unknown)}; "
+                           f"known: {', '.join(sorted(_KNOWN_OPTIONS))}")
+    path = unquote(parts.path).strip("/")
+    raw_db = options.get("db", [path or "0"])[0]
+    if path and "db" in options and path != raw_db:
+        raise InvalidInput(f"Redis URL {safe!r} names two databases ({path!r} and {raw_db!r})")
+    if raw_db != "0":
+        raise InvalidInput(f"Redis URL {safe!r}: a Redis Cluster has only database 0, not "
+                           f"{raw_db!r}; drop the database from the URL")
+    return Target(url=url, safe_url=safe, db=0, seeds=tuple(seeds))
 
 
 def _db(url: str, scheme: str, path: str, options: dict[str, list[str]]) -> int:
