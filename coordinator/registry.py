@@ -158,10 +158,12 @@ class SessionRegistry:
         """Record one answer. ``Accepted(remaining)`` while the round is incomplete, else the
         session's next event once a worker has applied the round.
 
-        The answer is for the round of the last pause this registry showed for the session
-        (or ``round``, a ``Paused.round``, when given: the way for a host whose pauses came
-        from another process); a session at another round refuses it with ``StaleRound``,
-        and nothing is written. With neither, the answer is taken for the current round."""
+        ``round`` (a ``Paused.round``) names the round the answer is for: a session at
+        another round refuses it with ``StaleRound`` and nothing is written. Without it, a
+        session *behind* the last pause this registry showed for it (a failover took it
+        back) refuses it the same way; one ahead of it is answered (the host may have seen
+        the later round through another process). With neither, the answer is taken for
+        the current round."""
         response = check_text(response, what="response", limit=self.settings.max_response_bytes)
         if not isinstance(query_id, str) or not query_id:
             raise InvalidInput("query_id must be a non-empty string such as 'q-0'")
@@ -186,7 +188,7 @@ class SessionRegistry:
                 session_id, query_id, answer=pack(record), response_chars=len(response),
                 response_tokens=tokens, backstop_ms=self.settings.backstop_ms,
                 token=secrets.token_hex(16), lease_ms=self.settings.lease_ms, round=expected,
-                timeout=timeout)
+                exact=round is not None, timeout=timeout)
             if not reply.ready:
                 return Accepted(reply.remaining)
             return await self._await_settled(session_id, sub, timeout,

@@ -320,8 +320,8 @@ async def test_an_answer_for_a_round_the_session_left_is_stale(
     assert (await other.wait_event(sid)).round == 1  # type: ignore[attr-defined]
     moved = await other.feed_response(sid, "q-0", "by-other")
     assert isinstance(moved, Paused) and moved.round == 2
-    with pytest.raises(StaleRound) as caught:
-        await registry.feed_response(sid, "q-0", "meant-for-round-1")
+    with pytest.raises(StaleRound) as caught:  # the host names the round it answers
+        await registry.feed_response(sid, "q-0", "meant-for-round-1", round=1)
     assert caught.value.session_id == sid and caught.value.state == "round 2"
     assert caught.value.to_json()["type"] == "stale_round"
     snap = await registry.status(sid, pending_filter="meta")
@@ -331,6 +331,11 @@ async def test_an_answer_for_a_round_the_session_left_is_stale(
         await other.feed_response(sid, "q-0", "x", round=3)
     with pytest.raises(InvalidInput):
         await other.feed_response(sid, "q-0", "x", round=0)
+    # A registry that showed a later round than the session is at (a failover took the
+    # session back) refuses an answer without a round: it was meant for that later round.
+    registry._rounds[sid] = 5
+    with pytest.raises(StaleRound):
+        await registry.feed_response(sid, "q-0", "meant-for-round-5")
     shown = await registry.wait_event(sid)
     assert isinstance(shown, Paused) and shown.round == 2
     third = await registry.feed_response(sid, "q-0", "r2")

@@ -236,7 +236,7 @@ async def test_feed_refuses_bad_arguments_before_writing(rig: Rig) -> None:
     keys, args = bound("feed", reg.scripts._session(sid, extra=True), {
         "sid": sid, "query_id": "q-1", "answer": b"x", "response_chars": 1,
         "response_tokens": 1, "backstop_ms": 2000, "wake_channel": reg.keys.jobs_wake,
-        "token": "t", "lease_ms": 1000, "round": 0})
+        "token": "t", "lease_ms": 1000, "round": 0, "exact": "1"})
     for k, a in arity_cases(keys, args):
         problems += await raw_refused_without_a_write(reg, "feed", k, a)
     assert problems == [], "\n".join(problems)
@@ -252,7 +252,8 @@ async def test_feed_for_another_round_is_stale_and_writes_nothing(rig: Rig) -> N
     def feed(round: int) -> Callable[[], Awaitable[Any]]:
         return lambda: reg.scripts.feed(
             sid, "q-1", answer=pack({"r": "b"}), response_chars=1, response_tokens=1,
-            backstop_ms=120_000, token=secrets.token_hex(16), lease_ms=1000, round=round)
+            backstop_ms=120_000, token=secrets.token_hex(16), lease_ms=1000, round=round,
+            exact=True)
 
     problems: list[str] = []
     for wrong in (1, asked - 1, asked + 1, 2**40):

@@ -493,3 +493,15 @@ def _script(source: str) -> tuple[str, str]:
     import hashlib
 
     return hashlib.sha1(source.encode()).hexdigest(), source
+
+
+def test_noreplicas_is_unavailable_and_says_nothing_was_written() -> None:
+    """A primary under ``min-replicas-to-write`` without its replicas refuses writes: a
+    transient condition (retry once a replica is back), so ``Unavailable`` (HTTP 503)."""
+    from redis.exceptions import ResponseError
+
+    from coordinator.errors import Unavailable
+    from coordinator.transport.client import _refusal
+
+    err = _refusal(ResponseError("NOREPLICAS Not enough good replicas to write."), "a script")
+    assert isinstance(err, Unavailable) and "nothing was written" in err.message

@@ -165,8 +165,10 @@ class Intake:
         it runs, so from then on lock A names this worker (``LockFactory.name_owner``)."""
         settings = self.settings
         # This worker's liveness channel in this shard (where the scripts look for it),
-        # subscribed from now until it exits (the home channel, unsharded).
-        await self.mux.subscribe(self.keys.process_channel(self.id))
+        # subscribed from now until it exits. Unsharded it is the multiplexer's home
+        # channel, subscribed already (and dropped with it, when a test cuts a worker off).
+        if self.keys.tag:
+            await self.mux.subscribe(self.keys.process_channel(self.id))
         wake = await self.mux.subscribe(self.keys.jobs_wake)
         nudge = await self.mux.subscribe(self.nudge_channel, on_message=self.on_nudge)
         self.locks.name_owner(self.id)

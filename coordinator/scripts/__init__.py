@@ -252,15 +252,17 @@ class Scripts:
 
     async def feed(self, sid: str, query_id: str, *, answer: bytes, response_chars: int,
                    response_tokens: int, backstop_ms: int, token: str, lease_ms: int,
-                   round: int = 0, timeout: float | None = None) -> FeedReply:
+                   round: int = 0, exact: bool = True,
+                   timeout: float | None = None) -> FeedReply:
         """Raises the session errors (``raise_for``) for a refused answer; ``StaleRound``
-        when ``round`` (0: not checked) is not the round the session is at."""
+        when ``round`` (0: not checked) is not the round the session is at (``exact``), or
+        is past it (not ``exact``: the session went back, as after a failover)."""
         reply = _parse(await self._run("feed", self._session(sid, extra=True), {
             "sid": sid, "query_id": query_id, "answer": answer,
             "response_chars": response_chars, "response_tokens": response_tokens,
             "backstop_ms": backstop_ms, "wake_channel": self._shards.of(sid).jobs_wake,
             "token": token,
-            "lease_ms": lease_ms, "round": round}, timeout))
+            "lease_ms": lease_ms, "round": round, "exact": "1" if exact else "0"}, timeout))
         if reply.code == "ACCEPTED":
             return FeedReply(False, remaining=int(reply.args[0]))
         if reply.code == "READY":

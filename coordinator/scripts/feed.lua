@@ -1,7 +1,7 @@
 -- feed.lua: record one answer of the current round; on the last one, queue the resume job.
 -- KEYS: session pending answers journal logs registry deadlines jobs dead lock fed fed_prev
 -- ARGV: sid query_id answer response_chars response_tokens backstop_ms wake_channel token
---       lease_ms round
+--       lease_ms round exact
 -- KEYS[1..5] session data keys (session, pending, answers, journal, logs)
 -- KEYS[6] registry zset   KEYS[7] deadlines zset   KEYS[8] jobs stream   KEYS[9] dead letters
 -- KEYS[10] lock A   KEYS[11] feed tokens of this round   KEYS[12] of the round before
@@ -10,6 +10,9 @@
 -- ARGV[7] jobs wake channel   ARGV[8] this feed call's token (random, unique per call)
 -- ARGV[9] lease ms of lock A
 -- ARGV[10] the round the caller answers (as shown to it), or 0 when it does not say
+-- ARGV[11] '1': the round must be the session's (the host named it); '0': the round is the
+--          last one this registry showed, and only a session behind it is refused (it went
+--          back: a failover), since the host may have seen later rounds elsewhere
 -- Transition: paused -> running (the last answer of a round).
 -- Returns {'ACCEPTED', remaining} | {'READY', asked} | {'NOT_FOUND'} | {'UNKNOWN_QUERY'}
 --       | {'ALREADY_RESPONDED'} | {'INVALID_TRANSITION', phase} | {'STALE_ROUND', asked}
@@ -22,7 +25,7 @@
 -- Arguments, and the numbers read from the session, are checked before the first write:
 -- Redis does not undo a script's writes when a later command fails.
 -- whole(i, lo, hi), ARGV[i] as a bounded whole number, comes from _prelude.lua.
-if #KEYS ~= 12 or #ARGV ~= 10 then
+if #KEYS ~= 12 or #ARGV ~= 11 then
   return {'BAD_ARG', 'arity'}
 end
 if ARGV[1] == '' then return {'BAD_ARG', 'sid'} end
@@ -36,6 +39,7 @@ if not backstop then return {'BAD_ARG', 'backstop_ms'} end
 if not whole(9, 1, 2^48) then return {'BAD_ARG', 'lease_ms'} end
 local round = whole(10, 0, 2^48)
 if not round then return {'BAD_ARG', 'round'} end
+if ARGV[11] ~= '0' and ARGV[11] ~= '1' then return {'BAD_ARG', 'exact'} end
 local f = redis.call('HMGET', KEYS[1], 'phase', 'ready_token', 'ready_asked', 'remaining',
   'ttl_ms', 'asked', 'm:response_chars', 'm:response_tokens', 'm:rounds', 'holder_ch', 'fence',
   'tries', 'holder', 'bx_at')
@@ -76,7 +80,8 @@ end
 -- Query ids restart every round (q-0, q-1, ...): an answer meant for another round than the
 -- session is at (answered by another caller meanwhile, or a failover rolled the session
 -- back to an earlier pause) would answer the wrong question. Refused, never applied.
-if round ~= 0 and round ~= tonumber(f[6]) then
+if round ~= 0 and (round > tonumber(f[6]) or (ARGV[11] == '1' and round ~= tonumber(f[6])))
+then
   return {'STALE_ROUND', tonumber(f[6])}
 end
 if redis.call('HEXISTS', KEYS[3], ARGV[2]) == 1 then
