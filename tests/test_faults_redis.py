@@ -17,7 +17,8 @@ real worker processes (``coordinator worker``) and registries in this process:
   cut off (what an OS crash does to writes not yet fsynced), and the test shows what a host
   sees then: sessions rolled back to an earlier pause, a new session gone (``NotFound``), a
   finished session paused again; re-attaching with ``wait_event`` and answering what it shows
-  finishes every session correctly; a host that goes on from its stale view is not stopped.
+  finishes every session correctly; a host that goes on from its stale view is refused
+  (``StaleRound``) instead of answering an earlier round's question.
 - **a reply lost on the wire** (a proxy drops the reply to one command and closes the
   connection, as a restart or a network cut does): the transport sends the command again,
   and every script recognises its own repetition.
@@ -237,8 +238,7 @@ class Hosts:
             answer = answer_for(q.prompt)
             try:
                 res = await reg.feed_response(sid, q.id, answer, timeout=WAIT_S)
-            except (AlreadyResponded, InvalidTransition, StaleRound) as exc:
-                # StaleRound: the power loss took the session back to an earlier pause
+            except (AlreadyResponded, InvalidTransition) as exc:
                 self.reattaches.append((started, time.monotonic(),
                                         f"{sid[-8:]} {q.id}: {type(exc).__name__} {exc}"))
                 return None
@@ -549,14 +549,22 @@ async def test_everysec_power_loss_rolls_sessions_back_to_what_was_on_disk(
         assert redone.result == done.result  # the same answers give the same result
 
         # A host that goes on from its stale view (it believes round 1 is open with q-0
-        # answered) sends round 1's q-1 answer: query ids restart each round, so the feed is
-        # taken as the answer to round 0's q-1. Nothing refuses it: this is why a host must
-        # re-attach (wait_event) after Redis lost writes, and compare prompts.
+        # answered) sends round 1's q-1 answer. Query ids restart each round, so taken, it
+        # would answer round 0's q-1 with round 1's answer. The registry showed that host
+        # round 1 and the session is back at round 0: refused, nothing written.
         wrong = answer_for(prompt_for("stale", 1, 1))
-        ev = await reg.feed_response(stale, "q-1", wrong, timeout=WAIT_S)
-        assert isinstance(ev, Paused)  # round 0 completed with round 1's answer
-        journal = (await read_truth(r.observer, r.keys, stale)).journal
-        assert journal[0]["q-1"] == wrong
+        with pytest.raises(StaleRound) as refused:
+            await reg.feed_response(stale, "q-1", wrong, timeout=WAIT_S)
+        assert refused.value.state == "round 1"  # the round the session is at (1-based)
+        assert (await read_truth(r.observer, r.keys, stale)).journal == []
+        # Re-attaching and answering what it is shown finishes it exactly.
+        ev = await reg.wait_event(stale, timeout=WAIT_S)
+        while isinstance(ev, Paused):
+            for q in ev.queries:
+                ev = await reg.feed_response(stale, q.id, answer_for(q.prompt),
+                                             timeout=WAIT_S)
+        assert isinstance(ev, Finished) and ev.result == {
+            "tag": "stale", "rounds": expected_rounds("stale", 2, 2, answer_for)}
 
         # The worker process (whose live executions were ahead of Redis) followed the
         # rollback: it is alive, and no job is left pending.

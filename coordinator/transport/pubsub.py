@@ -382,12 +382,14 @@ class Multiplexer:
         leaving must not be counted as a receiver (``feed.lua`` hands steps to receivers)."""
         for sub in list(self._subs.get(channel, ())):
             self._subs[channel].discard(sub)
-        await self._unsubscribe(channel)
+        await self._unsubscribe(channel, explicit=True)
 
-    async def _unsubscribe(self, channel: str) -> None:
+    async def _unsubscribe(self, channel: str, *, explicit: bool = False) -> None:
+        """``explicit``: asked by ``drop``, which may drop even the home channel (a process
+        that must stop being counted alive); a lingering subscription never drops it."""
         self._linger.pop(channel, None)
         name = self._where.get(channel)
-        if name is None or channel == self._home:
+        if name is None or (channel == self._home and not explicit):
             return
         node = self._node(name)
         async with node.lock:
