@@ -14,13 +14,14 @@ import json
 import platform
 import subprocess
 import sys
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 from coordinator import SessionRegistry
 from tests.redis_proc import RedisProcess
+from tests.topology import ClusterGroup, SentinelGroup
 
 from . import coord, floor, recovery, state
 from .procs import workers
@@ -107,47 +108,42 @@ async def run(args: argparse.Namespace, url: str) -> dict[str, Any]:
 
 
 async def _sentinel(quick: bool) -> dict[str, Any] | None:
-    print("sentinel ...", file=sys.stderr)
-    try:
-        from tests.topology import SentinelGroup
+    from . import sentinel
 
-        from . import sentinel
-
-        group = SentinelGroup()
-        group.start()
-    except Exception as exc:
-        print(f"warning: no Sentinel rows, the group did not start: "
-              f"{type(exc).__name__}: {exc}", file=sys.stderr)
-        return None
-    try:
+    async def measure(group: Any) -> dict[str, Any]:
         res = await sentinel.measure(group, 10 if quick else 40)
         return {k: asdict(v) for k, v in res.items()}
-    except Exception as exc:
-        print(f"warning: no Sentinel rows, the run failed: {type(exc).__name__}: {exc}",
-              file=sys.stderr)
-        return None
-    finally:
-        group.close()
+
+    return await _on_topology("Sentinel", SentinelGroup, measure)
 
 
 async def _cluster(quick: bool) -> dict[str, Any] | None:
-    print("cluster ...", file=sys.stderr)
-    try:
-        from tests.topology import ClusterGroup
+    from . import cluster
 
-        from . import cluster
-
-        group = ClusterGroup()
-        group.start()
-    except Exception as exc:
-        print(f"warning: no Cluster rows, the cluster did not start: "
-              f"{type(exc).__name__}: {exc}", file=sys.stderr)
-        return None
-    try:
+    async def measure(group: Any) -> dict[str, Any]:
         return await cluster.measure(group, sessions=50, seconds=3 if quick else 8,
                                      pings=500 if quick else 2000)
+
+    return await _on_topology("Cluster", ClusterGroup, measure)
+
+
+async def _on_topology(name: str, make: Callable[[], Any],
+                       measure: Callable[[Any], Awaitable[dict[str, Any]]]
+                       ) -> dict[str, Any] | None:
+    """``measure`` on a topology of its own (``tests.topology``); a topology that does not
+    start or a run that fails costs its rows only, never the single-node results."""
+    print(f"{name.lower()} ...", file=sys.stderr)
+    try:
+        group = make()
+        group.start()
     except Exception as exc:
-        print(f"warning: no Cluster rows, the run failed: {type(exc).__name__}: {exc}",
+        print(f"warning: no {name} rows, it did not start: {type(exc).__name__}: {exc}",
+              file=sys.stderr)
+        return None
+    try:
+        return await measure(group)
+    except Exception as exc:
+        print(f"warning: no {name} rows, the run failed: {type(exc).__name__}: {exc}",
               file=sys.stderr)
         return None
     finally:

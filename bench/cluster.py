@@ -20,13 +20,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
 import secrets
-import subprocess
 import sys
-import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import asdict
 from typing import Any
 
@@ -34,11 +29,9 @@ from redis.asyncio import Redis
 from redis.asyncio.cluster import ClusterNode, RedisCluster
 
 from coordinator import SessionRegistry
-from coordinator.keys import Keys
 from tests.topology import ClusterGroup
 
-from . import coord
-from .procs import ROOT
+from . import coord, procs
 from .sentinel import ping_rtt
 from .stats import Latency, now
 
@@ -47,47 +40,6 @@ PIPE = 100
 PIPES_IN_FLIGHT = 4
 #: Keys per task of the floor (reused: a long run does not fill memory).
 KEYS = 10_000
-
-
-@contextmanager
-def cluster_workers(url: str, namespace: str, n: int, *, concurrency: int = 64
-                    ) -> Iterator[list[subprocess.Popen[bytes]]]:
-    """``bench.procs.workers`` for a ``redis+cluster://`` URL (whose heartbeat set a plain
-    ``redis.Redis.from_url`` cannot read): ``n`` worker processes importing
-    ``bench.strategies``, returned once all have registered."""
-    from tests.procs import sync_client
-
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    procs = [
-        subprocess.Popen(
-            [sys.executable, "-m", "coordinator", "worker", "--redis", url, "--namespace",
-             namespace, "--import", "bench.strategies", "--concurrency", str(concurrency),
-             "--log-level", "WARNING"],
-            env=env, cwd=ROOT,
-        )
-        for _ in range(n)
-    ]
-    try:
-        client = sync_client(url)
-        try:
-            deadline = time.monotonic() + 30
-            while client.zcard(Keys(namespace).workers) < n:  # process start-up only
-                if any(p.poll() is not None for p in procs):
-                    raise RuntimeError("a worker process exited during start-up")
-                if time.monotonic() > deadline:
-                    raise RuntimeError("workers did not start")
-                time.sleep(0.05)
-        finally:
-            client.close()
-        yield procs
-    finally:
-        for p in procs:
-            p.terminate()
-        for p in procs:
-            try:
-                p.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                p.kill()
 
 
 async def command_calls(ports: list[int]) -> list[int]:
@@ -110,7 +62,7 @@ async def coordinator_throughput(url: str, ports: list[int], sessions: int, seco
     read when its measured window opens and when it closes (a task beside it, on the same
     clock: the helper's warm-up is ``min(2, seconds / 3)``)."""
     ns = f"bcl{secrets.token_hex(3)}"
-    with cluster_workers(url, ns, 2):
+    with procs.workers(url, ns, 2):
         reg = SessionRegistry.from_url(url, namespace=ns)
         try:
             shard_count = len(await reg.services.ready())

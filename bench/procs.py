@@ -10,7 +10,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-import redis
+from coordinator.keys import Keys
+from tests.procs import sync_client
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -29,13 +30,17 @@ def workers(url: str, namespace: str, n: int, *, concurrency: int = 64,
         for _ in range(n)
     ]
     try:
-        client = redis.Redis.from_url(url)
-        deadline = time.monotonic() + 30
-        while client.zcard(f"{namespace}:workers") < n:  # process start-up only
-            if time.monotonic() > deadline:
-                raise RuntimeError("workers did not start")
-            time.sleep(0.05)
-        client.close()
+        client = sync_client(url)  # any URL the coordinator takes: one server, Sentinel, Cluster
+        try:
+            deadline = time.monotonic() + 30
+            while client.zcard(Keys(namespace).workers) < n:  # process start-up only
+                if any(p.poll() is not None for p in procs):
+                    raise RuntimeError("a worker process exited during start-up")
+                if time.monotonic() > deadline:
+                    raise RuntimeError("workers did not start")
+                time.sleep(0.05)
+        finally:
+            client.close()
         yield procs
     finally:
         for p in procs:

@@ -57,15 +57,22 @@ class Sweeper:
     async def sweep(self, now_ms: int | None = None) -> list[str]:
         """Expire what is due in every shard; returns the ids expired. ``now_ms`` injects
         the clock (tests). A shard another process is sweeping is skipped at once."""
+        if now_ms is None:
+            sec, usec = await self._redis.execute("TIME")
+            limit = int(sec) * 1000 + int(usec) // 1000
+        else:
+            limit = now_ms
         reaped: list[str] = []
         for shard in self._shards.all:
-            reaped += await self._sweep_shard(shard, now_ms)
+            reaped += await self._sweep_shard(shard, limit, now_ms)
         self.reaped_total += len(reaped)
         if reaped:
             log.info("gc expired %d idle session(s)", len(reaped))
         return reaped
 
-    async def _sweep_shard(self, shard: Keys, now_ms: int | None) -> list[str]:
+    async def _sweep_shard(self, shard: Keys, limit: int, now_ms: int | None) -> list[str]:
+        """Expire what is due by ``limit`` in ``shard``, under its lock C (skipped when
+        another process holds it); ``now_ms``: the clock injected by a test, or None."""
         lock_c = self._locks.registry(shard)
         try:
             await lock_c.acquire(blocking=False)
@@ -74,11 +81,6 @@ class Sweeper:
         reaped: list[str] = []
         try:
             async with lock_c.kept_alive():
-                if now_ms is None:
-                    sec, usec = await self._redis.execute("TIME")
-                    limit = int(sec) * 1000 + int(usec) // 1000
-                else:
-                    limit = now_ms
                 due: list[Any] = await self._redis.execute(
                     "ZRANGEBYSCORE", shard.deadlines, "-inf", limit, "LIMIT", 0, BATCH)
                 for raw in due:

@@ -221,11 +221,7 @@ def redis_cluster() -> Iterator[Any]:
     """A Redis Cluster (three primaries, each with a replica) for the whole run, ~2 s to
     start. Tests that kill or reshard nodes must put it back, or start a ``ClusterGroup``
     of their own."""
-    from tests.topology import ClusterGroup
+    from tests.topology import ClusterGroup, running
 
-    group = ClusterGroup()
-    try:
-        group.start()
+    with running(ClusterGroup()) as group:
         yield group
-    finally:
-        group.close()

@@ -39,7 +39,7 @@ from coordinator.shards import key_slot
 from coordinator.states import Phase
 from tests.procs import FAST_ENV, FAST_SETTINGS, WorkerPool, answer_for, new_namespace
 from tests.strategies_mp import expected_rounds
-from tests.topology import ClusterGroup
+from tests.topology import ClusterGroup, running
 
 pytestmark = [pytest.mark.cluster, pytest.mark.slow]
 
@@ -55,12 +55,8 @@ RUN_S = 180.0
 @pytest.fixture(scope="module")
 def cluster() -> Iterator[ClusterGroup]:
     """A cluster of this module's own: the kill test leaves one primary without a replica."""
-    group = ClusterGroup()
-    group.start()
-    try:
+    with running(ClusterGroup()) as group:
         yield group
-    finally:
-        group.close()
 
 
 @pytest.fixture
@@ -153,14 +149,21 @@ def keys_by_primary(cluster: ClusterGroup, namespace: str) -> dict[int, list[byt
     return out
 
 
-async def test_sessions_and_shards_spread_over_every_primary(
-    cluster: ClusterGroup, pool: WorkerPool,
-) -> None:
+async def two_workers_and_a_host(cluster: ClusterGroup, pool: WorkerPool
+                                  ) -> tuple[SessionRegistry, int, str]:
+    """Two worker processes on the cluster, and the host's registry (with a seed for its
+    random answer order and the context its assertions print)."""
     seed = random.randrange(2**32)
-    ctx = f"(seed {seed}, namespace {pool.namespace})"
     await pool.start(concurrency=8)
     await pool.start(concurrency=8)
     reg = SessionRegistry.from_url(cluster.url, namespace=pool.namespace, **FAST_SETTINGS)
+    return reg, seed, f"(seed {seed}, namespace {pool.namespace})"
+
+
+async def test_sessions_and_shards_spread_over_every_primary(
+    cluster: ClusterGroup, pool: WorkerPool,
+) -> None:
+    reg, seed, ctx = await two_workers_and_a_host(cluster, pool)
     try:
         host = Host(reg, random.Random(seed))
         results = await run_sessions(reg, host, ctx)
@@ -189,11 +192,7 @@ async def test_sessions_and_shards_spread_over_every_primary(
 async def test_a_primary_killed_mid_run_costs_time_not_results(
     cluster: ClusterGroup, pool: WorkerPool,
 ) -> None:
-    seed = random.randrange(2**32)
-    ctx = f"(seed {seed}, namespace {pool.namespace})"
-    await pool.start(concurrency=8)
-    await pool.start(concurrency=8)
-    reg = SessionRegistry.from_url(cluster.url, namespace=pool.namespace, **FAST_SETTINGS)
+    reg, seed, ctx = await two_workers_and_a_host(cluster, pool)
     victim = cluster.primaries()[0]
     victim_slots = next(ranges for node, ranges in await reg.redis.primaries()
                         if node.endswith(f":{victim.port}"))

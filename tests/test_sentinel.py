@@ -23,19 +23,15 @@ from coordinator.transport import Target
 from tests.helpers import assert_eventually
 from tests.procs import InProcessCluster, answer_for
 from tests.strategies_mp import expected_rounds, prompt_for
-from tests.topology import SentinelGroup
+from tests.topology import SentinelGroup, running
 
 pytestmark = pytest.mark.redis
 
 
 @pytest.fixture(scope="module")
 def sentinel_group() -> Iterator[SentinelGroup]:
-    group = SentinelGroup()
-    group.start()
-    try:
+    with running(SentinelGroup()) as group:
         yield group
-    finally:
-        group.close()
 
 
 def settings() -> Settings:

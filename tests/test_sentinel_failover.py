@@ -49,10 +49,10 @@ from coordinator import (
 from coordinator.errors import SessionError, StaleRound
 from coordinator.states import Phase
 from tests.helpers import assert_eventually
-from tests.procs import WAIT_S, WorkerPool, answer_for, new_namespace
+from tests.procs import WorkerPool, answer_for, new_namespace
 from tests.redis_proc import RedisProcess
 from tests.strategies_mp import expected_rounds
-from tests.topology import SentinelGroup
+from tests.topology import SentinelGroup, running
 
 pytestmark = [pytest.mark.redis, pytest.mark.slow]
 
@@ -96,12 +96,8 @@ def round_of(prompt: str) -> int:
 
 @pytest.fixture(scope="module")
 def sentinel_group() -> Iterator[SentinelGroup]:
-    group = SentinelGroup()
-    group.start()
-    try:
+    with running(SentinelGroup()) as group:
         yield group
-    finally:
-        group.close()
 
 
 def node_at(group: SentinelGroup, port: int) -> RedisProcess:
@@ -169,24 +165,6 @@ async def unclean_failover(group: SentinelGroup, lagging: asyncio.Event,
 
 
 # -- worker processes on a Sentinel URL ---------------------------------------------------------
-
-
-class SentinelWorkerPool(WorkerPool):
-    """``WorkerPool.start`` reads heartbeats through a plain client on ``url``, which cannot
-    open a ``redis+sentinel://`` URL: these are awaited through the host's registry."""
-
-    async def start_all(self, reg: SessionRegistry, n: int, concurrency: int = 8) -> None:
-        for _ in range(n):
-            self._spawn(concurrency)
-
-        async def registered() -> bool:
-            for wp in self.procs:
-                if not wp.alive:
-                    raise AssertionError(f"worker exited during start-up:\n{wp.log_tail()}")
-            return len(await reg.workers()) >= n
-
-        await assert_eventually(registered, timeout=WAIT_S, interval=0.05,
-                                message="the workers did not register their heartbeats")
 
 
 # -- the host ---------------------------------------------------------------------------------
@@ -350,6 +328,14 @@ class Outcome:
             f"{fo.relinked - fo.promoted:.2f} s after; host re-reads {dict(h.errors)}"
         )
 
+    def print_report(self, label: str) -> None:
+        """The report, the first sample of each kind of host error, the first wrong results."""
+        print(self.report(label))
+        for what, msg in self.host.samples.items():
+            print(f"  first {what}: {msg}")
+        for line in self.wrong[:10]:
+            print("  wrong:", line)
+
 
 async def run_through_failover(group: SentinelGroup, tmp_path: Path, *,
                                wait_replicas: int) -> Outcome:
@@ -359,8 +345,7 @@ async def run_through_failover(group: SentinelGroup, tmp_path: Path, *,
     regs = [SessionRegistry.from_url(group.url, namespace=ns, wait_slice_s=0.1,
                                      wait_timeout_s=30.0, redis_timeout_s=8.0, **durability)
             for _ in range(HOSTS)]
-    reg = regs[0]
-    pool = SentinelWorkerPool(group.url, ns, tmp_path)
+    pool = WorkerPool(group.url, ns, tmp_path)
     pool.env.update({"ALC_REDIS_TIMEOUT_S": "8", "ALC_WAIT_REPLICAS": str(wait_replicas),
                      "ALC_WAIT_REPLICAS_TIMEOUT_MS": str(WAIT_REPLICAS_MS)})
     promoted = asyncio.Event()
@@ -368,7 +353,8 @@ async def run_through_failover(group: SentinelGroup, tmp_path: Path, *,
                 [Ledger(f"s{n}", rounds_of(n), n % HOSTS, slow_thinker=n % 3 == 0)
                  for n in range(SESSIONS)])
     try:
-        await pool.start_all(reg, 2)
+        await pool.start(concurrency=8)
+        await pool.start(concurrency=8)
         loop = asyncio.get_running_loop()
         t0 = loop.time()
         firsts = []
@@ -417,11 +403,7 @@ async def test_durability_off_loses_acknowledged_writes_but_gives_no_wrong_resul
     """``wait_replicas=0``: the failover loses acknowledged answers and rolls sessions back
     to earlier pauses (allowed), but every session still ends with exactly its answers."""
     out = await run_through_failover(sentinel_group, tmp_path, wait_replicas=0)
-    print(out.report("durability off"))
-    for what, msg in out.host.samples.items():
-        print(f"  first {what}: {msg}")
-    for line in out.wrong[:10]:
-        print("  wrong:", line)
+    out.print_report("durability off")
     assert out.host.rolled_back or out.host.lost_acked, (
         "the failover lost no acknowledged write: this run proves nothing; " + out.report("off"))
     assert not out.wrong, f"{len(out.wrong)} wrong results: {out.wrong[:5]}"
@@ -433,11 +415,7 @@ async def test_durability_on_loses_no_acknowledged_answer_and_gives_no_wrong_res
     """``wait_replicas=1``: nothing the host was told is lost (no acknowledged answer comes
     back pending, no completed session comes back unfinished), and no result is wrong."""
     out = await run_through_failover(sentinel_group, tmp_path, wait_replicas=1)
-    print(out.report("durability on"))
-    for what, msg in out.host.samples.items():
-        print(f"  first {what}: {msg}")
-    for line in out.wrong[:10]:
-        print("  wrong:", line)
+    out.print_report("durability on")
     assert out.host.errors.get("feed:not_replicated", 0) > 0, (
         "no write was refused as not replicated while the replica was frozen")
     assert not out.host.lost_acked, sorted(out.host.lost_acked)[:10]

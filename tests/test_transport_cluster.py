@@ -14,7 +14,7 @@ from coordinator.errors import InvalidInput
 from coordinator.transport import RESYNC, Target, Transport
 from coordinator.transport.slots import key_slot, routing_key
 from tests.helpers import assert_eventually
-from tests.topology import ClusterGroup
+from tests.topology import ClusterGroup, running
 
 BOUND_S = 15.0
 
@@ -246,12 +246,8 @@ async def test_a_subscription_follows_its_slot_to_the_new_owner(
 
 @pytest.fixture
 def private_cluster() -> Iterator[ClusterGroup]:
-    group = ClusterGroup()
-    try:
-        group.start()
+    with running(ClusterGroup()) as group:
         yield group
-    finally:
-        group.close()
 
 
 @pytest.mark.redis

@@ -13,9 +13,9 @@ import contextlib
 import secrets
 import socket
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import redis
 
@@ -282,3 +282,16 @@ class ClusterGroup:
         for node in self.nodes:
             with contextlib.suppress(Exception):
                 node.close()
+
+
+G = TypeVar("G", SentinelGroup, ClusterGroup)
+
+
+@contextlib.contextmanager
+def running(group: G) -> Iterator[G]:
+    """``group`` started, and stopped (every process, whatever happened) on the way out."""
+    try:
+        group.start()
+        yield group
+    finally:
+        group.close()

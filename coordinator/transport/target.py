@@ -193,19 +193,30 @@ class Target:
             self.service, manager, **node)
 
 
+def _hosts(netloc: str, safe: str, default_port: int, what: str, listed: str
+           ) -> list[tuple[str, int]]:
+    """``host[:port],host[:port]...`` of a Sentinel or Cluster URL (``[IPv6]:port`` too)."""
+    out: list[tuple[str, int]] = []
+    for item in netloc.rpartition("@")[2].split(","):
+        if item.startswith("["):  # [IPv6]:port
+            host, _, rest = item[1:].partition("]")
+            port = rest[1:] if rest.startswith(":") else rest or str(default_port)
+        else:
+            host, sep, port = item.rpartition(":")
+            if not sep:
+                host, port = item, str(default_port)
+        if not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise InvalidInput(f"Redis URL {safe!r}: {item!r} is not a {what} "
+                               f"({listed} are listed as host:port,host:port)")
+        out.append((host, int(port)))
+    return out
+
+
 def _parse_sentinel(url: str) -> Target:
     parts = urlsplit(url)
     safe = _mask(url)
-    hosts = parts.netloc.rpartition("@")[2]
-    sentinels: list[tuple[str, int]] = []
-    for item in hosts.split(","):
-        host, sep, port = item.rpartition(":")
-        if not sep:
-            host, port = item, str(SENTINEL_PORT)
-        if not host or not port.isdigit() or not 0 < int(port) < 65536:
-            raise InvalidInput(f"Redis URL {safe!r}: {item!r} is not a sentinel host[:port] "
-                               "(the sentinels are listed as host:port,host:port)")
-        sentinels.append((host, int(port)))
+    sentinels = _hosts(parts.netloc, safe, SENTINEL_PORT, "sentinel host[:port]",
+                       "the sentinels")
     segments = [unquote(x) for x in parts.path.split("/") if x]
     if not segments or len(segments) > 2:
         raise InvalidInput(f"Redis URL {safe!r} must name the service Sentinel watches, and "
@@ -225,20 +236,8 @@ def _parse_sentinel(url: str) -> Target:
 def _parse_cluster(url: str) -> Target:
     parts = urlsplit(url)
     safe = _mask(url)
-    hosts = parts.netloc.rpartition("@")[2]
-    seeds: list[tuple[str, int]] = []
-    for item in hosts.split(","):
-        if item.startswith("["):  # [IPv6]:port
-            host, _, rest = item[1:].partition("]")
-            port = rest[1:] if rest.startswith(":") else rest or str(REDIS_PORT)
-        else:
-            host, sep, port = item.rpartition(":")
-            if not sep:
-                host, port = item, str(REDIS_PORT)
-        if not host or not port.isdigit() or not 0 < int(port) < 65536:
-            raise InvalidInput(f"Redis URL {safe!r}: {item!r} is not a cluster node host:port "
-                               "(the seed nodes are listed as host:port,host:port)")
-        seeds.append((host, int(port)))
+    seeds = _hosts(parts.netloc, safe, REDIS_PORT, "cluster node host:port",
+                   "the seed nodes")
     options = parse_qs(parts.query)
     unknown = sorted(set(options) - _KNOWN_OPTIONS)
     if unknown:
