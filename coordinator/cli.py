@@ -67,6 +67,22 @@ def _concurrency(value: str) -> int:
     return n
 
 
+def _shard_list(value: str) -> tuple[int, ...]:
+    """``0,3,5-7``: the shards a worker serves (checked against the namespace at start)."""
+    out: list[int] = []
+    try:
+        for part in value.split(","):
+            lo, sep, hi = part.strip().partition("-")
+            first, last = int(lo), int(hi) if sep else int(lo)
+            if not 0 <= first <= last < 4096:
+                raise ValueError
+            out.extend(range(first, last + 1))
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"must be shard numbers and ranges such as 0,3,5-7, got {value!r}") from None
+    return tuple(sorted(set(out)))
+
+
 def _seconds(value: str) -> float:
     """A wait in seconds: finite and >= 0 (argparse's float would take 'nan' and '-1')."""
     try:
@@ -115,6 +131,9 @@ def _parser() -> argparse.ArgumentParser:
                         f"(default $ALC_CONCURRENCY or {DEFAULT_CONCURRENCY})")
     w.add_argument("--log-level", type=_log_level, default="INFO",
                    help=f"one of {', '.join(LOG_LEVELS)} (default info)")
+    w.add_argument("--serve-shards", type=_shard_list, default=None, metavar="LIST",
+                   help="serve only these shards of the namespace, e.g. 0,3,5-7 (default: "
+                        "all; every shard needs some worker serving it)")
 
     def session_inputs(sp: argparse.ArgumentParser) -> None:
         sp.add_argument("strategy")
@@ -299,13 +318,16 @@ async def _worker(args: argparse.Namespace) -> int:
                 "--concurrency", str(args.concurrency), "--log-level", args.log_level,
                 *(f"--import={m}" for m in args.modules),
                 *(["--namespace", args.namespace] if args.namespace else []),
-                *(["--shards", str(args.shards)] if args.shards is not None else [])]
+                *(["--shards", str(args.shards)] if args.shards is not None else []),
+                *(["--serve-shards", ",".join(map(str, args.serve_shards))]
+                  if args.serve_shards else [])]
         env = {**os.environ, "REDIS_URL": settings.url}
         return await supervisor.Supervisor(argv, env, settings).run()
     catalog.load(args.modules)
     transport = Transport.from_url(settings.url, timeout_s=settings.redis_timeout_s,
                                    allow_eviction=settings.allow_eviction)
-    worker = Worker(transport, settings, concurrency=args.concurrency)
+    worker = Worker(transport, settings, concurrency=args.concurrency,
+                    serve_shards=args.serve_shards)
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, worker.stop)

@@ -144,12 +144,15 @@ async def any_cluster(request: pytest.FixtureRequest, fake_settings: Any) -> Asy
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     """Modules that set ``ON_BOTH_SERVERS = True`` (the core specifications) run every test
     that uses the in-process cluster twice: on fakeredis and on a real redis-server, through
-    the same production transport; those that also set ``SHARDED_TOO`` a third time, on a
-    namespace of 4 shards."""
+    the same production transport; those that also set ``SHARDED_TOO`` again on a namespace
+    of 4 shards, and ``ON_CLUSTER_TOO`` on the shared 3-primary Redis Cluster."""
     if getattr(metafunc.module, "ON_BOTH_SERVERS", False) and \
             "server_kind" in metafunc.fixturenames:
-        sharded = ["fakeredis-4-shards"] if getattr(metafunc.module, "SHARDED_TOO", False) \
-            else []
+        sharded: list[Any] = []
+        if getattr(metafunc.module, "SHARDED_TOO", False):
+            sharded.append("fakeredis-4-shards")
+        if getattr(metafunc.module, "ON_CLUSTER_TOO", False):
+            sharded.append(pytest.param("redis-cluster", marks=pytest.mark.cluster))
         metafunc.parametrize("server_kind", ["fakeredis", *sharded, pytest.param(
             "redis-server", marks=pytest.mark.redis)], indirect=True)
 
@@ -169,7 +172,9 @@ async def fake_cluster(fake_settings: Any, server_kind: str,
     elif server_kind == "fakeredis-4-shards":  # a sharded namespace on one server
         cluster = InProcessCluster.fake(fake_settings.with_(shards=4))
     else:
-        url = request.getfixturevalue("redis_url")
+        fixture = "redis_cluster" if server_kind == "redis-cluster" else None
+        url = request.getfixturevalue(fixture).url if fixture else \
+            request.getfixturevalue("redis_url")
         cluster = InProcessCluster.real(url, fake_settings.with_(url=url))
     try:
         yield cluster

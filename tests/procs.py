@@ -381,13 +381,14 @@ class InProcessCluster:
         self._registries.append(reg)
         return reg
 
-    async def worker(self, *, start: bool = True, concurrency: int = 4, **overrides: Any) -> Any:
+    async def worker(self, *, start: bool = True, concurrency: int = 4,
+                     serve_shards: Any = None, **overrides: Any) -> Any:
         from workers import catalog
         from workers.worker import Worker
 
         catalog.load([])
         worker = Worker(self.transport(), self.settings.with_(**overrides),
-                        concurrency=concurrency)
+                        concurrency=concurrency, serve_shards=serve_shards)
         self._workers.append(worker)
         if start:
             await worker.start()

@@ -23,14 +23,25 @@ from workers.worker import Worker
 ON_BOTH_SERVERS = True
 #: ... and on a namespace of 4 shards (coordinator.shards), on fakeredis.
 SHARDED_TOO = True
+#: ... and on a real Redis Cluster (3 primaries, 12 shards).
+ON_CLUSTER_TOO = True
 
 # The sessions here never run (no worker in these tests), so any name will do.
 STRATEGY = "tlock-never-run"
 
 
+async def ready_registry(fake_cluster: FakeCluster) -> SessionRegistry:
+    """A registry whose shard table is read (as every call of its API reads it first), so
+    its locks are named in the namespace's layout: ``locks.registry()`` is the first
+    shard's lock C."""
+    registry = fake_cluster.registry()
+    await registry.services.ready()
+    return registry
+
+
 @pytest.fixture
-def reg(fake_cluster: FakeCluster) -> SessionRegistry:
-    return fake_cluster.registry()
+async def reg(fake_cluster: FakeCluster) -> SessionRegistry:
+    return await ready_registry(fake_cluster)
 
 
 @pytest.fixture
@@ -47,9 +58,9 @@ async def someone_waits_on(reg: SessionRegistry, lock: FencedLock) -> None:
     """Poll until a waiter is subscribed to ``lock``'s released channel (so it is blocked)."""
     channel = reg.keys.lock_released(str(lock.name))
 
-    async def subscribed() -> bool:
-        [(_, n)] = await reg.client.pubsub_shardnumsub(channel)
-        return n >= 1
+    async def subscribed() -> bool:  # asked of the node owning the channel's slot
+        _, n = await reg.redis.execute("PUBSUB", "SHARDNUMSUB", channel)
+        return int(n) >= 1
 
     await assert_eventually(subscribed, timeout=5, message=f"no waiter on {channel}")
 
@@ -69,7 +80,7 @@ async def test_c_while_holding_a_is_a_lock_order_error(reg: SessionRegistry, sid
         await lock_c.acquire(blocking=False)
     with pytest.raises(LockOrderError):  # adopting a script's acquisition is guarded too
         lock_c.took([1, 0], "token")
-    assert not await key_exists(reg, reg.keys.registry_lock)  # refused before touching Redis
+    assert not await key_exists(reg, (await shard_keys(reg)).registry_lock)  # refused at once
     assert lock_c.fence is None
     await lock_a.release()
     assert held_locks() == ()
@@ -157,12 +168,12 @@ async def test_registry_fences_increase_on_each_acquisition(reg: SessionRegistry
         fences.append(lock_c.fence)
         await lock_c.release()
     assert fences == sorted(set(fences))
-    assert int(await reg.client.get(reg.keys.registry_fence)) == fences[-1]
+    assert int(await reg.client.get((await shard_keys(reg)).registry_fence)) == fences[-1]
 
 
 async def test_fences_survive_across_registries(fake_cluster: FakeCluster, reg: SessionRegistry,
                                                 sid: str) -> None:
-    other = fake_cluster.registry()
+    other = await ready_registry(fake_cluster)
     first = reg.locks.session(sid)
     await first.acquire()
     await first.release()
@@ -180,7 +191,7 @@ async def test_fences_never_repeat_after_a_rollback(reg: SessionRegistry, sid: s
     sk = reg.keys.session(sid)
     issued: list[int] = []
     for lock in (reg.locks.session(sid), reg.locks.registry()):
-        fence_key = sk.session if lock.name == sk.lock else reg.keys.registry_fence
+        fence_key = sk.session if lock.name == sk.lock else (await shard_keys(reg)).registry_fence
         before = await (reg.client.hget(fence_key, "fence") if fence_key == sk.session
                         else reg.client.get(fence_key))
         for _ in range(3):
@@ -222,7 +233,7 @@ async def test_a_waiter_gets_the_lock_when_the_holder_releases(
 ) -> None:
     holder = reg.locks.session(sid)  # 10 s lease: only a release can let the waiter in soon
     await holder.acquire()
-    waiter_lock = fake_cluster.registry().locks.session(sid, wait_s=5.0)
+    waiter_lock = (await ready_registry(fake_cluster)).locks.session(sid, wait_s=5.0)
     waiter = asyncio.create_task(waiter_lock.acquire())
     await someone_waits_on(reg, waiter_lock)
     assert not waiter.done()
@@ -241,7 +252,7 @@ async def test_a_registry_lock_waiter_is_woken_by_release(
 ) -> None:
     holder = reg.locks.registry()
     await holder.acquire()
-    waiter_lock = fake_cluster.registry().locks.registry(wait_s=5.0)
+    waiter_lock = (await ready_registry(fake_cluster)).locks.registry(wait_s=5.0)
     waiter = asyncio.create_task(waiter_lock.acquire())
     await someone_waits_on(reg, waiter_lock)
     assert not waiter.done()
@@ -373,6 +384,7 @@ async def test_worker_commit_with_a_lapsed_lease_is_dropped(
 ) -> None:
     stale, fresh = await lapse_and_retake(reg, sid)
     worker = Worker(fake_cluster.transport(), fake_cluster.settings)  # never started
+    await worker.services.ready()  # (its start would read the shard table first)
     try:
         applied = await worker._commit(sid, stale, asked_from=0, outcome=Done({"x": 1}),
                                        journal_entry=b"", ex=None)
@@ -412,7 +424,7 @@ async def test_gc_sweep_skips_while_another_process_holds_c(
     fake_cluster: FakeCluster, reg: SessionRegistry
 ) -> None:
     sid = await idle_session(fake_cluster, reg)
-    other = fake_cluster.registry()
+    other = await ready_registry(fake_cluster)
     lock_c = other.locks.registry(await shard_keys(reg, sid))  # the session's shard's C
     await lock_c.acquire()
     assert await reg.gc_sweep(now_ms=far_future_ms()) == []  # returns at once, reaps nothing
@@ -425,7 +437,7 @@ async def test_gc_sweep_leaves_a_session_mid_step(fake_cluster: FakeCluster,
                                                   reg: SessionRegistry) -> None:
     sid = await idle_session(fake_cluster, reg)
     sweeper = fake_cluster.registry(lock_wait_s=0.1)
-    lock_a = fake_cluster.registry().locks.session(sid)
+    lock_a = (await ready_registry(fake_cluster)).locks.session(sid)
     # taken in another task, as a worker's step would hold it (not this sweeping task)
     await asyncio.create_task(lock_a.acquire())
     assert await sweeper.gc_sweep(now_ms=far_future_ms()) == []

@@ -44,6 +44,8 @@ from workers.context import Context
 ON_BOTH_SERVERS = True
 #: ... and on a namespace of 4 shards (coordinator.shards), on fakeredis.
 SHARDED_TOO = True
+#: ... and on a real Redis Cluster (3 primaries, 12 shards): the registry contract.
+ON_CLUSTER_TOO = True
 
 # -- test strategies (names unique to this module) --------------------------------------------
 
@@ -160,9 +162,9 @@ async def subscribed(reg: SessionRegistry, sid: str) -> None:
     """Wait until someone listens on the session's event channel (a waiter is blocked)."""
     channel = reg.keys.session(sid).channel
 
-    async def listening() -> bool:
-        [(_, n)] = await reg.client.pubsub_shardnumsub(channel)
-        return n >= 1
+    async def listening() -> bool:  # asked of the node owning the channel's slot
+        _, n = await reg.redis.execute("PUBSUB", "SHARDNUMSUB", channel)
+        return int(n) >= 1
 
     await assert_eventually(listening, timeout=5, message=f"nobody subscribed to {channel}")
 

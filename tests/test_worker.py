@@ -39,6 +39,8 @@ from workers.worker import Worker
 ON_BOTH_SERVERS = True
 #: ... and on a namespace of 4 shards (coordinator.shards), on fakeredis.
 SHARDED_TOO = True
+#: ... and on a real Redis Cluster (3 primaries, 12 shards).
+ON_CLUSTER_TOO = True
 
 # -- test strategies (names unique to this module) --------------------------------------------
 
@@ -511,6 +513,33 @@ async def test_corrupt_pending_query_fails_only_that_session(
     assert done.error is not None and "cannot decode" in done.error
     ok = await registry.feed_response(good, "q-0", "y")
     assert isinstance(ok, Finished) and ok.result == ["y"]
+
+
+async def test_workers_serve_the_shards_they_are_told(fake_settings: Any) -> None:
+    """A worker told to serve shard 0 of 4 takes only that shard's sessions; the others
+    wait for a worker that serves theirs, which then finishes them. A shard the namespace
+    does not have is refused at start."""
+    cluster = FakeCluster.fake(fake_settings.with_(shards=4))
+    try:
+        reg = cluster.registry()
+        first = await cluster.worker(serve_shards=[0])
+        shards = await reg.services.ready()
+        sids = [await reg.submit("twrk-chain", {"k": 1, "tag": f"s{n}"}) for n in range(16)]
+        mine = [sid for sid in sids if shards.of(sid).index == 0]
+        others = [sid for sid in sids if sid not in mine]
+        assert mine and others  # 16 sessions over 4 shards, at random
+        for sid in mine:
+            assert isinstance(await reg.wait_event(sid, timeout=5), Paused)
+        assert {(await reg.status(sid))["phase"] for sid in others} == {"running"}
+        assert [i.keys.index for i in first.intakes] == [0]
+
+        await cluster.worker(serve_shards=[1, 2, 3])
+        for sid in others:
+            assert isinstance(await reg.wait_event(sid, timeout=5), Paused)
+        with pytest.raises(InvalidInput, match="has 4"):
+            await cluster.worker(serve_shards=[4])
+    finally:
+        await cluster.aclose()
 
 
 async def test_unknown_job_kind_leaves_the_stream(registry: SessionRegistry,

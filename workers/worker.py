@@ -17,7 +17,7 @@ import contextlib
 import logging
 import secrets
 import socket
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Sequence
 from dataclasses import asdict
 from typing import Any
 
@@ -53,7 +53,10 @@ class Worker(Stepper):
         *,
         concurrency: int = 8,
         worker_id: str | None = None,
+        serve_shards: Sequence[int] | None = None,
     ) -> None:
+        """``serve_shards``: the shards of the namespace whose jobs this worker takes (None:
+        all of them); checked against the namespace's shard count at ``start``."""
         settings = settings or Settings()
         worker_id = worker_id or f"{socket.gethostname()}-{secrets.token_hex(4)}"
         self.services = Services(transport, settings, process_id=worker_id)
@@ -62,6 +65,7 @@ class Worker(Stepper):
             raise InvalidInput(f"concurrency must be a whole number from 1 to 10000, got "
                                f"{concurrency!r}")
         self.concurrency = concurrency
+        self.serve_shards = None if serve_shards is None else tuple(serve_shards)
         self._pool = Pool(self.concurrency)
         super().__init__(self.services, worker_id=worker_id)
         self.mux = self.services.mux
@@ -92,7 +96,12 @@ class Worker(Stepper):
 
     async def start(self) -> None:
         shards = await self.services.ready()
-        self.intakes = [self._intake(shard) for shard in shards.keys]
+        served = range(len(shards)) if self.serve_shards is None else self.serve_shards
+        if not served or any(not 0 <= k < len(shards) for k in served):
+            raise InvalidInput(
+                f"serve_shards {list(served)} must name shards of namespace "
+                f"{self.settings.namespace!r}, which has {len(shards)} (0 to {len(shards) - 1})")
+        self.intakes = [self._intake(shards.keys[k]) for k in served]
         for intake in self.intakes:
             await intake.ensure_group()
         await self.redis.execute("SADD", self.keys.strategies, *catalog.names())
