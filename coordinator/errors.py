@@ -13,6 +13,7 @@
     ├── InvalidInput                  caller data rejected before it reached Redis
     │   └── PayloadTooLarge           over the configured byte limit
     ├── UnknownStrategy               no strategy registered under that name
+    ├── NoWorker                      no live worker offers the strategy (start one)
     ├── NonDeterminism                a replay asked different questions than the journal
     ├── BudgetExceeded                a strategy went over its calls / tokens / time budget
     ├── StepTimeout                   a strategy step ran longer than the step timeout
@@ -27,7 +28,12 @@
 
 Every error carries the structured fields that apply (``session_id``, ``query_id``,
 ``state``) so callers can act without parsing messages, and ``code``, a stable
-snake-case name that the JSON fronts put on the wire.
+snake-case name that the JSON fronts put on the wire. Each class also says what it means on
+the other fronts, so one error reads the same everywhere: ``http_status`` (the HTTP API) and
+``exit_code`` (the CLI). ``vocabulary()`` is that table (the README prints it).
+
+A session that *fails* is not an exception but an outcome: its ``error_type`` is one of
+``FAILURE_TYPES``, on the wire as ``{"status": "error", "error": ..., "type": ...}``.
 """
 
 from __future__ import annotations
@@ -37,6 +43,10 @@ class SessionError(Exception):
     """Base of every error the coordinator raises on purpose."""
 
     code = "session_error"
+    http_status = 400
+    #: 2: the call was refused (fix the call); 3: the target is not there; 4: try again later;
+    #: 5: the deployment needs fixing. 1 is a session that ended failed or cancelled.
+    exit_code = 2
 
     def __init__(
         self,
@@ -65,14 +75,20 @@ class SessionError(Exception):
 
 class NotFound(SessionError):
     code = "not_found"
+    http_status = 404
+    exit_code = 3
 
 
 class UnknownQuery(SessionError):
     code = "unknown_query"
+    http_status = 422
+    exit_code = 2
 
 
 class AlreadyResponded(SessionError):
     code = "already_responded"
+    http_status = 409
+    exit_code = 2
 
 
 class StaleRound(SessionError):
@@ -83,46 +99,78 @@ class StaleRound(SessionError):
     the session is at, as ``round <n>``."""
 
     code = "stale_round"
+    http_status = 409
+    exit_code = 2
 
 
 class NoPendingQuery(SessionError):
     code = "no_pending_query"
+    http_status = 422
+    exit_code = 2
 
 
 class InvalidTransition(SessionError):
     code = "invalid_transition"
+    http_status = 409
+    exit_code = 2
 
 
 class WaitTimeout(SessionError):
     code = "wait_timeout"
+    http_status = 504
+    exit_code = 4
 
 
 class InvalidInput(SessionError):
     code = "invalid_input"
+    http_status = 422
+    exit_code = 2
 
 
 class PayloadTooLarge(InvalidInput):
     code = "payload_too_large"
+    http_status = 413
+    exit_code = 2
 
 
 class UnknownStrategy(SessionError):
     code = "unknown_strategy"
+    http_status = 422
+    exit_code = 2
+
+
+class NoWorker(SessionError):
+    """No live worker offers the strategy, so a session of it would only wait: start a worker
+    whose ``--import`` registers it (``coordinator strategies`` lists what live workers
+    offer). ``submit`` still queues such a session, for a worker about to start."""
+
+    code = "no_worker"
+    http_status = 503
+    exit_code = 4
 
 
 class NonDeterminism(SessionError):
     code = "non_determinism"
+    http_status = 500
+    exit_code = 5
 
 
 class BudgetExceeded(SessionError):
     code = "budget_exceeded"
+    http_status = 422
+    exit_code = 2
 
 
 class StepTimeout(SessionError):
     code = "step_timeout"
+    http_status = 504
+    exit_code = 4
 
 
 class CorruptState(SessionError):
     code = "corrupt_state"
+    http_status = 500
+    exit_code = 5
 
 
 class Unavailable(SessionError):
@@ -133,6 +181,8 @@ class Unavailable(SessionError):
     met."""
 
     code = "unavailable"
+    http_status = 503
+    exit_code = 4
 
     def __init__(self, message: str, *, url: str = "", cause: str = "",
                  session_id: str | None = None) -> None:
@@ -154,6 +204,8 @@ class NotReplicated(Unavailable):
     repetition or is refused as already done."""
 
     code = "not_replicated"
+    http_status = 503
+    exit_code = 4
 
 
 class Misconfigured(SessionError):
@@ -162,18 +214,26 @@ class Misconfigured(SessionError):
     what to fix."""
 
     code = "misconfigured"
+    http_status = 500
+    exit_code = 5
 
 
 class LockError(SessionError):
     code = "lock_error"
+    http_status = 500
+    exit_code = 5
 
 
 class LockTimeout(LockError):
     code = "lock_timeout"
+    http_status = 503
+    exit_code = 4
 
 
 class LockOrderError(LockError):
     code = "lock_order"
+    http_status = 500
+    exit_code = 5
 
 
 class LockLost(LockError):
@@ -181,3 +241,41 @@ class LockLost(LockError):
     whatever the stale holder still writes is refused by the fence."""
 
     code = "lock_lost"
+    http_status = 500
+    exit_code = 5
+
+
+#: What a failed session's ``error_type`` says happened (``Finished.error_type``).
+FAILURE_TYPES: dict[str, str] = {
+    "strategy_error": "the strategy raised an exception (its traceback is kept)",
+    "budget_exceeded": "the strategy went over its llm_calls, tokens or elapsed_ms budget",
+    "non_determinism": "a replay asked other questions than the journal recorded",
+    "step_timeout": "a step neither asked nor returned within step_timeout_s",
+    "expired": "the session idled past its ttl waiting for its host",
+    "worker_lost": "its step failed max_attempts times: the worker died or stalled mid-step",
+    "worker_error": "its step failed max_attempts times with an error in the worker",
+    "corrupt_state": "its state in Redis could not be read as written",
+    "unknown_strategy": "no live worker offers the session's strategy",
+    "invalid_input": "the strategy refused its input",
+    "invalid_result": "the strategy returned a value that cannot be stored (not JSON, too large)",
+}
+
+
+def vocabulary() -> list[tuple[str, str, int, int]]:
+    """Every error type: (code, meaning, CLI exit code, HTTP status), in the order of the tree
+    above, whose one-line meanings it reuses: the docs print this, so they cannot drift."""
+    meanings: dict[str, str] = {}
+    for line in (__doc__ or "").splitlines():
+        parts = line.replace("│", " ").replace("├──", " ").replace("└──", " ").split(None, 1)
+        if len(parts) == 2 and parts[0].isidentifier() and parts[0][0].isupper():
+            meanings[parts[0]] = " ".join(parts[1].split())
+    rows: list[tuple[str, str, int, int]] = []
+    seen: set[str] = set()
+    stack: list[type[SessionError]] = [SessionError]
+    while stack:
+        cls = stack.pop(0)
+        if cls.code not in seen and cls.__name__ in meanings:
+            seen.add(cls.code)
+            rows.append((cls.code, meanings[cls.__name__], cls.exit_code, cls.http_status))
+        stack = cls.__subclasses__() + stack
+    return rows

@@ -21,6 +21,9 @@ from .codec import pack
 from .models import LlmQuery, Paused
 
 _PAUSE = "p"
+#: What ``feed.lua`` publishes for an answer that leaves others of the round missing: news for
+#: observers (an event stream shows it), nothing settled for a waiter.
+ACCEPTED = b"a"
 
 
 def pause_event(asked: int, records: list[dict[str, Any]]) -> bytes:

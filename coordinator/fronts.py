@@ -12,56 +12,14 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from .errors import (
-    AlreadyResponded,
-    CorruptState,
-    InvalidInput,
-    InvalidTransition,
-    LockError,
-    LockTimeout,
-    Misconfigured,
-    NonDeterminism,
-    NoPendingQuery,
-    NotFound,
-    PayloadTooLarge,
-    SessionError,
-    StaleRound,
-    Unavailable,
-    UnknownQuery,
-    UnknownStrategy,
-    WaitTimeout,
-)
+from .errors import InvalidInput, SessionError
 from .models import FeedResult
 from .registry import SessionRegistry
 
-#: Most specific first: the first class in an error's MRO found here decides its status.
-_STATUS: dict[type[SessionError], int] = {
-    NotFound: 404,
-    InvalidTransition: 409,
-    AlreadyResponded: 409,
-    StaleRound: 409,
-    PayloadTooLarge: 413,
-    InvalidInput: 422,
-    UnknownQuery: 422,
-    UnknownStrategy: 422,
-    NoPendingQuery: 422,
-    WaitTimeout: 504,
-    LockTimeout: 503,
-    Unavailable: 503,
-    Misconfigured: 500,
-    LockError: 500,
-    CorruptState: 500,
-    NonDeterminism: 500,
-}
-
 
 def http_status(exc: SessionError) -> int:
-    """The HTTP status of a coordinator error (400 for a kind not named above)."""
-    for cls in type(exc).__mro__:
-        status = _STATUS.get(cls)
-        if status is not None:
-            return status
-    return 400
+    """The HTTP status of a coordinator error: its class says (``errors.vocabulary``)."""
+    return exc.http_status
 
 
 @dataclass(frozen=True, slots=True)
@@ -205,6 +163,35 @@ async def observe(
     if session_id:
         return await reg.status(session_id, pending_filter, include_history)
     return await reg.list_snapshots(pending_filter, include_history)
+
+
+async def sessions(
+    reg: SessionRegistry,
+    phase: str | None = None,
+    strategy: str | None = None,
+    limit: int = 100,
+    cursor: str | None = None,
+    pending_filter: str | None = None,
+    include_history: bool = False,
+) -> dict[str, Any]:
+    """A page of sessions with the counts per phase: bounded whatever the namespace holds,
+    so a host (an LLM's context above all) is never flooded. ``active_sessions`` counts the
+    running and paused ones, as algocline's ``alc_status`` does."""
+    for value, what in ((phase, "phase"), (strategy, "strategy"), (cursor, "cursor"),
+                        (pending_filter, "pending_filter")):
+        check_wire(value, what)
+    page = await reg.list_sessions(phase, strategy, limit, cursor,
+                                   pending_filter=pending_filter,
+                                   include_history=include_history)
+    counts = await reg.counts()
+    return {"active_sessions": counts["running"] + counts["paused"], "counts": counts,
+            **page.to_json()}
+
+
+async def strategies(reg: SessionRegistry) -> dict[str, Any]:
+    """What live workers offer, by name: description, input parameters, live workers."""
+    offered = await reg.strategies()
+    return {"strategies": [offered[name] for name in sorted(offered)]}
 
 
 async def live_workers(reg: SessionRegistry) -> list[str]:

@@ -90,6 +90,7 @@ class Sweeper:
                             reaped.append(sid)
                     except Exception:  # one bad session must not stop the sweep
                         log.exception("gc could not expire session %s; skipping it", sid)
+                await self._prune_indexes(shard, limit)
                 if shard.index == 0:  # the namespace-wide index, once per sweep
                     await self._forget_dead_workers()
                 await self._retire_dead_consumers(shard)
@@ -97,6 +98,28 @@ class Sweeper:
             with contextlib.suppress(Exception):
                 await lock_c.release()
         return reaped
+
+    async def _prune_indexes(self, shard: Keys, now: int) -> None:
+        """Keep the phase indexes (``coordinator.listing``) to live and retained sessions:
+        finished ones past the retention leave their index, and a running entry older than
+        the backstop expiry whose session hash is gone (it ran out of keys while nobody owed
+        it a step: every job of it lost) is dropped, so listings and counts stay true."""
+        cutoff = f"({now - self._settings.retention_ms}"
+        checked(await self._redis.execute_many([
+            ("ZREMRANGEBYSCORE", shard.done(phase), "-inf", cutoff)
+            for phase in ("completed", "failed", "cancelled")]))
+        old = [text(x) for x in await self._redis.execute(
+            "ZRANGEBYSCORE", shard.running, "-inf", now - self._settings.backstop_ms,
+            "LIMIT", 0, BATCH)]
+        if not old:
+            return
+        exists = checked(await self._redis.execute_many(
+            [("EXISTS", self._keys.session(sid).session) for sid in old]))
+        gone = [sid for sid, there in zip(old, exists, strict=True) if not there]
+        if gone:
+            await self._redis.execute("ZREM", shard.running, *gone)
+            log.warning("gc dropped %d running session(s) whose keys had expired from the "
+                        "index", len(gone))
 
     async def _forget_dead_workers(self) -> None:
         """Membership sweep: drop workers whose heartbeat key has expired from the index."""
@@ -143,7 +166,8 @@ class Sweeper:
             return False
         except CorruptState as exc:
             log.error("%s; failing the session", exc.message)
-            await self._terminate.fail(sid, exc.message, dead_letter="corrupt state")
+            await self._terminate.fail(sid, exc.message, error_type="corrupt_state",
+                                       dead_letter="corrupt state")
             return False
         try:
             reply = await self._terminate.expire(
@@ -153,7 +177,8 @@ class Sweeper:
             # Its clock cannot be read, so it can never be judged idle: end it clearly rather
             # than trip over it on every sweep until the backstop expiry drops it silently.
             log.error("%s; failing the session", exc.message)
-            await self._terminate.fail(sid, exc.message, dead_letter="corrupt state")
+            await self._terminate.fail(sid, exc.message, error_type="corrupt_state",
+                                       dead_letter="corrupt state")
             return False
         finally:
             with contextlib.suppress(Exception):

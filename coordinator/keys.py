@@ -37,6 +37,15 @@ and so on, and a session's id is chosen to hash to that slot, so each script tou
 =============================  ======  =======================================================
 ``ns:registry``                zset    sessions held in the registry (paused), score = last
                                        activity (ms)
+``ns:running``                 zset    running sessions (queued for a worker, or mid-step),
+                                       score = when they began running (ms); with the
+                                       registry and the three below, every session is in
+                                       exactly one phase index, which ``list_sessions`` pages
+                                       and ``counts`` counts
+``ns:done:<phase>``            zset    finished sessions by phase (completed, failed,
+                                       cancelled), score = finished at (ms); entries past
+                                       the retention are trimmed as new ones come (readers
+                                       ignore them till then)
 ``ns:deadlines``               zset    paused sessions, score = idle deadline (ms): last
                                        activity + ttl; GC reads it. Only paused ones: a
                                        running session (queued for a worker or mid-step) is
@@ -55,6 +64,8 @@ Per namespace (no TTL; small; one key each, so any slot)
 ``ns:shards``                  string  the shard table (msgpack: version, shard slots),
                                        written once when the namespace is first used
 ``ns:strategies``              set     strategy names some worker registered (start checks it)
+``ns:catalog``                 hash    strategy name -> msgpack {description, params}: what
+                                       workers offer, as their code describes it
 ``ns:workers``                 zset    worker id -> last heartbeat (ms), for status output
 ``ns:worker:<id>``             string  worker heartbeat, PX = heartbeat ttl (alive while set)
 =============================  ======  =======================================================
@@ -146,6 +157,14 @@ class Keys:
         return f"{self._prefix}:registry"
 
     @property
+    def running(self) -> str:
+        return f"{self._prefix}:running"
+
+    def done(self, phase: str) -> str:
+        """The index of sessions that finished ``phase`` (completed, failed, cancelled)."""
+        return f"{self._prefix}:done:{phase}"
+
+    @property
     def deadlines(self) -> str:
         return f"{self._prefix}:deadlines"
 
@@ -172,6 +191,10 @@ class Keys:
     @property
     def strategies(self) -> str:
         return f"{self.namespace}:strategies"
+
+    @property
+    def catalog(self) -> str:
+        return f"{self.namespace}:catalog"
 
     @property
     def workers(self) -> str:

@@ -147,13 +147,46 @@ class Finished(FeedResult):
     result: Any = None
     error: str | None = None
     metrics: dict[str, Any] = field(default_factory=dict)
+    #: A failure's kind (``errors.FAILURE_TYPES``: strategy_error, budget_exceeded, ...), so
+    #: a budget failure and a crash are told apart without parsing ``error``.
+    error_type: str | None = None
+    #: The strategy's traceback, for a crash of strategy code (status shows it; the wire
+    #: event leaves it out, as algocline's does).
+    traceback: str | None = None
 
     def to_json(self, session_id: str) -> dict[str, Any]:
         if self.state is Phase.COMPLETED:
             return {"status": "completed", "result": self.result, "stats": self.metrics}
         if self.state is Phase.CANCELLED:
             return {"status": "cancelled", "stats": self.metrics}
-        return {"status": "error", "error": self.error}
+        return {"status": "error", "error": self.error,
+                "type": self.error_type or "strategy_error"}
+
+
+class Submitted(str):
+    """A queued session's id (``SessionRegistry.submit``), which also says how many live
+    workers offer its strategy: 0 means nobody can run it yet, and it waits in the queue for
+    a worker that does."""
+
+    __slots__ = ("live_workers",)
+    live_workers: int
+
+    def __new__(cls, sid: str, live_workers: int) -> Submitted:
+        obj = super().__new__(cls, sid)
+        obj.live_workers = live_workers
+        return obj
+
+
+@dataclass(frozen=True, slots=True)
+class SessionPage:
+    """One page of ``SessionRegistry.list_sessions``: snapshots, newest activity first, and
+    the cursor of the next page (None after the last)."""
+
+    sessions: list[dict[str, Any]]
+    next_cursor: str | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return {"sessions": self.sessions, "next_cursor": self.next_cursor}
 
 
 FeedResult.Accepted = Accepted  # type: ignore[attr-defined]

@@ -124,6 +124,10 @@ class SessionRecord:
     budget: dict[str, Any] | None = None
     result: Any = None
     error: str | None = None
+    #: A failed session's kind of failure (``errors.FAILURE_TYPES``) and, for a crash of
+    #: strategy code, its traceback.
+    error_type: str | None = None
+    traceback: str | None = None
     progress: dict[str, Any] | None = None
     qids: list[str] = field(default_factory=list)
     current_query_tokens: int = 0
@@ -150,6 +154,8 @@ class SessionRecord:
                 last_error=h["last_error"].decode() if "last_error" in h else None,
                 finished_at=int(h["finished_at"]) if "finished_at" in h else None,
                 error=h["error"].decode() if "error" in h else None,
+                error_type=h["error_type"].decode() if "error_type" in h else None,
+                traceback=h["traceback"].decode() if "traceback" in h else None,
                 current_query_tokens=int(h.get("cq_tokens", b"0")),
                 counters={m: int(h.get(f"m:{m}", b"0")) for m in _METRICS},
             )
@@ -213,7 +219,8 @@ class SessionRecord:
         return out
 
     def finished(self) -> Finished:
-        return Finished(self.phase, self.result, self.error, self.stats())
+        return Finished(self.phase, self.result, self.error, self.stats(),
+                        error_type=self.error_type, traceback=self.traceback)
 
 
 def budget_left(

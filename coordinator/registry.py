@@ -16,22 +16,34 @@ import contextlib
 import secrets
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 from typing import Any
 
-from . import snapshot
+from . import listing, snapshot
 from .codec import check_json_able, check_text, estimate_tokens, pack, text, unpack
 from .errors import (
     CorruptState,
     InvalidInput,
+    InvalidTransition,
     NoPendingQuery,
     NotFound,
+    NoWorker,
     SessionError,
     UnknownStrategy,
     WaitTimeout,
 )
-from .events import parse_pause
-from .models import Accepted, FeedResult, Finished, Paused, PendingFilter, QueryId
-from .records import SessionRecord, as_hash, settled_event
+from .events import ACCEPTED, parse_pause
+from .models import (
+    Accepted,
+    FeedResult,
+    Finished,
+    Paused,
+    PendingFilter,
+    QueryId,
+    SessionPage,
+    Submitted,
+)
+from .records import SessionRecord, as_hash, server_now_ms, settled_event
 from .scripts import raise_for
 from .services import Services
 from .settings import MAX_TTL_S, Settings
@@ -67,6 +79,8 @@ class SessionRegistry:
         self.terminate = self.services.terminate
         self.sweeper = self.services.sweeper
         self._known_strategies: set[str] = set()
+        #: Live workers per strategy they offer, and when that was read (monotonic s).
+        self._offers: tuple[float, dict[str, int] | None] = (-1e9, {})
         #: The round of the last pause this registry showed for each session (most recent
         #: ``_ROUNDS_KEPT``): a feed names it, so an answer is never applied to another
         #: round (``StaleRound``), e.g. after a failover took the session back a round.
@@ -97,10 +111,16 @@ class SessionRegistry:
         budget: dict[str, int] | None = None,
         ttl: float | None = None,
         timeout: float | None = None,
+        on_created: Callable[[str], object] | None = None,
     ) -> tuple[str, FeedResult]:
-        """Queue the session and return its first event (pause or finish)."""
+        """Queue the session and return its first event (pause or finish). ``NoWorker`` at
+        once, before anything is written, when no live worker offers the strategy: the wait
+        could only time out. ``on_created`` hears the session id as soon as it is queued
+        (a CLI prints it, so an interrupted wait can be picked up again)."""
         _check_timeout(timeout)  # before the session exists, not after it was queued
-        sid = await self.submit(strategy, input, budget=budget, ttl=ttl)
+        sid = await self._submit(strategy, input, budget, ttl, need_worker=True)
+        if on_created is not None:
+            on_created(sid)
         return sid, await self.wait_event(sid, timeout=timeout)
 
     async def submit(
@@ -110,8 +130,15 @@ class SessionRegistry:
         *,
         budget: dict[str, int] | None = None,
         ttl: float | None = None,
-    ) -> str:
-        """Create the session and queue its start job without waiting for it."""
+    ) -> Submitted:
+        """Create the session and queue its start job without waiting for it. The id
+        returned also says how many live workers offer the strategy (``live_workers``): 0
+        means none can run it yet, and it waits in the queue for one that can."""
+        return await self._submit(strategy, input, budget, ttl, need_worker=False)
+
+    async def _submit(self, strategy: str, input: dict[str, Any] | None,
+                      budget: dict[str, int] | None, ttl: float | None, *,
+                      need_worker: bool) -> Submitted:
         if not isinstance(strategy, str) or not strategy:
             raise InvalidInput("strategy must be a non-empty string naming a registered strategy")
         _check_id(strategy, "strategy")
@@ -124,12 +151,19 @@ class SessionRegistry:
         ttl_ms = _ttl_ms(self.settings.session_ttl_s if ttl is None else ttl)
         shards = await self.services.ready()
         await self._check_strategy(strategy)
+        live = await self._live_offering(strategy)
+        if need_worker and live == 0:
+            raise NoWorker(
+                f"no live worker offers strategy {strategy!r}, so the session would only "
+                "wait: start one (coordinator worker --redis URL, with --import MODULE for "
+                "your own strategies); `coordinator strategies` lists what live workers "
+                "offer")
         sid = shards.new_session_id()
         reply = await self.scripts.create(
             sid, strategy=strategy, input=pack(input), budget=pack(budget) if budget else b"",
             ttl_ms=ttl_ms, backstop_ms=self.settings.backstop_ms + ttl_ms)
         raise_for(reply, session_id=sid)
-        return sid
+        return Submitted(sid, live)
 
     async def _check_strategy(self, strategy: str) -> None:
         if strategy in self._known_strategies:
@@ -142,6 +176,20 @@ class SessionRegistry:
                 f"strategy {strategy!r} is not registered by any worker; known: "
                 f"{', '.join(names)} (start workers with --import MODULE to add more)"
             )
+
+    async def _live_offering(self, strategy: str) -> int:
+        """Live workers offering ``strategy``, from their heartbeats, read at most every
+        ``_OFFERS_FRESH_S`` (again at once when the answer was none: a worker may just have
+        started). Workers whose report names no strategies (older ones) count as offering
+        every registered strategy."""
+        at, offers = self._offers
+        if time.monotonic() - at >= _OFFERS_FRESH_S or (offers is not None
+                                                         and not offers.get(strategy)):
+            offers = _offer_counts(await self.worker_stats())
+            self._offers = (time.monotonic(), offers)
+        if offers is None:  # a worker that does not say: assume the old, uniform fleet
+            return len(await self.worker_stats()) or 0
+        return offers.get(strategy, 0)
 
     # -- feeding --------------------------------------------------------------------------
 
@@ -198,16 +246,23 @@ class SessionRegistry:
         _check_id(session_id, "session_id")
         await self.services.ready()
         event, _ = await self._read_event(session_id)
+        if isinstance(event, Finished):
+            # as a feed naming its query is refused: the session takes no more answers
+            raise InvalidTransition(
+                f"session {session_id} is {event.state.value}: it takes no more answers",
+                session_id=session_id, state=event.state.value)
         queries = event.queries if isinstance(event, Paused) else ()
         if len(queries) == 1:
             return QueryId(queries[0].id)
         if not queries:
             raise NoPendingQuery(
-                f"session {session_id} has no pending query", session_id=session_id
+                f"session {session_id} is running: its next questions are not asked yet "
+                "(wait for its next event, then answer)", session_id=session_id, state="running"
             )
         raise NoPendingQuery(
-            f"{len(queries)} queries pending; specify query_id explicitly",
-            session_id=session_id,
+            f"{len(queries)} queries are pending ({', '.join(q.id for q in queries)}): name "
+            "the one you answer (query_id)",
+            session_id=session_id, state="paused",
         )
 
     # -- waiting --------------------------------------------------------------------------
@@ -253,6 +308,9 @@ class SessionRegistry:
                     session_id=sid, state="running",
                 )
             msg = await sub.get(min(left, self.settings.wait_slice_s))
+            if msg == ACCEPTED:
+                check = False  # an answer of the round it waits on: nothing settled
+                continue
             if isinstance(msg, bytes):
                 paused = parse_pause(msg, after_asked or 0)
                 if paused is not None:
@@ -294,7 +352,8 @@ class SessionRegistry:
             # refused as an unknown query) and no worker will ever look at it: fail it, as a
             # worker would, so every caller from now on sees a failed session, not a stuck one.
             with contextlib.suppress(SessionError):  # this caller hears of it either way
-                await self.terminate.fail(sid, exc.message, dead_letter="corrupt state")
+                await self.terminate.fail(sid, exc.message, error_type="corrupt_state",
+                                          dead_letter="corrupt state")
             raise exc from None
 
     # -- observing and ending -------------------------------------------------------------
@@ -341,7 +400,111 @@ class SessionRegistry:
                 snap["result"] = event.result
                 if event.error is not None:
                     snap["error"] = event.error
+                    snap["error_type"] = event.error_type or "strategy_error"
+                    snap["traceback"] = event.traceback
         return snap
+
+    async def list_sessions(
+        self,
+        phase: str | None = None,
+        strategy: str | None = None,
+        limit: int = 100,
+        cursor: str | None = None,
+        *,
+        pending_filter: PendingFilter | str | None = None,
+        include_history: bool = False,
+    ) -> SessionPage:
+        """A page of sessions in any phase, newest activity first, each snapshot with its
+        ``session_id`` (running ones say whether they wait for a worker: no step holds
+        them). ``next_cursor`` continues (None after the last page). Filtered by
+        ``strategy``, a page may hold fewer than ``limit`` (at most ``listing.SCAN_CAP``
+        sessions are looked at per call); follow ``next_cursor`` till None. Takes no lock."""
+        phases = listing.check_phase(phase)
+        listing.check_limit(limit)
+        if strategy is not None:
+            _check_id(strategy, "strategy")
+        after = None if cursor is None else listing.Position.decode(cursor)
+        pf = _filter(pending_filter)
+        shards = await self.services.ready()
+        srcs = listing.sources(shards.keys, phases, server_now_ms(),
+                               self.settings.retention_ms)
+        if strategy is None:
+            page, more = await listing.positions(self.redis.execute_many, srcs, after, limit)
+            last = page[-1] if more and page else None
+        else:
+            page, last = await self._scan_strategy(srcs, after, limit, strategy)
+        snaps = await snapshot.read_many(self.redis.execute_many, self.keys,
+                                         [p.sid for p in page], pending_filter=pf,
+                                         include_history=include_history)
+        sessions = [{"session_id": p.sid, **snaps[p.sid]} for p in page if p.sid in snaps]
+        await self._mark_waiting(sessions)
+        return SessionPage(sessions, None if last is None else last.encode())
+
+    async def _scan_strategy(self, srcs: list[listing.Source], after: listing.Position | None,
+                             limit: int, strategy: str
+                             ) -> tuple[list[listing.Position], listing.Position | None]:
+        """Positions of ``strategy``'s sessions after ``after``: read in chunks, each
+        session's strategy field checked, until ``limit`` match or ``SCAN_CAP`` were seen;
+        and where the next page starts (None: nothing is left)."""
+        found: list[listing.Position] = []
+        seen, more, want = 0, True, strategy.encode()
+        while more and len(found) < limit and seen < listing.SCAN_CAP:
+            chunk, more = await listing.positions(self.redis.execute_many, srcs, after,
+                                                  min(max(limit * 2, 200), listing.SCAN_CAP))
+            if not chunk:
+                break
+            names = checked(await self.redis.execute_many(
+                [("HGET", self.keys.session(p.sid).session, "strategy") for p in chunk]))
+            for pos, name in zip(chunk, names, strict=True):
+                after, seen = pos, seen + 1
+                if name == want:
+                    found.append(pos)
+                    if len(found) == limit:
+                        break
+        # a full page ends at its last match; a short one at the last session looked at
+        if len(found) == limit:
+            return found, found[-1]
+        return found, after if more else None
+
+    async def _mark_waiting(self, sessions: list[dict[str, Any]]) -> None:
+        """``waiting_for_worker`` on running sessions: no step holds lock A, so the session
+        waits in the queue (for a worker, or for a free slot of one)."""
+        running = [s for s in sessions if s.get("phase") == "running"]
+        if not running:
+            return
+        held = checked(await self.redis.execute_many(
+            [("EXISTS", self.keys.session(s["session_id"]).lock) for s in running]))
+        for snap, lock in zip(running, held, strict=True):
+            snap["waiting_for_worker"] = not lock
+
+    async def counts(self) -> dict[str, int]:
+        """Sessions per phase (running, paused, completed, failed, cancelled; finished ones
+        while retained): one count per index, whatever the number of sessions."""
+        shards = await self.services.ready()
+        return await listing.counts(self.redis.execute_many, shards.keys, server_now_ms(),
+                                    self.settings.retention_ms)
+
+    async def strategies(self) -> dict[str, dict[str, Any]]:
+        """The strategies live workers offer: name -> ``name``, ``description`` and
+        ``params`` (from the strategy function's docstring and signature, as the workers
+        registered them) and ``workers`` (how many live ones offer it)."""
+        offers = _offer_counts(await self.worker_stats()) or {}
+        self._offers = (time.monotonic(), offers)
+        if not offers:
+            return {}
+        names = sorted(offers)
+        blobs = checked(await self.redis.execute_many(
+            [("HGET", self.keys.catalog, name) for name in names]))
+        out: dict[str, dict[str, Any]] = {}
+        for name, blob in zip(names, blobs, strict=True):
+            about: Any = None
+            if blob is not None:
+                with contextlib.suppress(CorruptState):
+                    about = unpack(blob, what="strategy description")
+            about = about if isinstance(about, dict) else {}
+            out[name] = {"name": name, "description": str(about.get("description") or ""),
+                         "params": list(about.get("params") or []), "workers": offers[name]}
+        return out
 
     async def cancel(self, session_id: str) -> Finished:
         _check_id(session_id, "session_id")
@@ -416,6 +579,24 @@ class SessionRegistry:
 
     async def __aexit__(self, *exc: object) -> None:
         await self.aclose()
+
+
+#: How long a registry trusts what it read of the workers' offers (``_live_offering``).
+_OFFERS_FRESH_S = 2.0
+
+
+def _offer_counts(reports: dict[str, dict[str, Any]]) -> dict[str, int] | None:
+    """Live workers per offered strategy, from heartbeat reports; None when some live worker
+    does not say what it offers (an older worker)."""
+    counts: dict[str, int] = {}
+    for report in reports.values():
+        names = report.get("strategies")
+        if not isinstance(names, list):
+            return None
+        for name in names:
+            if isinstance(name, str):
+                counts[name] = counts.get(name, 0) + 1
+    return counts
 
 
 #: Reads of a session that a commit landing in between sends round again (``_read_event``).

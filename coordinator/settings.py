@@ -91,6 +91,9 @@ class Settings:
     retention_s: float = 3600.0
     max_response_bytes: int = MIB
     max_input_bytes: int = MIB
+    #: Largest HTTP request body ``serve`` reads (a batch of answers included); a bigger one
+    #: is refused (413) before it is read in full.
+    max_request_bytes: int = 8 * MIB
     #: GC sweep period (the original runs it every 60 s).
     gc_interval_s: float = 60.0
     #: Worker heartbeat key TTL; a worker whose key expired is dead for takeover purposes.
@@ -178,6 +181,7 @@ _RANGES: dict[str, _Range] = {
     "retention_s": _seconds(MAX_TTL_S),
     "max_response_bytes": _Range(int, 1, _MAX_BYTES, "bytes"),
     "max_input_bytes": _Range(int, 1, _MAX_BYTES, "bytes"),
+    "max_request_bytes": _Range(int, 1024, _MAX_BYTES, "bytes"),
     "gc_interval_s": _seconds(_DAY_S),
     "heartbeat_ttl_ms": _ms(),
     "claim_idle_ms": _ms(),

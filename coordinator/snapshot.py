@@ -41,7 +41,7 @@ Batcher = Callable[[list[tuple[Any, ...]]], Awaitable[list[Any]]]
 FIELDS = (
     "phase", "strategy", "started_at", "last_activity_at", "remaining", "finished_at",
     "budget", "progress", "cq_tokens", "qids", "m:llm_calls", "m:rounds", "m:prompt_tokens",
-    "m:response_tokens",
+    "m:response_tokens", "asked", "m:logs", "error_type",
 )
 #: phase bytes -> (state, phase, terminal); looked up once per session, no enum work.
 _PHASES = {p.value.encode(): (p.state, p.value, p.terminal) for p in Phase}
@@ -50,7 +50,7 @@ _PHASES = {p.value.encode(): (p.state, p.value, p.terminal) for p in Phase}
 def _build(sid: str, fields: list[Any], logs: list[bytes], pending: Any, answered: Any,
            journal: Any, pf: PendingFilter | None, now: int) -> dict[str, Any]:
     (phase_b, strategy, started, last, remaining, finished, budget, progress, cq, qids,
-     calls, rounds, ptok, rtok) = fields
+     calls, rounds, ptok, rtok, asked, nlogs, error_type) = fields
     known = _PHASES.get(phase_b)
     if known is None or started is None or last is None or strategy is None:
         raise CorruptState(f"session {sid} has a corrupt or incomplete hash", session_id=sid)
@@ -66,7 +66,7 @@ def _build(sid: str, fields: list[Any], logs: list[bytes], pending: Any, answere
         "tokens": {"prompt_total": prompt_total, "response_total": response_total,
                    "total": prompt_total + response_total,
                    "current_query": int(cq) if cq else 0},
-        "recent_logs": [msgpack.unpackb(x) for x in logs] if logs else [],
+        "recent_logs": _numbered(logs, int(nlogs) if nlogs else len(logs)) if logs else [],
     }
     if progress:
         metrics["progress"] = unpack(progress, what="progress", session_id=sid)
@@ -80,8 +80,11 @@ def _build(sid: str, fields: list[Any], logs: list[bytes], pending: Any, answere
         "started_at": start_ms,
         "last_activity_at": int(last),
         "strategy": strategy.decode(),
+        "round": int(asked) if asked else 0,
         "metrics": metrics,
     }
+    if error_type is not None:
+        snap["error_type"] = error_type.decode()
     if not terminal:
         snap["pending_queries"] = int(remaining) if remaining and phase == "paused" else 0
     if pf is not None:
@@ -89,6 +92,20 @@ def _build(sid: str, fields: list[Any], logs: list[bytes], pending: Any, answere
     if journal is not None:
         snap["conversation_history"] = history(sid, journal)
     return snap
+
+
+def _numbered(logs: list[bytes], total: int) -> list[dict[str, Any]]:
+    """The kept log entries, each with its ``seq``: its number among every entry the session
+    ever logged (the list keeps the last few), so a reader that saw up to N knows what is
+    new. ``total`` counts them all (``m:logs``)."""
+    first = total - len(logs) + 1
+    out = []
+    for n, raw in enumerate(logs):
+        entry = msgpack.unpackb(raw)
+        if isinstance(entry, dict):
+            entry["seq"] = first + n
+        out.append(entry)
+    return out
 
 
 def _pending(sid: str, qids: bytes | None, flat: list[bytes] | dict[bytes, bytes] | None,

@@ -72,7 +72,9 @@ def _shared(keys: Keys) -> dict[str, bool]:
     """The namespace's own keys -> whether they expire (the rest are sessions' keys)."""
     return {keys.registry: False, keys.deadlines: False, keys.jobs: False,
             keys.dead_letters: False, keys.strategies: False, keys.workers: False,
-            keys.registry_fence: False, keys.registry_lock: True, keys.shard_table: False}
+            keys.registry_fence: False, keys.registry_lock: True, keys.shard_table: False,
+            keys.running: False, keys.catalog: False,
+            **{keys.done(phase): False for phase in ("completed", "failed", "cancelled")}}
 
 
 async def _ttls(reg: SessionRegistry) -> dict[str, int]:

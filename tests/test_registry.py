@@ -253,7 +253,8 @@ async def test_error_shape(registry: SessionRegistry, worker: Any) -> None:
     event = await registry.feed_response(sid, "q-0", "now")
     assert isinstance(event, Finished)
     assert event.state is Phase.FAILED
-    assert event.to_json(sid) == {"status": "error", "error": "RuntimeError: exploded on now"}
+    assert event.to_json(sid) == {"status": "error", "error": "RuntimeError: exploded on now",
+                                  "type": "strategy_error"}
 
 
 async def test_cancelled_shape(registry: SessionRegistry, worker: Any) -> None:
@@ -597,9 +598,10 @@ async def test_resolve_with_several_pending(registry: SessionRegistry, worker: A
     sid, _ = await paused(registry, "treg-batch")
     with pytest.raises(NoPendingQuery) as info:
         await registry.resolve_sole_pending_id(sid)
-    assert info.value.message == "3 queries pending; specify query_id explicitly"
+    assert info.value.message == ("3 queries are pending (q-0, q-1, q-2): name the one you "
+                                  "answer (query_id)")
     await registry.feed_response(sid, "q-1", "b")
-    with pytest.raises(NoPendingQuery, match=r"^2 queries pending; specify query_id explicitly$"):
+    with pytest.raises(NoPendingQuery, match=r"^2 queries are pending \(q-0, q-2\): name"):
         await registry.resolve_sole_pending_id(sid)
     await registry.feed_response(sid, "q-0", "a")
     assert await registry.resolve_sole_pending_id(sid) == "q-2"  # the one left unanswered
@@ -610,12 +612,16 @@ async def test_resolve_with_nothing_pending(registry: SessionRegistry, worker: A
     sid = await registry.submit("treg-gated", {"tag": "resolve-running"})
     with pytest.raises(NoPendingQuery) as info:
         await registry.resolve_sole_pending_id(sid)  # running
-    assert info.value.session_id == sid
+    assert info.value.session_id == sid and info.value.state == "running"
     gate.set()
     assert isinstance(await registry.wait_event(sid), Paused)
     await registry.feed_response(sid, await registry.resolve_sole_pending_id(sid), "a")
-    with pytest.raises(NoPendingQuery):
-        await registry.resolve_sole_pending_id(sid)  # completed
+    # finished: refused as a feed naming its query is, whether or not the caller named one
+    with pytest.raises(InvalidTransition) as ended:
+        await registry.resolve_sole_pending_id(sid)
+    assert ended.value.state == "completed" and ended.value.session_id == sid
+    with pytest.raises(InvalidTransition):
+        await registry.feed_response(sid, "q-0", "late")
     with pytest.raises(NotFound):
         await registry.resolve_sole_pending_id("s-0-unknown")
 
@@ -721,7 +727,7 @@ async def test_wait_timeout_on_feed_then_reattach(registry: SessionRegistry, wor
 # -- snapshots --------------------------------------------------------------------------------
 
 SNAP_KEYS = {"state", "phase", "started_at", "last_activity_at", "strategy", "pending_queries",
-             "metrics"}
+             "metrics", "round"}
 METRIC_KEYS = {"elapsed_ms", "llm_calls", "rounds", "tokens", "recent_logs"}
 
 
@@ -1039,7 +1045,7 @@ async def test_gc_waiter_gets_the_expired_result(fake_cluster: FakeCluster) -> N
     event = await reg.wait_event(sid)
     assert isinstance(event, Finished) and event.state is Phase.FAILED
     assert event.error is not None and "expired" in event.error
-    assert event.to_json(sid) == {"status": "error", "error": event.error}
+    assert event.to_json(sid) == {"status": "error", "error": event.error, "type": "expired"}
     assert await reg.client.xlen(reg.keys.jobs) == 0
 
 

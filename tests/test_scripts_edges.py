@@ -198,7 +198,7 @@ async def test_create_refuses_bad_arguments_before_writing(rig: Rig) -> None:
             named="ttl")
 
     sid = new_session_id()
-    keys, args = bound("create", reg.scripts._session(sid), {
+    keys, args = bound("create", reg.scripts._session(sid, "create"), {
         "sid": sid, "strategy": STRATEGY, "input": pack({}), "budget": b"", "ttl_ms": 1000,
         "backstop_ms": 2000, "wake_channel": reg.keys.jobs_wake})
     for k, a in arity_cases(keys, args):
@@ -233,10 +233,10 @@ async def test_feed_refuses_bad_arguments_before_writing(rig: Rig) -> None:
     for arg, value in cases:
         problems += await refused_without_a_write(reg, f"feed {arg}={value!r}",
                                                   feed(**{arg: value}), named=arg)
-    keys, args = bound("feed", reg.scripts._session(sid, extra=True), {
+    keys, args = bound("feed", reg.scripts._session(sid, "feed"), {
         "sid": sid, "query_id": "q-1", "answer": b"x", "response_chars": 1,
         "response_tokens": 1, "backstop_ms": 2000, "wake_channel": reg.keys.jobs_wake,
-        "token": "t", "lease_ms": 1000, "round": 0, "exact": "1"})
+        "token": "t", "lease_ms": 1000, "round": 0, "exact": "1", "channel": "c"})
     for k, a in arity_cases(keys, args):
         problems += await raw_refused_without_a_write(reg, "feed", k, a)
     assert problems == [], "\n".join(problems)
@@ -311,7 +311,7 @@ async def test_commit_step_refuses_bad_arguments_before_writing(rig: Rig) -> Non
     for outcome, rest in bad_rest:
         problems += await refused_without_a_write(
             reg, f"commit_step {outcome} rest={rest!r}", commit(outcome=outcome, rest=rest))
-    keys, args = bound("commit_step", reg.scripts._session(sid, extra=True), {
+    keys, args = bound("commit_step", reg.scripts._session(sid, "commit_step"), {
         "sid": sid, "fence": 0, "asked": 0, "token": "t", "group": "workers", "channel": "c",
         "released_channel": "r", "holder": "w", "holder_channel": "h", "backstop_ms": 2000,
         "retention_ms": 1000, "journal_entry": b"", "progress": b"", "llm_calls": 0,
@@ -353,11 +353,10 @@ async def test_terminate_refuses_bad_arguments_before_writing(rig: Rig) -> None:
     problems += await refused_without_a_write(
         reg, "terminate of a missing session, retention_ms='x'",
         terminate(sid="s-gone", retention_ms="x"), named="retention_ms")
-    keys, args = bound("terminate", {**reg.scripts._session(sid),
-                                     "fed": reg.keys.session(sid).fed,
-                                     "fed_prev": reg.keys.session(sid).fed_prev}, {
+    keys, args = bound("terminate", reg.scripts._session(sid, "terminate"), {
         "sid": sid, "mode": "cancel", "group": "workers", "channel": "c",
-        "retention_ms": 1000, "now_ms": "", "error": "", "dead_letter": ""})
+        "retention_ms": 1000, "now_ms": "", "error": "", "dead_letter": "",
+        "error_type": "", "traceback": ""})
     for k, a in arity_cases(keys, args):
         problems += await raw_refused_without_a_write(reg, "terminate", k, a)
     assert problems == [], "\n".join(problems)

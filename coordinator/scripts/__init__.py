@@ -237,13 +237,13 @@ class Scripts:
         return await self._transport.evalsha(script.sha, script.source, key_list, args,
                                              timeout=timeout)
 
-    def _session(self, sid: str, *, extra: bool = False) -> dict[str, str]:
-        return _session_keys(self._shards.of(sid), sid, extra)
+    def _session(self, sid: str, script: str) -> dict[str, str]:
+        return _session_keys(self._shards.of(sid), sid, script)
 
     async def create(self, sid: str, *, strategy: str, input: bytes, budget: bytes,
                      ttl_ms: int, backstop_ms: int) -> Reply:
         """``OK`` (job id); raises ``InvalidInput`` for an argument the script refused."""
-        reply = _parse(await self._run("create", self._session(sid), {
+        reply = _parse(await self._run("create", self._session(sid, "create"), {
             "sid": sid, "strategy": strategy, "input": input, "budget": budget,
             "ttl_ms": ttl_ms, "backstop_ms": backstop_ms,
             "wake_channel": self._shards.of(sid).jobs_wake}))
@@ -257,12 +257,14 @@ class Scripts:
         """Raises the session errors (``raise_for``) for a refused answer; ``StaleRound``
         when ``round`` (0: not checked) is not the round the session is at (``exact``), or
         is past it (not ``exact``: the session went back, as after a failover)."""
-        reply = _parse(await self._run("feed", self._session(sid, extra=True), {
+        sk = self._shards.of(sid).session(sid)
+        reply = _parse(await self._run("feed", self._session(sid, "feed"), {
             "sid": sid, "query_id": query_id, "answer": answer,
             "response_chars": response_chars, "response_tokens": response_tokens,
             "backstop_ms": backstop_ms, "wake_channel": self._shards.of(sid).jobs_wake,
             "token": token,
-            "lease_ms": lease_ms, "round": round, "exact": "1" if exact else "0"}, timeout))
+            "lease_ms": lease_ms, "round": round, "exact": "1" if exact else "0",
+            "channel": sk.channel}, timeout))
         if reply.code == "ACCEPTED":
             return FeedReply(False, remaining=int(reply.args[0]))
         if reply.code == "READY":
@@ -287,7 +289,7 @@ class Scripts:
         ``INVALID_TRANSITION`` (phase); ``rest`` as the script's header describes. Raises
         ``InvalidInput`` / ``CorruptState`` for a call the script refused before writing."""
         sk = self._shards.of(sid).session(sid)
-        reply = _parse(await self._run("commit_step", self._session(sid, extra=True), {
+        reply = _parse(await self._run("commit_step", self._session(sid, "commit_step"), {
             "sid": sid, "fence": fence, "asked": asked, "token": token, "group": JOB_GROUP,
             "channel": sk.channel, "released_channel": Keys.lock_released(sk.lock),
             "holder": holder, "holder_channel": holder_channel, "backstop_ms": backstop_ms,
@@ -300,17 +302,17 @@ class Scripts:
 
     async def terminate(self, sid: str, mode: str, *, retention_ms: int,
                         now_ms: int | None = None, error: str = "",
-                        dead_letter: str = "") -> Reply:
+                        dead_letter: str = "", error_type: str = "",
+                        traceback: str = "") -> Reply:
         """``OK`` | ``NOT_FOUND`` | ``INVALID_TRANSITION`` (phase) | ``ALIVE`` (deadline) |
         ``BUSY`` (``expire`` of a running session: not idle). Raises ``InvalidInput`` /
         ``CorruptState`` for a call the script refused before writing."""
         sk = self._shards.of(sid).session(sid)
-        reply = _parse(await self._run("terminate", {
-            **self._session(sid), "fed": sk.fed, "fed_prev": sk.fed_prev}, {
+        reply = _parse(await self._run("terminate", self._session(sid, "terminate"), {
             "sid": sid, "mode": mode, "group": JOB_GROUP,
             "channel": sk.channel, "retention_ms": retention_ms,
             "now_ms": "" if now_ms is None else now_ms, "error": error,
-            "dead_letter": dead_letter}))
+            "dead_letter": dead_letter, "error_type": error_type, "traceback": traceback}))
         _raise_refusal(reply, sid)
         return reply
 
@@ -357,16 +359,18 @@ class Scripts:
 
 
 @functools.lru_cache(maxsize=16384)
-def _session_keys(keys: Keys, sid: str, extra: bool) -> dict[str, str]:
-    """A session script's named keys. Cached (a host and a worker name the same few
-    thousand sessions every step) and never mutated: ``Script.bind`` only reads it."""
+def _session_keys(keys: Keys, sid: str, script: str) -> dict[str, str]:
+    """The named keys ``script`` (a session script) declares, for ``sid``. Cached (a host
+    and a worker name the same few thousand sessions every step) and never mutated:
+    ``Script.bind`` only reads it."""
     sk = keys.session(sid)
-    named = {"session": sk.session, "pending": sk.pending, "answers": sk.answers,
+    every = {"session": sk.session, "pending": sk.pending, "answers": sk.answers,
              "journal": sk.journal, "logs": sk.logs, "registry": keys.registry,
-             "deadlines": keys.deadlines, "jobs": keys.jobs, "dead": keys.dead_letters}
-    if extra:
-        named.update(lock=sk.lock, fed=sk.fed, fed_prev=sk.fed_prev)
-    return named
+             "deadlines": keys.deadlines, "jobs": keys.jobs, "dead": keys.dead_letters,
+             "lock": sk.lock, "fed": sk.fed, "fed_prev": sk.fed_prev,
+             "running": keys.running, "completed": keys.done("completed"),
+             "failed": keys.done("failed"), "cancelled": keys.done("cancelled")}
+    return {name: every[name] for name in _SCRIPTS[script].keys}
 
 
 def _lease(raw: Any) -> Lease:
@@ -395,8 +399,11 @@ class Terminate:
         return await self._scripts.terminate(sid, "expire", retention_ms=self._retention_ms,
                                              now_ms=now_ms, error=error)
 
-    async def fail(self, sid: str, error: str, *, dead_letter: str = "") -> Reply:
-        """Fail ``sid`` with ``error``; with ``dead_letter`` (the reason), also record its job
-        in the dead-letter stream."""
+    async def fail(self, sid: str, error: str, *, error_type: str = "worker_error",
+                   traceback: str = "", dead_letter: str = "") -> Reply:
+        """Fail ``sid`` with ``error`` of ``error_type`` (``errors.FAILURE_TYPES``); with
+        ``dead_letter`` (the reason), also record its job in the dead-letter stream. A
+        ``traceback`` is kept with the error (the session shows it)."""
         return await self._scripts.terminate(sid, "fail", retention_ms=self._retention_ms,
-                                             error=error, dead_letter=dead_letter)
+                                             error=error, dead_letter=dead_letter,
+                                             error_type=error_type, traceback=traceback)

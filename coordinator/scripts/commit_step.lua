@@ -2,6 +2,7 @@
 -- A worker computed the step under lock A; this checks that its lease is still the newest
 -- (fence), that nobody applied this round already (asked), and that the session still runs.
 -- KEYS: session pending answers journal logs registry deadlines jobs dead lock fed fed_prev
+--       running completed failed
 -- ARGV: sid fence asked token group channel released_channel holder holder_channel
 --       backstop_ms retention_ms journal_entry progress llm_calls prompt_chars prompt_tokens
 --       outcome event *rest
@@ -9,6 +10,9 @@
 -- KEYS[1..5] session data keys (session, pending, answers, journal, logs)
 -- KEYS[6] registry zset   KEYS[7] deadlines zset   KEYS[8] jobs stream   KEYS[9] dead letters
 -- KEYS[10] lock A   KEYS[11] feed tokens of this round   KEYS[12] of the round before
+-- KEYS[13] running sessions zset   KEYS[14] completed sessions zset   KEYS[15] failed ones
+-- (the phase indexes: the session leaves the first, an end files it in its phase's, trimmed
+-- of entries past the retention on the way)
 -- ARGV[1] session id      ARGV[2] fence           ARGV[3] asked the step started from
 -- ARGV[4] lock token      ARGV[5] job group       ARGV[6] session events channel
 -- ARGV[7] lock released channel                   ARGV[8] holder worker id
@@ -21,7 +25,7 @@
 -- ARGV[19] number of log entries L, then L packed log entries, then by outcome:
 --   pause:    packed query id list, N, then N pairs (query id, packed query)
 --   complete: packed result
---   fail:     error text
+--   fail:     error text, and optionally its type (errors.FAILURE_TYPES) and traceback
 -- Returns {'OK'} | {'NOT_FOUND'} | {'FENCED', fence} | {'STALE', asked}
 --       | {'INVALID_TRANSITION', phase} | {'BAD_ARG', name} | {'CORRUPT', field}
 -- Reads the session hash once and writes it once (each redis.call costs about a microsecond
@@ -31,7 +35,7 @@
 -- Arguments, and the numbers read from the session, are checked before the first write:
 -- Redis does not undo a script's writes when a later command fails.
 -- whole(i, lo, hi), ARGV[i] as a bounded whole number, comes from _prelude.lua.
-if #KEYS ~= 12 or #ARGV < 20 then
+if #KEYS ~= 15 or #ARGV < 20 then
   return {'BAD_ARG', 'arity'}
 end
 if ARGV[1] == '' then return {'BAD_ARG', 'sid'} end
@@ -53,7 +57,7 @@ local i = 20 + nlogs
 if outcome == 'pause' then
   local n = whole(i + 1, 1, #ARGV)
   if not n or #ARGV ~= i + 1 + 2 * n then return {'BAD_ARG', 'rest'} end
-elseif #ARGV ~= i then
+elseif #ARGV ~= i and not (outcome == 'fail' and #ARGV == i + 2) then
   return {'BAD_ARG', 'rest'}
 end
 -- ARGV[from..to] to one command per 1,000 arguments (Lua's unpack has a stack limit).
@@ -63,7 +67,7 @@ local function each_chunk(cmd, key, from, to)
   end
 end
 local f = redis.call('HMGET', KEYS[1], 'phase', 'fence', 'asked', 'job', 'ttl_ms',
-  'm:llm_calls', 'm:prompt_chars', 'm:prompt_tokens', 'm:pauses', 'bx_at')
+  'm:llm_calls', 'm:prompt_chars', 'm:prompt_tokens', 'm:pauses', 'bx_at', 'm:logs')
 local phase = f[1]
 if not phase then
   return {'NOT_FOUND'}
@@ -77,7 +81,8 @@ end
 -- The numbers this script computes with (asked, ttl_ms: always set; the counters and bx_at
 -- once first written), and the job id it acknowledges.
 for j, n in ipairs({{3, 'asked'}, {5, 'ttl_ms'}, {6, 'm:llm_calls'}, {7, 'm:prompt_chars'},
-                    {8, 'm:prompt_tokens'}, {9, 'm:pauses'}, {10, 'bx_at'}}) do
+                    {8, 'm:prompt_tokens'}, {9, 'm:pauses'}, {10, 'bx_at'},
+                    {11, 'm:logs'}}) do
   local v = tonumber(f[n[1]])
   if (f[n[1]] or j <= 2) and (v == nil or v ~= v or v == math.huge or v == -math.huge) then
     return {'CORRUPT', n[2]}
@@ -109,7 +114,8 @@ local set = {'last_activity_at', now, 'holder', ARGV[8], 'holder_ch', ARGV[9],
   'tries', 0,
   'm:llm_calls', tonumber(f[6] or '0') + tonumber(ARGV[14]),
   'm:prompt_chars', tonumber(f[7] or '0') + tonumber(ARGV[15]),
-  'm:prompt_tokens', tonumber(f[8] or '0') + tonumber(ARGV[16])}
+  'm:prompt_tokens', tonumber(f[8] or '0') + tonumber(ARGV[16]),
+  'm:logs', tonumber(f[11] or '0') + nlogs}
 if ARGV[13] ~= '' then
   set[#set + 1] = 'progress'
   set[#set + 1] = ARGV[13]
@@ -119,6 +125,7 @@ if f[4] then
   redis.call('XDEL', KEYS[8], f[4])
 end
 redis.call('HDEL', KEYS[1], 'job', 'last_error')
+redis.call('ZREM', KEYS[13], ARGV[1])
 local add
 if outcome == 'pause' then
   local n = tonumber(ARGV[i + 1])
@@ -140,11 +147,19 @@ if outcome == 'pause' then
     add[#add + 1] = now
   end
 else
+  local done = KEYS[14]
   if outcome == 'complete' then
     add = {'phase', 'completed', 'result', ARGV[i]}
   else
-    add = {'phase', 'failed', 'error', ARGV[i]}
+    done = KEYS[15]
+    add = {'phase', 'failed', 'error', ARGV[i], 'error_type', ARGV[i + 1] or 'strategy_error'}
+    if ARGV[i + 2] and ARGV[i + 2] ~= '' then
+      add[#add + 1] = 'traceback'
+      add[#add + 1] = ARGV[i + 2]
+    end
   end
+  redis.call('ZREMRANGEBYSCORE', done, '-inf', string.format('(%.0f', now - tonumber(ARGV[11])))
+  redis.call('ZADD', done, now, ARGV[1])
   for _, v in ipairs({'finished_at', now, 'remaining', 0, 'cq_tokens', 0}) do
     add[#add + 1] = v
   end

@@ -1,9 +1,10 @@
 -- create.lua: a new session, and the start job that will run it to its first event.
--- KEYS: session pending answers journal logs registry deadlines jobs dead
+-- KEYS: session pending answers journal logs registry deadlines jobs dead running
 -- ARGV: sid strategy input budget ttl_ms backstop_ms wake_channel
 -- Transition: (none) -> running.
 -- KEYS[1..5] session data keys (session, pending, answers, journal, logs)
 -- KEYS[6] registry zset   KEYS[7] deadlines zset   KEYS[8] jobs stream   KEYS[9] dead letters
+-- KEYS[10] running sessions zset (the phase index list_sessions reads)
 -- ARGV[1] session id   ARGV[2] strategy name   ARGV[3] packed input   ARGV[4] packed budget or ''
 -- ARGV[5] idle ttl ms  ARGV[6] backstop expiry ms   ARGV[7] jobs wake channel
 -- Returns {'OK', job id} | {'BAD_ARG', name}. Ids carry 128 random bits, so an existing
@@ -14,7 +15,7 @@
 -- Arguments are checked before the first write: Redis does not undo a script's writes when a
 -- later command fails, so a refused call must fail before it has written anything.
 -- whole(i, lo, hi), ARGV[i] as a bounded whole number, comes from _prelude.lua.
-if #KEYS ~= 9 or #ARGV ~= 7 then
+if #KEYS ~= 10 or #ARGV ~= 7 then
   return {'BAD_ARG', 'arity'}
 end
 if ARGV[1] == '' then return {'BAD_ARG', 'sid'} end
@@ -39,5 +40,6 @@ if ARGV[4] ~= '' then
   redis.call('HSET', KEYS[1], 'budget', ARGV[4])
 end
 redis.call('PEXPIRE', KEYS[1], ARGV[6])
+redis.call('ZADD', KEYS[10], now, ARGV[1])
 redis.call('SPUBLISH', ARGV[7], ARGV[1])
 return {'OK', job}

@@ -1,10 +1,12 @@
 -- feed.lua: record one answer of the current round; on the last one, queue the resume job.
 -- KEYS: session pending answers journal logs registry deadlines jobs dead lock fed fed_prev
+--       running
 -- ARGV: sid query_id answer response_chars response_tokens backstop_ms wake_channel token
---       lease_ms round exact
+--       lease_ms round exact channel
 -- KEYS[1..5] session data keys (session, pending, answers, journal, logs)
 -- KEYS[6] registry zset   KEYS[7] deadlines zset   KEYS[8] jobs stream   KEYS[9] dead letters
 -- KEYS[10] lock A   KEYS[11] feed tokens of this round   KEYS[12] of the round before
+-- KEYS[13] running sessions zset (the phase index: the last answer moves the session there)
 -- ARGV[1] session id   ARGV[2] query id   ARGV[3] packed answer
 -- ARGV[4] response chars   ARGV[5] response tokens   ARGV[6] backstop expiry ms
 -- ARGV[7] jobs wake channel   ARGV[8] this feed call's token (random, unique per call)
@@ -13,6 +15,8 @@
 -- ARGV[11] '1': the round must be the session's (the host named it); '0': the round is the
 --          last one this registry showed, and only a session behind it is refused (it went
 --          back: a failover), since the host may have seen later rounds elsewhere
+-- ARGV[12] session events channel: an answer that leaves others missing publishes 'a' there
+--          (observers such as the HTTP API's event stream show it; waiters ignore it)
 -- Transition: paused -> running (the last answer of a round).
 -- Returns {'ACCEPTED', remaining} | {'READY', asked} | {'NOT_FOUND'} | {'UNKNOWN_QUERY'}
 --       | {'ALREADY_RESPONDED'} | {'INVALID_TRANSITION', phase} | {'STALE_ROUND', asked}
@@ -25,7 +29,7 @@
 -- Arguments, and the numbers read from the session, are checked before the first write:
 -- Redis does not undo a script's writes when a later command fails.
 -- whole(i, lo, hi), ARGV[i] as a bounded whole number, comes from _prelude.lua.
-if #KEYS ~= 12 or #ARGV ~= 11 then
+if #KEYS ~= 13 or #ARGV ~= 12 then
   return {'BAD_ARG', 'arity'}
 end
 if ARGV[1] == '' then return {'BAD_ARG', 'sid'} end
@@ -114,11 +118,13 @@ if remaining > 0 then
   redis.call('HSET', KEYS[1], unpack(set))
   redis.call('ZADD', KEYS[6], 'XX', now, ARGV[1])
   redis.call('ZADD', KEYS[7], now + tonumber(f[5]), ARGV[1])
+  redis.call('SPUBLISH', ARGV[12], 'a')
   return {'ACCEPTED', remaining}
 end
 local asked = f[6]
 redis.call('ZREM', KEYS[6], ARGV[1])
 redis.call('ZREM', KEYS[7], ARGV[1])
+redis.call('ZADD', KEYS[13], now, ARGV[1])
 -- The live holder is handed the step: this script takes lock A in its name (fence bumped,
 -- lease set, the feed token as owner) and the nudge carries the round's answers, so the
 -- holder resumes with no read and commits with one command. It is handed over only when

@@ -1,16 +1,20 @@
 -- terminate.lua: end a live session from outside its strategy: cancel it, expire it when
 -- idle, or fail it (its state is unreadable, or its job failed too many times in a row).
 -- KEYS: session pending answers journal logs registry deadlines jobs dead fed fed_prev
--- ARGV: sid mode group channel retention_ms now_ms error dead_letter
+--       running failed cancelled
+-- ARGV: sid mode group channel retention_ms now_ms error dead_letter error_type traceback
 -- Transitions: running | paused -> cancelled (cancel), failed (fail).
 -- Transition: paused -> failed (expire).
 -- KEYS[1..5] session data keys (session, pending, answers, journal, logs)
 -- KEYS[6] registry zset   KEYS[7] deadlines zset   KEYS[8] jobs stream   KEYS[9] dead letters
 -- KEYS[10] feed tokens of this round   KEYS[11] of the round before
+-- KEYS[12] running sessions zset   KEYS[13] failed sessions zset   KEYS[14] cancelled ones
 -- ARGV[1] session id   ARGV[2] mode: 'cancel' | 'expire' | 'fail'   ARGV[3] job group
 -- ARGV[4] session events channel   ARGV[5] retention ms
 -- ARGV[6] now ms for 'expire' ('' = server time)   ARGV[7] error text ('expire', 'fail')
 -- ARGV[8] for 'fail': '' or the reason to record the session's job as a dead letter
+-- ARGV[9] for 'fail': the failure's type (errors.FAILURE_TYPES; 'expire' is 'expired')
+-- ARGV[10] for 'fail': '' or the traceback to keep with the error
 -- Returns {'OK'} | {'NOT_FOUND'} | {'INVALID_TRANSITION', phase} | {'ALIVE', deadline}
 --       | {'BUSY'} | {'BAD_ARG', name} | {'CORRUPT', field}
 -- 'expire' ends only an idle session: one paused past its deadline, waiting for its host.
@@ -21,7 +25,7 @@
 -- Arguments are checked before the first write (a refusal writes nothing, not even the
 -- index clean-up below): Redis does not undo a script's writes when a later command fails.
 -- whole(i, lo, hi), ARGV[i] as a bounded whole number, comes from _prelude.lua.
-if #KEYS ~= 11 or #ARGV ~= 8 then
+if #KEYS ~= 14 or #ARGV ~= 10 then
   return {'BAD_ARG', 'arity'}
 end
 local mode = ARGV[2]
@@ -39,11 +43,13 @@ local phase = redis.call('HGET', KEYS[1], 'phase')
 if not phase then
   redis.call('ZREM', KEYS[6], ARGV[1])
   redis.call('ZREM', KEYS[7], ARGV[1])
+  redis.call('ZREM', KEYS[12], ARGV[1])
   return {'NOT_FOUND'}
 end
 if phase == 'completed' or phase == 'failed' or phase == 'cancelled' then
   redis.call('ZREM', KEYS[6], ARGV[1])
   redis.call('ZREM', KEYS[7], ARGV[1])
+  redis.call('ZREM', KEYS[12], ARGV[1])
   return {'INVALID_TRANSITION', phase}
 end
 local t = redis.call('TIME')
@@ -67,9 +73,11 @@ if ARGV[2] == 'expire' then
     redis.call('ZADD', KEYS[7], deadline, ARGV[1])
     return {'ALIVE', deadline}
   end
-  redis.call('HSET', KEYS[1], 'phase', 'failed', 'error', ARGV[7])
+  redis.call('HSET', KEYS[1], 'phase', 'failed', 'error', ARGV[7], 'error_type', 'expired')
 elseif ARGV[2] == 'fail' then
-  redis.call('HSET', KEYS[1], 'phase', 'failed', 'error', ARGV[7])
+  redis.call('HSET', KEYS[1], 'phase', 'failed', 'error', ARGV[7],
+    'error_type', ARGV[9] ~= '' and ARGV[9] or 'worker_error')
+  if ARGV[10] ~= '' then redis.call('HSET', KEYS[1], 'traceback', ARGV[10]) end
 else
   redis.call('HSET', KEYS[1], 'phase', 'cancelled')
 end
@@ -91,6 +99,10 @@ if job then
 end
 redis.call('ZREM', KEYS[6], ARGV[1])
 redis.call('ZREM', KEYS[7], ARGV[1])
+redis.call('ZREM', KEYS[12], ARGV[1])
+local done = ARGV[2] == 'cancel' and KEYS[14] or KEYS[13]
+redis.call('ZREMRANGEBYSCORE', done, '-inf', string.format('(%.0f', now - tonumber(ARGV[5])))
+redis.call('ZADD', done, now, ARGV[1])
 for k = 1, 5 do redis.call('PEXPIRE', KEYS[k], ARGV[5]) end
 redis.call('PEXPIRE', KEYS[10], ARGV[5])
 redis.call('PEXPIRE', KEYS[11], ARGV[5])
