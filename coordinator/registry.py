@@ -304,7 +304,8 @@ class SessionRegistry:
             if left <= 0:
                 raise WaitTimeout(
                     f"session {sid} did not reach its next event within {bound:g} s; it "
-                    "carries on: call wait_event (or `status`) again to re-attach",
+                    f"carries on: call wait_event again to re-attach (CLI: coordinator wait "
+                    f"{sid})",
                     session_id=sid, state="running",
                 )
             msg = await sub.get(min(left, self.settings.wait_slice_s))

@@ -114,8 +114,11 @@ local set = {'last_activity_at', now, 'holder', ARGV[8], 'holder_ch', ARGV[9],
   'tries', 0,
   'm:llm_calls', tonumber(f[6] or '0') + tonumber(ARGV[14]),
   'm:prompt_chars', tonumber(f[7] or '0') + tonumber(ARGV[15]),
-  'm:prompt_tokens', tonumber(f[8] or '0') + tonumber(ARGV[16]),
-  'm:logs', tonumber(f[11] or '0') + nlogs}
+  'm:prompt_tokens', tonumber(f[8] or '0') + tonumber(ARGV[16])}
+if nlogs > 0 then  -- the count of log entries ever kept (their numbers); unset until the first
+  set[#set + 1] = 'm:logs'
+  set[#set + 1] = tonumber(f[11] or '0') + nlogs
+end
 if ARGV[13] ~= '' then
   set[#set + 1] = 'progress'
   set[#set + 1] = ARGV[13]
