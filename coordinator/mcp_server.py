@@ -3,11 +3,18 @@
 An LLM host that knows algocline drives our sessions with the same tools and the same
 result shapes: ``alc_run`` / ``alc_advice`` start a session and return its first event,
 ``alc_continue`` answers (one response, one for ``query_id``, or a batch), ``alc_status``
-observes, ``alc_cancel`` ends. Each result is the ``to_json`` shape as JSON text; an error
-is the coordinator error's ``to_json()`` as text with ``isError`` set, so the host reads
-the error type the same way the HTTP API's clients do. That holds for arguments the SDK
-refuses against a tool's schema too (a missing ``strategy``, a budget of 1.5, an argument
-the tool does not take): ``invalid_input``, not the SDK's plain-text message.
+observes (one session, or a bounded page of them), ``alc_cancel`` ends, and
+``alc_strategies`` (also the resource ``alc://strategies``) says which strategies the live
+workers offer and what input each takes. Each result is the ``to_json`` shape as JSON text;
+an error is the coordinator error's ``to_json()`` as text with ``isError`` set, so the host
+reads the error type the same way the HTTP API's clients do. That holds for arguments the
+SDK refuses against a tool's schema too (a missing ``strategy``, a budget of 1.5, an
+argument the tool does not take): ``invalid_input``, not the SDK's plain-text message.
+
+The model reads each tool's description as its whole manual, so descriptions are one plain
+paragraph (the docstring, dedented and unwrapped) that ends with what to do next with the
+result; a list of sessions is a page, never the whole namespace, so one call cannot flood
+the model's context.
 
 With a Redis URL (``--redis`` / ``REDIS_URL``) the tools drive the shared deployment;
 without one they run on the embedded in-process Redis with in-process workers, so the
@@ -16,13 +23,15 @@ server works on a machine with nothing else installed.
 
 from __future__ import annotations
 
+import inspect
 import json
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
+from importlib import metadata
 from typing import Annotated, Any, Literal
 
 from mcp.server.mcpserver import Context, MCPServer
 from mcp.server.mcpserver.exceptions import ToolError
-from mcp.types import CallToolResult, InputRequiredResult, TextContent
+from mcp.types import CallToolResult, InputRequiredResult, TextContent, ToolAnnotations
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from . import fronts
@@ -31,23 +40,54 @@ from .registry import SessionRegistry
 from .settings import Settings
 from .transport import Transport
 
-INSTRUCTIONS = (
-    "Run reasoning strategies that pause to ask YOU questions. alc_run / alc_advice start "
-    "one; while the result's status is needs_response, answer its prompt(s) with "
-    "alc_continue (response, or responses=[{query_id, response}] for several), until "
-    "status is completed, error or cancelled."
-)
+DISTRIBUTION = "alc-coordinator"
+#: ``alc_status`` without a session id: sessions per page unless the caller asks, and at most.
+PAGE_DEFAULT, PAGE_MAX = 20, 100
+
+
+def paragraph(text: str) -> str:
+    """``text`` (a docstring or a wrapped string) as one paragraph: hosts show a
+    description to the model as it is, so indentation and hard line breaks would reach it
+    as noise."""
+    return " ".join(inspect.cleandoc(text).split())
+
+
+def server_version() -> str:
+    """The installed distribution's version, so a host can tell which server it talks to
+    (``0+unknown`` when run from a source tree that was never installed)."""
+    try:
+        return metadata.version(DISTRIBUTION)
+    except metadata.PackageNotFoundError:
+        return "0+unknown"
+
+
+INSTRUCTIONS = paragraph("""
+    Run reasoning strategies that pause to ask YOU questions. alc_strategies lists the
+    strategies the live workers offer and the input each takes. alc_run (or alc_advice)
+    starts one; while the result's status is needs_response, answer its prompt(s) with
+    alc_continue (response, or responses=[{query_id, response}] for several), until the
+    status is completed, error or cancelled. alc_status shows one session, or one page of
+    sessions with counts per phase. A refused call returns {"status": "error", "error",
+    "type"} with isError set; its type says what went wrong (e.g. no_worker: no live worker
+    offers that strategy).
+""")
+
+Phase = Literal["running", "paused", "completed", "failed", "cancelled"]
+PendingFilter = Literal["meta", "preview", "full"]
+PageSize = Annotated[int, Field(ge=1, le=PAGE_MAX)]
 
 
 class QueryResponse(BaseModel):
-    """One answer of a batch, as in algocline's ``alc_continue``. Unknown fields are
-    refused: a misspelt ``usage`` would otherwise be dropped without a word."""
+    """One answer of a batch: the query's id, your response, and its token usage."""
 
+    # As in algocline's ``alc_continue``. Unknown fields are refused: a misspelt ``usage``
+    # would otherwise be dropped without a word. (The docstring above is the schema's
+    # description, which the model reads: one line.)
     model_config = ConfigDict(extra="forbid")
-    query_id: str = Field(description='Query ID, e.g. "q-0", "q-1".')
-    response: str = Field(description="Your response to that query's prompt.")
+    query_id: str = Field(description='The query\'s id, e.g. "q-0", "q-1".')
+    response: str = Field(description="Your answer to that query's prompt.")
     usage: dict[str, int] | None = Field(
-        default=None, description='Token usage, e.g. {"completion_tokens": 42}.')
+        default=None, description='Tokens your answer used, e.g. {"completion_tokens": 42}.')
 
 
 async def _result(call: Awaitable[dict[str, Any]]) -> CallToolResult:
@@ -55,13 +95,17 @@ async def _result(call: Awaitable[dict[str, Any]]) -> CallToolResult:
     try:
         out: dict[str, Any] = await call
     except SessionError as exc:
-        return _text(exc.to_json(), error=True)
+        return _error(exc)
     return _text(out)
 
 
 def _text(obj: dict[str, Any], *, error: bool = False) -> CallToolResult:
     body = json.dumps(obj, ensure_ascii=False)
     return CallToolResult(content=[TextContent(type="text", text=body)], is_error=error)
+
+
+def _error(exc: SessionError) -> CallToolResult:
+    return _text(exc.to_json(), error=True)
 
 
 class _Server(MCPServer[Any]):
@@ -102,81 +146,183 @@ class _Server(MCPServer[Any]):
         return self._params
 
 
-def _error(exc: SessionError) -> CallToolResult:
-    return _text(exc.to_json(), error=True)
+ToolFn = Callable[..., Awaitable[CallToolResult]]
+
+
+def _tool(server: MCPServer, *, read_only: bool = False) -> Callable[[ToolFn], ToolFn]:
+    """Register a tool under its function's name, its docstring as one paragraph."""
+
+    def register(fn: ToolFn) -> ToolFn:
+        server.add_tool(fn, name=fn.__name__, description=paragraph(fn.__doc__ or ""),
+                        annotations=ToolAnnotations(read_only_hint=read_only),
+                        structured_output=False)
+        return fn
+
+    return register
 
 
 def build_server(reg: SessionRegistry) -> MCPServer:
     """The MCP server whose tools drive ``reg``."""
-    server: MCPServer = _Server(name="alc-coordinator", instructions=INSTRUCTIONS)
+    server: MCPServer = _Server(name="alc-coordinator", version=server_version(),
+                                instructions=INSTRUCTIONS)
+    _start_tools(server, reg)
+    _session_tools(server, reg)
+    _catalog(server, reg)
+    return server
 
-    @server.tool(name="alc_run", structured_output=False)
+
+def _start_tools(server: MCPServer, reg: SessionRegistry) -> None:
+    @_tool(server)
     async def alc_run(
-        strategy: Annotated[str, Field(description='Strategy name, e.g. "cot", "reflect", "sc".')],
+        strategy: Annotated[str, Field(
+            description='The strategy\'s name as alc_strategies lists it, e.g. "cot", '
+                        '"reflect", "sc".')],
         ctx: Annotated[dict[str, Any] | None, Field(
-            description='The strategy input (JSON object), e.g. {"task": "..."}.')] = None,
+            description='The strategy\'s input (a JSON object of the parameters '
+                        'alc_strategies lists for it), e.g. {"task": "..."}.')] = None,
         budget: Annotated[dict[str, int] | None, Field(
-            description='Limits: {"llm_calls": n, "tokens": n, "elapsed_ms": n}.')] = None,
+            description='Optional limits on the session: {"llm_calls": n, "tokens": n, '
+                        '"elapsed_ms": n}.')] = None,
     ) -> CallToolResult:
-        """Run a strategy by name with ctx as its input. Returns its first event: usually
-        {"status": "needs_response", "session_id", "query_id", "prompt", ...}; answer with
-        alc_continue."""
+        """Start a session of a strategy with ctx as its input, and return its first
+        event. Usually that is {"status": "needs_response", "session_id", ...} with one
+        query (query_id, prompt, system, max_tokens) or several (queries: [{id, prompt,
+        ...}]): answer each pending query with alc_continue, and keep answering until the
+        status is "completed" (read result), "error" (read error and type) or "cancelled".
+        Call alc_strategies first if you do not know the strategy's name or input; an
+        error of type no_worker means no live worker offers the strategy."""
         return await _result(fronts.start(reg, strategy, ctx, budget))
 
-    @server.tool(name="alc_advice", structured_output=False)
+    @_tool(server)
     async def alc_advice(
-        strategy: Annotated[str, Field(description='Strategy name: "cot", "reflect", "sc", ...')],
-        task: Annotated[str | None, Field(description="The task or question.")] = None,
+        strategy: Annotated[str, Field(
+            description='The strategy\'s name as alc_strategies lists it, e.g. "reflect".')],
+        task: Annotated[str | None, Field(
+            description="The task or question the strategy works on.")] = None,
         opts: Annotated[dict[str, Any] | None, Field(
-            description='Strategy options merged into its input, e.g. {"rounds": 2}.')] = None,
+            description='Other inputs of the strategy, merged with task, e.g. '
+                        '{"rounds": 2}.')] = None,
     ) -> CallToolResult:
-        """Apply a strategy to a task (shorthand for alc_run with ctx = {task, **opts})."""
+        """Apply a strategy to a task: shorthand for alc_run with ctx = {"task": task,
+        **opts}. Returns the session's first event, usually "needs_response": answer each
+        pending query with alc_continue until the status is "completed", "error" or
+        "cancelled"."""
         ctx = dict(opts or {})
         if task is not None:
             ctx["task"] = task
         return await _result(fronts.start(reg, strategy, ctx))
 
-    @server.tool(name="alc_continue", structured_output=False)
+
+def _session_tools(server: MCPServer, reg: SessionRegistry) -> None:
+    @_tool(server)
     async def alc_continue(
-        session_id: Annotated[str, Field(description="Session ID returned by alc_run.")],
+        session_id: Annotated[str, Field(
+            description="The session_id that alc_run or alc_advice returned.")],
         response: Annotated[str | None, Field(
-            description="Single response; query_id may be omitted when one query is "
-                        "pending.")] = None,
+            description="Your answer, when one query is pending (with query_id, to one of "
+                        "several).")] = None,
         query_id: Annotated[str | None, Field(
-            description="Query ID for a partial feed; needed when several are pending.")] = None,
+            description='The id of the query that response answers, e.g. "q-1"; needed '
+                        'when several are pending.')] = None,
         responses: Annotated[list[QueryResponse] | None, Field(
-            description="Batch: several {query_id, response, usage} at once.")] = None,
+            description="Several answers at once: [{query_id, response, usage}], instead "
+                        "of response.")] = None,
         usage: Annotated[dict[str, int] | None, Field(
-            description='Token usage of `response`, e.g. {"completion_tokens": 42}.')] = None,
+            description='Tokens response used, e.g. {"completion_tokens": 42}.')] = None,
     ) -> CallToolResult:
-        """Continue a paused session with your response(s). Returns {"status": "accepted",
-        "remaining": n} while answers of the round remain, else the next event."""
+        """Answer a paused session's pending queries: response alone when one query is
+        pending, response with query_id for one of several, or responses=[{query_id,
+        response}] for several at once. Returns {"status": "accepted", "remaining": n}
+        while answers of the round are still missing (answer those too), else the
+        session's next event: "needs_response" again (answer its queries with
+        alc_continue), or its end: "completed" (read result), "error" or "cancelled"."""
         batch = None if responses is None else [
             fronts.Answer(r.query_id, r.response, r.usage) for r in responses]
         return await _result(fronts.feed(reg, session_id, response=response,
                                          query_id=query_id, usage=usage, responses=batch))
 
-    @server.tool(name="alc_status", structured_output=False)
+    @_tool(server, read_only=True)
     async def alc_status(
         session_id: Annotated[str | None, Field(
-            description="Session to inspect; omit to list every paused session.")] = None,
-        pending_filter: Annotated[Literal["meta", "preview", "full"] | None, Field(
-            description="Show pending queries: meta (ids), preview (+200 chars), full.")] = None,
+            description="The session to inspect; omit it to list sessions one page at a "
+                        "time.")] = None,
+        pending_filter: Annotated[PendingFilter | None, Field(
+            description="Include the pending queries: meta (ids), preview (plus the first "
+                        "200 characters of each prompt) or full (every field).")] = None,
         include_history: Annotated[bool, Field(
-            description="Include the last 10 exchanges.")] = False,
+            description="Include the last 10 exchanges (prompt and response).")] = False,
+        limit: Annotated[PageSize | None, Field(
+            description=f"Listing only: the most sessions on the page, 1 to {PAGE_MAX} "
+                        f"(default {PAGE_DEFAULT}).")] = None,
+        phase: Annotated[Phase | None, Field(
+            description="Listing only: just the sessions in this phase.")] = None,
+        strategy: Annotated[str | None, Field(
+            description="Listing only: just the sessions of this strategy.")] = None,
+        cursor: Annotated[str | None, Field(
+            description="Listing only: the next_cursor of the previous page, to read the "
+                        "next page (give the same filters).")] = None,
     ) -> CallToolResult:
-        """Observe sessions: one session's snapshot (with its result once finished), or
-        every paused session's snapshot keyed by session id."""
-        return await _result(fronts.observe(reg, session_id, pending_filter, include_history))
+        """Look at sessions without changing them. With session_id: that session's
+        snapshot (phase, strategy, metrics, progress, recent logs; its pending queries
+        with pending_filter; its result or error once finished). Without it: one page of
+        at most limit sessions (default 20), newest activity first, optionally of one
+        phase or strategy, as {"active_sessions", "counts" (sessions per phase),
+        "sessions", "next_cursor"}. The page is not the whole list: while next_cursor is
+        not null, call alc_status again with cursor=next_cursor and the same filters to
+        read the next page. A paused session's queries are answered with alc_continue."""
+        return await _result(_status(reg, session_id, pending_filter, include_history,
+                                     limit=limit, phase=phase, strategy=strategy,
+                                     cursor=cursor))
 
-    @server.tool(name="alc_cancel", structured_output=False)
+    @_tool(server)
     async def alc_cancel(
-        session_id: Annotated[str, Field(description="Session to cancel.")],
+        session_id: Annotated[str, Field(description="The session to cancel.")],
     ) -> CallToolResult:
-        """Cancel a running or paused session."""
+        """Cancel a running or paused session; returns {"status": "cancelled", "stats"}.
+        A session that has already ended cannot be cancelled (an error of type
+        invalid_transition names its phase); to try again, start a new one with
+        alc_run."""
         return await _result(fronts.cancel(reg, session_id))
 
-    return server
+
+async def _status(
+    reg: SessionRegistry, session_id: str | None, pending_filter: str | None,
+    include_history: bool, *, limit: int | None, phase: str | None, strategy: str | None,
+    cursor: str | None,
+) -> dict[str, Any]:
+    """One session's snapshot, or one bounded page of sessions: listing everything an
+    LLM host asked about would put a whole namespace into its context."""
+    if session_id:
+        paging = [n for n, v in (("limit", limit), ("phase", phase), ("strategy", strategy),
+                                 ("cursor", cursor)) if v is not None]
+        if paging:
+            raise InvalidInput(f"{', '.join(paging)} page the list of sessions; give them "
+                               "without session_id, or drop them to see that one session",
+                               session_id=session_id)
+        return await fronts.observe(reg, session_id, pending_filter, include_history)
+    fronts.check_wire(strategy, "strategy")
+    fronts.check_wire(cursor, "cursor")
+    return await fronts.sessions(
+        reg, phase=phase, strategy=strategy, limit=PAGE_DEFAULT if limit is None else limit,
+        cursor=cursor, pending_filter=pending_filter, include_history=include_history)
+
+
+def _catalog(server: MCPServer, reg: SessionRegistry) -> None:
+    @_tool(server, read_only=True)
+    async def alc_strategies() -> CallToolResult:
+        """List the strategies that live workers offer, by name: for each its
+        description, its input parameters (name, required, default, annotation) and how
+        many live workers offer it. Start one with alc_run (strategy = its name, ctx = an
+        object of its parameters) or alc_advice (strategy and task). An empty list means
+        no worker is running: sessions cannot start until one is."""
+        return await _result(fronts.strategies(reg))
+
+    @server.resource("alc://strategies", name="strategies", mime_type="application/json",
+                     description=paragraph("""
+                        The strategies live workers offer, with their description and input
+                        parameters: the same JSON as the alc_strategies tool."""))
+    async def strategies_resource() -> str:
+        return json.dumps(await fronts.strategies(reg), ensure_ascii=False)
 
 
 async def run_stdio(settings: Settings, *, modules: list[str] | None = None) -> None:

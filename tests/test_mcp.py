@@ -11,6 +11,7 @@ import secrets
 import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from importlib import metadata
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +21,7 @@ from mcp.client.stdio import StdioServerParameters
 
 from tests.test_http_api import ROOT, Procs, clean_env, live_workers
 
-TOOLS = {"alc_run", "alc_advice", "alc_continue", "alc_status", "alc_cancel"}
+TOOLS = {"alc_run", "alc_advice", "alc_continue", "alc_status", "alc_cancel", "alc_strategies"}
 
 
 @asynccontextmanager
@@ -51,17 +52,21 @@ async def call_error(client: Client, tool: str, **args: Any) -> dict[str, Any]:
 async def test_tools_are_algoclines() -> None:
     async with mcp_client() as client:
         tools = {t.name: t for t in (await client.list_tools()).tools}
+        info = client.server_info
     assert set(tools) == TOOLS
+    assert info is not None and info.version == metadata.version("alc-coordinator")
     cont = tools["alc_continue"].input_schema
     assert set(cont["properties"]) == {"session_id", "response", "query_id", "responses",
                                        "usage"}
     assert cont["required"] == ["session_id"]
     status = tools["alc_status"].input_schema
-    assert set(status["properties"]) == {"session_id", "pending_filter", "include_history"}
+    assert set(status["properties"]) == {"session_id", "pending_filter", "include_history",
+                                         "limit", "phase", "strategy", "cursor"}
     assert not status.get("required")
     assert set(tools["alc_run"].input_schema["properties"]) == {"strategy", "ctx", "budget"}
     assert set(tools["alc_advice"].input_schema["properties"]) == {"strategy", "task", "opts"}
     assert tools["alc_cancel"].input_schema["required"] == ["session_id"]
+    assert not tools["alc_strategies"].input_schema.get("properties")
 
 
 async def test_run_reflect_to_completion_embedded() -> None:
@@ -74,7 +79,9 @@ async def test_run_reflect_to_completion_embedded() -> None:
         assert "rate limiter" in first["prompt"]
 
         listed = await call(client, "alc_status", pending_filter="preview")
-        assert listed[sid]["pending"][0]["query_id"] == "q-0"
+        assert listed["counts"]["paused"] == 1 and listed["next_cursor"] is None
+        [snap] = listed["sessions"]
+        assert snap["session_id"] == sid and snap["pending"][0]["query_id"] == "q-0"
 
         event, n = first, 0
         while event["status"] == "needs_response":
@@ -88,7 +95,10 @@ async def test_run_reflect_to_completion_embedded() -> None:
         assert status["phase"] == "completed" and status["result"] == event["result"]
         assert [e["response"] for e in status["conversation_history"]] == [
             "answer 1", "answer 2", "answer 3"]
-        assert await call(client, "alc_status") == {}  # nothing paused any more
+        after = await call(client, "alc_status")
+        assert after["active_sessions"] == 0 and after["counts"]["completed"] == 1
+        assert [(s["session_id"], s["phase"]) for s in after["sessions"]] == [
+            (sid, "completed")]  # listed while retained
 
         gone = await call_error(client, "alc_cancel", session_id=sid)
         assert gone["type"] == "invalid_transition" and gone["state"] == "completed"
@@ -101,7 +111,7 @@ async def test_advice_batch_partial_and_errors_embedded() -> None:
         assert [q["id"] for q in first["queries"]] == ["q-0", "q-1", "q-2"]
 
         sole = await call_error(client, "alc_continue", session_id=sid, response="4")
-        assert sole["type"] == "no_pending_query" and "3 queries pending" in sole["error"]
+        assert sole["type"] == "no_pending_query" and "q-0, q-1, q-2" in sole["error"]
         assert await call(client, "alc_continue", session_id=sid, query_id="q-2",
                           response="5", usage={"completion_tokens": 3}) == {
             "status": "accepted", "remaining": 2}
@@ -128,14 +138,21 @@ async def test_advice_batch_partial_and_errors_embedded() -> None:
 @pytest.mark.redis
 async def test_run_cot_on_real_redis(redis_url: str, tmp_path: Path) -> None:
     """With REDIS_URL the server is a host of the shared deployment: a worker process
-    steps the session, and a second MCP server sees it too."""
+    steps the session, and a second MCP server sees it too. Before any worker is up, a run
+    is refused at once as no_worker (it could only wait) and no strategy is listed."""
     ns = f"mcp{secrets.token_hex(4)}"
     procs = Procs(tmp_path)
     try:
-        procs.workers(redis_url, ns, n=1)
-        await live_workers(redis_url, ns, 1)
         env = {"REDIS_URL": redis_url, "ALC_NAMESPACE": ns}
         async with mcp_client(**env) as one, mcp_client(**env) as other:
+            refused = await call_error(one, "alc_run", strategy="cot", ctx={"task": "2+2"})
+            assert refused["type"] == "no_worker" and "cot" in refused["error"]
+            assert await call(other, "alc_strategies") == {"strategies": []}
+            procs.workers(redis_url, ns, n=1)
+            await live_workers(redis_url, ns, 1)
+            offered = (await call(other, "alc_strategies"))["strategies"]
+            assert {s["name"]: s["workers"] for s in offered}["cot"] == 1
+
             first = await call(one, "alc_run", strategy="cot", ctx={"task": "2+2"})
             sid = first["session_id"]
             seen = await call(other, "alc_status", session_id=sid, pending_filter="full")
