@@ -7,7 +7,7 @@
     ├── UnknownQuery                  query id not in the pending batch
     ├── AlreadyResponded              query id answered already in this round
     ├── StaleRound                    the answer was given for a round the session is not at
-    ├── NoPendingQuery                resolve_sole_pending_id with 0 or >1 pending queries
+    ├── NoPendingQuery                no sole query to answer: none asked yet, or several
     ├── InvalidTransition             the session is not in a state that allows the call
     ├── WaitTimeout                   a bounded wait ran out; the session carries on
     ├── InvalidInput                  caller data rejected before it reached Redis
