@@ -1,9 +1,15 @@
 """``coordinator``: run workers, drive sessions as a host, observe them.
 
-JSON goes to stdout where a program reads it (``start``, ``continue``, ``cancel``, ``status
-SESSION``, ``status --json``); people get tables and progress lines (``status``, ``run``).
-The Redis URL comes from ``--redis`` or ``REDIS_URL``; with neither, only ``run`` works, on
-the embedded default.
+JSON goes to stdout where a program reads it (``start``, ``continue``, ``wait``, ``cancel``,
+``status SESSION``, and ``status``/``sessions``/``strategies`` with ``--json``), errors
+included, as ``{"status": "error", "error", "type", "session_id", ...}``; people get
+tables (``status``, ``sessions``, ``strategies``) and the live view of ``run`` on stderr.
+The exit code is the error's (``SessionError.exit_code``): 0 done, 1 the session failed or
+was cancelled, 2 the call was refused, 3 not found, 4 try again later, 5 fix the
+deployment, 130 interrupted.
+
+The Redis URL comes from ``--redis`` or ``REDIS_URL``; with neither, only ``run`` and
+``mcp`` work, on an embedded in-process Redis with its own workers.
 """
 
 from __future__ import annotations
@@ -11,27 +17,43 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import importlib.metadata
 import json
-import logging
 import math
 import os
+import shlex
 import signal
 import sys
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any, NoReturn
 
-from .errors import InvalidInput, SessionError
-from .models import Finished, Paused, PendingFilter
-from .records import server_now_ms
+from . import fronts
+from .console import (
+    RunView,
+    counts_line,
+    dead_letters_text,
+    session_details,
+    sessions_table,
+    stdout_console,
+    strategies_table,
+    workers_text,
+)
+from .errors import InvalidInput, NoPendingQuery, SessionError
+from .logs import FORMATS, configure_logging
+from .models import Paused, PendingFilter
 from .registry import SessionRegistry
-from .responders import Responder, make_responder
+from .responders import DEFAULT_PARALLEL, make_responder
+from .runner import INTERRUPTED, HostRun, RunOptions, emit, error_json, event_json, outcome
 from .settings import Settings
+from .states import Phase
 from .transport import Transport
+
+DISTRIBUTION = "alc-coordinator"
 
 
 class _Parser(argparse.ArgumentParser):
     """argparse, with its errors as the CLI's other errors: the usage line for people on
-    stderr, then ``InvalidInput``, which ``main`` prints as JSON with exit code 2 (argparse
+    stderr, then ``InvalidInput``, which ``main`` prints as JSON with its exit code (argparse
     itself would print only text, which a program driving the CLI cannot parse).
     Subcommand parsers are made of this class too (argparse uses the parent's type)."""
 
@@ -43,8 +65,17 @@ class _Parser(argparse.ArgumentParser):
 #: The most strategy steps one worker may run at once; more is a typo, not a plan.
 MAX_CONCURRENCY = 10_000
 DEFAULT_CONCURRENCY = 8
+#: The most responder commands ``run`` starts at once.
+MAX_PARALLEL = 256
 #: What ``--log-level`` takes (uvicorn's names too, for ``serve``).
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
+
+
+def version() -> str:
+    try:
+        return importlib.metadata.version(DISTRIBUTION)
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown (not installed: pip install -e .)"
 
 
 def _log_level(value: str) -> str:
@@ -55,16 +86,21 @@ def _log_level(value: str) -> str:
     return level.upper()
 
 
-def _concurrency(value: str) -> int:
-    """1 or more: 0 or -3 is a mistake to say, not to round up to 1 quietly."""
-    try:
-        n = int(value)
-    except ValueError:
-        n = 0
-    if not 1 <= n <= MAX_CONCURRENCY:
-        raise argparse.ArgumentTypeError(
-            f"must be an integer from 1 to {MAX_CONCURRENCY}, got {value!r}")
-    return n
+def _int_in(lo: int, hi: int) -> Callable[[str], int]:
+    """An integer from ``lo`` to ``hi``: 0 or -3 is a mistake to say, not to round quietly."""
+    def parse(value: str) -> int:
+        try:
+            n = int(value)
+        except ValueError:
+            n = lo - 1
+        if not lo <= n <= hi:
+            raise argparse.ArgumentTypeError(
+                f"must be an integer from {lo} to {hi}, got {value!r}")
+        return n
+    return parse
+
+
+_concurrency = _int_in(1, MAX_CONCURRENCY)
 
 
 def _shard_list(value: str) -> tuple[int, ...]:
@@ -105,111 +141,265 @@ def _port(value: str) -> int:
     return port
 
 
+# -- the parser ----------------------------------------------------------------------------
+
+_SID = "s-1a227b221e9-2d89e98d559f93f90ee229edd45062c0"  # as `start` prints one
+
+
 def _parser() -> argparse.ArgumentParser:
     p = _Parser(
-        prog="coordinator",
+        prog="coordinator", formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Distributed coordinator for pausable strategy sessions, on Redis.",
+        epilog="examples:\n"
+               "  coordinator run reflect --task 'Design a rate limiter' --responder echo\n"
+               "  coordinator worker --redis redis://127.0.0.1:6379/0\n"
+               "  coordinator sessions --redis redis://127.0.0.1:6379/0\n"
+               "Run `coordinator COMMAND --help` for a command's options and examples.",
     )
+    p.add_argument("--version", action="version", version=f"%(prog)s {version()}",
+                   help="print the version and exit")
     sub = p.add_subparsers(dest="command", required=True)
 
-    def common(sp: argparse.ArgumentParser) -> None:
-        sp.add_argument("--redis", default=None,
-                        help="Redis URL (default: $REDIS_URL; `run` falls back to embedded)")
-        sp.add_argument("--namespace", default=None, help="key namespace (default: alc)")
-        sp.add_argument("--shards", type=int, default=None, metavar="S",
-                        help="shards of a new namespace (default: $ALC_SHARDS, else 1 on "
-                             "one Redis, 4 per primary on a Cluster); fixed once created")
+    def command(name: str, summary: str, details: str, *examples: str) -> argparse.ArgumentParser:
+        return sub.add_parser(
+            name, help=summary, description=f"{summary[:1].upper()}{summary[1:]}.\n\n{details}",
+            epilog="examples:\n" + "\n".join(f"  {e}" for e in examples),
+            formatter_class=argparse.RawDescriptionHelpFormatter)
 
-    w = sub.add_parser("worker", help="run a worker process")
-    common(w)
+    _worker_parser(command)
+    _run_parser(command)
+    _host_parsers(command)
+    _observer_parsers(command)
+    _front_parsers(command)
+    return p
+
+
+_Command = Callable[..., argparse.ArgumentParser]
+
+
+def _connection(sp: argparse.ArgumentParser, *, embedded: bool = False) -> None:
+    fallback = ("without either, an embedded in-process Redis with its own workers, gone "
+                "when the command ends" if embedded else "one of the two is required")
+    sp.add_argument("--redis", default=None, metavar="URL",
+                    help=f"Redis URL, e.g. redis://127.0.0.1:6379/0 (default: $REDIS_URL; "
+                         f"{fallback})")
+    sp.add_argument("--namespace", default=None, metavar="NS",
+                    help="key namespace, so several deployments can share one Redis "
+                         "(default: $ALC_NAMESPACE or alc)")
+    sp.add_argument("--shards", type=int, default=None, metavar="S",
+                    help="shards of a new namespace (default: $ALC_SHARDS, else 1 on "
+                         "one Redis, 4 per primary on a Cluster); fixed once created")
+
+
+def _log_options(sp: argparse.ArgumentParser) -> None:
+    sp.add_argument("--log-level", type=_log_level, default="INFO", metavar="LEVEL",
+                    help=f"one of {', '.join(LOG_LEVELS)} (default info)")
+    sp.add_argument("--log-format", choices=FORMATS, default="text",
+                    help="text (default) for people, json for log shippers: one object "
+                         "per line with ts, level, logger, message, session_id")
+
+
+def _worker_parser(command: _Command) -> None:
+    w = command("worker", "run a worker process",
+                "Workers run the strategies' steps. Start as many as you like, on any "
+                "machine that reaches the Redis;\neach serves every session whose strategy "
+                "it has (the built-ins cot, reflect, sc, and those of --import).",
+                "coordinator worker --redis redis://127.0.0.1:6379/0",
+                "coordinator worker --redis $URL --import my_strategies --concurrency 32",
+                "coordinator worker --redis $URL --log-format json --metrics-port 9100")
+    _connection(w)
     w.add_argument("--import", dest="modules", action="append", default=[],
                    metavar="MODULE", help="import MODULE to register its strategies (repeatable)")
     # The environment's ALC_CONCURRENCY is read after parsing (``_check_args``), so a bad
     # one is an error of `worker`, not a crash of every command, `--help` included.
-    w.add_argument("--concurrency", type=_concurrency, default=None,
+    w.add_argument("--concurrency", type=_concurrency, default=None, metavar="N",
                    help=f"strategy steps run at once, 1 to {MAX_CONCURRENCY} "
                         f"(default $ALC_CONCURRENCY or {DEFAULT_CONCURRENCY})")
-    w.add_argument("--log-level", type=_log_level, default="INFO",
-                   help=f"one of {', '.join(LOG_LEVELS)} (default info)")
+    _log_options(w)
+    w.add_argument("--metrics-port", type=_port, default=None, metavar="PORT",
+                   help="serve Prometheus metrics (steps, latency, claims, ...) on "
+                        "http://0.0.0.0:PORT/metrics (default: off)")
     w.add_argument("--serve-shards", type=_shard_list, default=None, metavar="LIST",
                    help="serve only these shards of the namespace, e.g. 0,3,5-7 (default: "
                         "all; every shard needs some worker serving it)")
 
-    def session_inputs(sp: argparse.ArgumentParser) -> None:
-        sp.add_argument("strategy")
-        sp.add_argument("--task", default=None, help="shorthand for --input '{\"task\": TEXT}'")
-        sp.add_argument("--input", default=None, help="strategy input as a JSON object")
-        sp.add_argument("--budget", default=None,
-                        help='JSON, e.g. {"llm_calls": 10, "tokens": 5000, "elapsed_ms": 60000}')
-        sp.add_argument("--timeout", type=_seconds, default=None,
-                        help="seconds to wait per event")
 
-    r = sub.add_parser("run", help="start a session and drive it to its end as the host")
-    common(r)
-    session_inputs(r)
-    r.add_argument("--responder", default="terminal",
-                   help="terminal (default), echo, or 'cmd:SHELL COMMAND' (prompt on stdin)")
+def _session_inputs(sp: argparse.ArgumentParser) -> None:
+    sp.add_argument("strategy", help="the strategy's name (`coordinator strategies` lists them)")
+    sp.add_argument("--task", default=None, metavar="TEXT",
+                    help="shorthand for --input '{\"task\": TEXT}'")
+    sp.add_argument("--input", default=None, metavar="JSON",
+                    help="the strategy's input as a JSON object")
+    sp.add_argument("--budget", default=None, metavar="JSON",
+                    help='limits, e.g. {"llm_calls": 10, "tokens": 5000, "elapsed_ms": 60000}')
+    sp.add_argument("--timeout", type=_seconds, default=None, metavar="S",
+                    help="seconds to wait for each event (default: $ALC_WAIT_TIMEOUT_S or "
+                         "300); the session carries on after it")
+
+
+def _run_parser(command: _Command) -> None:
+    r = command(
+        "run", "start a session and drive it to its end as the host",
+        "Answers each prompt at the terminal, by echo or by a command, shows the strategy's "
+        "progress and logs\non stderr, and prints the final JSON on stdout. Ctrl-C cancels "
+        "the session (exit 130); so does a\nfailing responder or an ended stdin (exit 1), "
+        "unless --leave-paused.",
+        "coordinator run reflect --task 'Design a rate limiter'",
+        "coordinator run sc --input '{\"task\": \"2+2?\", \"n\": 5}' --responder echo --json",
+        "coordinator run cot --task 'x' --responder 'cmd:llm -m gpt-4o' --parallel 8 "
+        "--redis $URL")
+    _connection(r, embedded=True)
+    _session_inputs(r)
+    r.add_argument("--responder", default="terminal", metavar="WHO",
+                   help="terminal (default: you type each answer), echo (the prompt is the "
+                        "answer), or 'cmd:SHELL COMMAND' (prompt on stdin, answer on stdout)")
+    r.add_argument("--parallel", type=_int_in(1, MAX_PARALLEL), default=DEFAULT_PARALLEL,
+                   metavar="N", help=f"cmd: responder: queries of a batch answered at once "
+                                     f"(default {DEFAULT_PARALLEL})")
+    r.add_argument("--leave-paused", action="store_true",
+                   help="when the responder fails or you press Ctrl-C, leave the session "
+                        "as it is and print the commands that pick it up, instead of "
+                        "cancelling it (needs --redis)")
     r.add_argument("--import", dest="modules", action="append", default=[], metavar="MODULE",
                    help="embedded mode: import MODULE for its strategies (repeatable)")
-    r.add_argument("--json", action="store_true", help="print only the final JSON")
+    r.add_argument("--json", action="store_true",
+                   help="show no progress or logs: print only the final JSON")
 
-    s = sub.add_parser("start", help="start a session; prints its first event as JSON")
-    common(s)
-    session_inputs(s)
 
-    c = sub.add_parser("continue", help="answer a pending query; prints the result as JSON")
-    common(c)
-    c.add_argument("session_id")
-    c.add_argument("response")
-    c.add_argument("--query-id", default=None, help="needed when several queries are pending")
-    c.add_argument("--timeout", type=_seconds, default=None)
+def _host_parsers(command: _Command) -> None:
+    s = command("start", "start a session; prints its first event as JSON",
+                "Prints the session id on stderr at once, then waits for the first event.",
+                "coordinator start reflect --task 'Design a rate limiter' --redis $URL",
+                "coordinator start sc --input '{\"task\": \"2+2?\", \"n\": 3}' --timeout 60")
+    _connection(s)
+    _session_inputs(s)
 
-    st = sub.add_parser("status", help="list paused sessions, or show one session")
-    common(st)
-    st.add_argument("session_id", nargs="?")
-    st.add_argument("--pending", choices=[f.value for f in PendingFilter], default=None)
-    st.add_argument("--history", action="store_true")
+    c = command("continue", "answer a pending query; prints the result as JSON",
+                "Prints {\"status\": \"accepted\"} while the round has unanswered queries, "
+                "else the session's next event.\nExits 1 when the session ends failed or "
+                "cancelled.",
+                f"coordinator continue {_SID} 'my answer' --redis $URL",
+                f"coordinator continue {_SID} --query-id q-1 'second answer'")
+    _connection(c)
+    c.add_argument("session_id", help="the session's id, as start or run printed it")
+    c.add_argument("response", help="the answer")
+    c.add_argument("--query-id", default=None, metavar="Q",
+                   help="the query answered (q-0, q-1, ...); needed when several are pending")
+    c.add_argument("--timeout", type=_seconds, default=None, metavar="S",
+                   help="seconds to wait for the next event (default: $ALC_WAIT_TIMEOUT_S or "
+                        "300)")
+
+    wt = command("wait", "wait for a session's next event; prints it as JSON",
+                 "Re-attaches to a session (after a timeout, or from another shell) and "
+                 "prints the same JSON as\ncontinue: its pending queries, or its end. Exits 1 "
+                 "when the session ended failed or cancelled.",
+                 f"coordinator wait {_SID} --redis $URL",
+                 f"coordinator wait {_SID} --timeout 600")
+    _connection(wt)
+    wt.add_argument("session_id", help="the session's id")
+    wt.add_argument("--timeout", type=_seconds, default=None, metavar="S",
+                    help="seconds to wait while it runs (default: $ALC_WAIT_TIMEOUT_S or 300)")
+
+    x = command("cancel", "cancel a session; prints it as JSON",
+                "Ends a running or paused session as cancelled; a worker still stepping it "
+                "is fenced out.",
+                f"coordinator cancel {_SID} --redis $URL")
+    _connection(x)
+    x.add_argument("session_id", help="the session's id")
+
+
+def _observer_parsers(command: _Command) -> None:
+    st = command("status", "show one session, or the namespace at a glance",
+                 "With a session id: its snapshot as JSON. Without: the sessions per phase, "
+                 "the paused ones, live workers\nand dead letters (--json: the paused "
+                 "sessions' snapshots by id).",
+                 "coordinator status --redis $URL",
+                 f"coordinator status {_SID} --pending full --history",
+                 "coordinator status --pending preview --json")
+    _connection(st)
+    st.add_argument("session_id", nargs="?", help="the session to show (default: all paused)")
+    st.add_argument("--pending", choices=[f.value for f in PendingFilter], default=None,
+                    help="show the pending queries: meta (ids and max_tokens), preview (+ the "
+                         "prompt's first 200 characters) or full")
+    st.add_argument("--history", action="store_true",
+                    help="show the last exchanges (prompt and answer) of each session")
     st.add_argument("--json", action="store_true", help="JSON instead of a table")
 
-    x = sub.add_parser("cancel", help="cancel a session")
-    common(x)
-    x.add_argument("session_id")
+    ss = command("sessions", "list sessions of any phase, a page at a time",
+                 "Newest activity first, with the counts per phase above; finished sessions "
+                 "are listed while retained.\nThe next page's cursor is printed below the "
+                 "table.",
+                 "coordinator sessions --redis $URL",
+                 "coordinator sessions --phase failed --limit 20",
+                 "coordinator sessions --strategy reflect --cursor CURSOR --json")
+    _connection(ss)
+    ss.add_argument("--phase", choices=[p.value for p in Phase], default=None,
+                    help="only sessions in this phase")
+    ss.add_argument("--strategy", default=None, metavar="NAME",
+                    help="only sessions of this strategy")
+    ss.add_argument("--limit", type=_int_in(1, 1000), default=100, metavar="N",
+                    help="sessions per page, 1 to 1000 (default 100)")
+    ss.add_argument("--cursor", default=None, metavar="C",
+                    help="the next page's cursor, as the previous page printed it")
+    ss.add_argument("--json", action="store_true",
+                    help='JSON: {"active_sessions", "counts", "sessions", "next_cursor"}')
 
-    sv = sub.add_parser("serve", help="serve the HTTP API (needs the [api] extra)")
-    common(sv)
+    sg = command("strategies", "list the strategies live workers offer",
+                 "Each with its description, its input parameters (from the strategy "
+                 "function's signature)\nand how many live workers offer it.",
+                 "coordinator strategies --redis $URL",
+                 "coordinator strategies --json")
+    _connection(sg)
+    sg.add_argument("--json", action="store_true", help='JSON: {"strategies": [...]}')
+
+
+def _front_parsers(command: _Command) -> None:
+    sv = command("serve", "serve the HTTP API (needs the [api] extra)",
+                 "The host calls over HTTP and SSE, with OpenAPI docs at /docs and "
+                 "Prometheus metrics at /metrics.",
+                 "coordinator serve --redis $URL",
+                 "coordinator serve --redis $URL --host 0.0.0.0 --token $ALC_API_TOKEN "
+                 "--log-format json")
+    _connection(sv)
     sv.add_argument("--host", default="127.0.0.1",
                     help="bind address (default 127.0.0.1; any other needs a token)")
-    sv.add_argument("--port", type=_port, default=8000)
+    sv.add_argument("--port", type=_port, default=8000, help="TCP port (default 8000)")
     sv.add_argument("--token", default=os.environ.get("ALC_API_TOKEN") or None,
                     help="bearer token clients must send (default: $ALC_API_TOKEN)")
-    sv.add_argument("--log-level", type=_log_level, default="INFO",
-                    help=f"one of {', '.join(LOG_LEVELS)} (default info)")
+    _log_options(sv)
 
-    m = sub.add_parser("mcp", help="MCP server on stdio for LLM hosts (needs the [api] extra)")
-    common(m)
+    m = command("mcp", "MCP server on stdio for LLM hosts (needs the [api] extra)",
+                "An LLM host (Claude Desktop, an agent SDK) starts it and drives sessions "
+                "through its tools.",
+                "coordinator mcp --redis $URL",
+                "coordinator mcp --import my_strategies")
+    _connection(m, embedded=True)
     m.add_argument("--import", dest="modules", action="append", default=[], metavar="MODULE",
                    help="embedded mode: import MODULE for its strategies (repeatable)")
-    return p
 
+
+# -- main ----------------------------------------------------------------------------------
 
 def main(argv: list[str] | None = None) -> None:
-    command = None
+    args: argparse.Namespace | None = None
     try:
         try:
             args = _parser().parse_args(argv)
-            command = args.command
             _check_args(args)
             handler = {
                 "worker": _worker, "run": _run, "start": _start, "continue": _continue,
-                "status": _status, "cancel": _cancel, "serve": _serve, "mcp": _mcp,
+                "wait": _wait, "status": _status, "sessions": _sessions,
+                "strategies": _strategies, "cancel": _cancel, "serve": _serve, "mcp": _mcp,
             }[args.command]
             code = asyncio.run(handler(args))
         except SessionError as exc:
-            print(json.dumps(exc.to_json()),
-                  file=sys.stdout if command != "run" else sys.stderr)
-            code = 2
+            # on stdout, where a program reads the JSON, but for `run`: its stdout is the
+            # session's final JSON only
+            print(json.dumps(error_json(exc, getattr(args, "session_id", None))),
+                  file=sys.stderr if getattr(args, "command", None) == "run" else sys.stdout)
+            code = exc.exit_code
     except KeyboardInterrupt:
-        code = 130
+        code = INTERRUPTED
     except BrokenPipeError:
         # Whoever read our output went away (``| head``). What the command did is done; say
         # nothing more, and exit as a shell reports a SIGPIPE, without a traceback (nor one
@@ -259,7 +449,7 @@ async def _registry(args: argparse.Namespace) -> AsyncIterator[SessionRegistry]:
     settings = _settings(args)
     if settings.url is None:
         raise InvalidInput("no Redis URL: pass --redis URL or set REDIS_URL "
-                           "(only `coordinator run` has an embedded default)")
+                           "(only `coordinator run` and `mcp` have an embedded default)")
     transport = Transport.from_url(settings.url, timeout_s=settings.redis_timeout_s,
                                    allow_eviction=settings.allow_eviction)
     async with SessionRegistry(transport, settings=settings) as reg:
@@ -295,19 +485,15 @@ def _json_arg(flag: str, raw: str) -> Any:
                            "string") from None
 
 
-def _emit(obj: Any) -> None:
-    print(json.dumps(obj, ensure_ascii=False, indent=2))
-
-
 # -- worker ------------------------------------------------------------------------------
 
 async def _worker(args: argparse.Namespace) -> int:
     from workers import catalog, supervisor
+    from workers.metrics import start_metrics_server
     from workers.watchdog import Watchdog, block_limit
     from workers.worker import Worker
 
-    logging.basicConfig(level=args.log_level.upper(),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_logging(args.log_level, args.log_format)
     settings = _settings(args)
     if settings.url is None:
         raise InvalidInput("a worker needs Redis: pass --redis URL or set REDIS_URL")
@@ -316,9 +502,12 @@ async def _worker(args: argparse.Namespace) -> int:
         # to it by environment, never on a command line others can read.
         argv = [sys.executable, "-m", "coordinator", "worker",
                 "--concurrency", str(args.concurrency), "--log-level", args.log_level,
+                "--log-format", args.log_format,
                 *(f"--import={m}" for m in args.modules),
                 *(["--namespace", args.namespace] if args.namespace else []),
                 *(["--shards", str(args.shards)] if args.shards is not None else []),
+                *(["--metrics-port", str(args.metrics_port)]
+                  if args.metrics_port is not None else []),
                 *(["--serve-shards", ",".join(map(str, args.serve_shards))]
                   if args.serve_shards else [])]
         env = {**os.environ, "REDIS_URL": settings.url}
@@ -328,12 +517,23 @@ async def _worker(args: argparse.Namespace) -> int:
                                    allow_eviction=settings.allow_eviction)
     worker = Worker(transport, settings, concurrency=args.concurrency,
                     serve_shards=args.serve_shards)
+    metrics = None
+    if args.metrics_port is not None:
+        try:
+            metrics = start_metrics_server(worker, args.metrics_port)
+        except OSError as exc:
+            raise InvalidInput(f"--metrics-port {args.metrics_port}: cannot listen there "
+                               f"({exc.strerror or exc}); pick a free port") from None
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, worker.stop)
-    # A strategy holding the loop is interrupted (or this process ended) by the watchdog.
-    with Watchdog(*block_limit(settings)), supervisor.beats(worker.stop):
-        await worker.run()
+    try:
+        # A strategy holding the loop is interrupted (or this process ended) by the watchdog.
+        with Watchdog(*block_limit(settings)), supervisor.beats(worker.stop):
+            await worker.run()
+    finally:
+        if metrics is not None:
+            metrics.close()
     return 0
 
 
@@ -342,8 +542,7 @@ async def _worker(args: argparse.Namespace) -> int:
 async def _serve(args: argparse.Namespace) -> int:
     from .http_api import serve
 
-    logging.basicConfig(level=args.log_level.upper(),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_logging(args.log_level, args.log_format)
     await serve(_settings(args), args.host, args.port, args.token, log_level=args.log_level)
     return 0
 
@@ -359,146 +558,154 @@ async def _mcp(args: argparse.Namespace) -> int:
 
 async def _start(args: argparse.Namespace) -> int:
     data, budget = _session_input(args)
+
+    def created(sid: str) -> None:
+        print(f"session {sid} ({args.strategy})", file=sys.stderr, flush=True)
+        args.session_id = sid  # errors from here on name it
+
     async with _registry(args) as reg:
         sid, res = await reg.start_execution(args.strategy, data, budget=budget,
-                                             timeout=args.timeout)
-        _emit({"session_id": sid, **res.to_json(sid)})
-    return 0
+                                             timeout=args.timeout, on_created=created)
+        emit(event_json(sid, res))
+    return outcome(res)
 
 
 async def _continue(args: argparse.Namespace) -> int:
     async with _registry(args) as reg:
-        qid = args.query_id or await reg.resolve_sole_pending_id(args.session_id)
+        qid = args.query_id or await _sole_pending(reg, args.session_id)
         res = await reg.feed_response(args.session_id, qid, args.response, timeout=args.timeout)
-        _emit(res.to_json(args.session_id))
-    return 0
+        emit(event_json(args.session_id, res))
+    return outcome(res)
+
+
+async def _sole_pending(reg: SessionRegistry, sid: str) -> str:
+    """The one pending query; with several, a message in the CLI's words (``--query-id``)."""
+    try:
+        return await reg.resolve_sole_pending_id(sid)
+    except NoPendingQuery as exc:
+        event = await reg.wait_event(sid, timeout=0)
+        if not isinstance(event, Paused) or len(event.queries) < 2:
+            raise
+        ids = ", ".join(q.id for q in event.queries)
+        raise NoPendingQuery(
+            f"{len(event.queries)} queries are pending ({ids}): pass --query-id to say "
+            f"which one this answers, e.g. coordinator continue {sid} --query-id "
+            f"{event.queries[0].id} ANSWER", session_id=sid, state="paused") from exc
+
+
+async def _wait(args: argparse.Namespace) -> int:
+    async with _registry(args) as reg:
+        res = await reg.wait_event(args.session_id, timeout=args.timeout)
+        emit(event_json(args.session_id, res))
+    return outcome(res)
 
 
 async def _cancel(args: argparse.Namespace) -> int:
     async with _registry(args) as reg:
-        res = await reg.cancel(args.session_id)
-        _emit(res.to_json(args.session_id))
+        emit(await fronts.cancel(reg, args.session_id))
     return 0
 
+
+# -- observing -----------------------------------------------------------------------------
 
 async def _status(args: argparse.Namespace) -> int:
     async with _registry(args) as reg:
         if args.session_id:
-            _emit(await reg.status(args.session_id, args.pending, args.history))
+            emit(await reg.status(args.session_id, args.pending, args.history))
             return 0
-        snaps = await reg.list_snapshots(args.pending, args.history)
         if args.json:
-            _emit(snaps)
+            emit(await reg.list_snapshots(args.pending, args.history))
             return 0
-        print(_table(snaps))
-        print(_workers(await reg.worker_stats()))
-        total, dead = await reg.dead_letters(5)
-        print(f"\ndead letters: {total}")
-        for d in dead:
-            print(f"  {d.get('sid') or '-'}  {d.get('reason')}: {d.get('error', '')[:120]}")
+        counts = await reg.counts()
+        paused = await reg.list_sessions(phase="paused", pending_filter=args.pending,
+                                         include_history=args.history)
+        running = await reg.list_sessions(phase="running")
+        workers = await reg.worker_stats()
+        dead_total, dead = await reg.dead_letters(5)
+    waiting = sum(1 for s in running.sessions if s.get("waiting_for_worker"))
+    out = stdout_console()
+    out.print(counts_line(counts, waiting))
+    if waiting and not workers:
+        out.print("no live worker: start one (coordinator worker --redis URL)", markup=False)
+    if paused.sessions:
+        out.print(sessions_table(paused.sessions))
+        for line in session_details(paused.sessions):
+            out.print(line, soft_wrap=True)
+        if paused.next_cursor:
+            out.print(f"(more paused sessions: coordinator sessions --phase paused "
+                      f"--cursor {paused.next_cursor})", markup=False, soft_wrap=True)
+    else:
+        out.print("paused sessions: none")
+    print(workers_text(workers))
+    print(dead_letters_text(dead_total, dead))
     return 0
 
 
-def _workers(stats: dict[str, dict[str, Any]]) -> str:
-    now = server_now_ms()  # heartbeats and activity are stamped on Redis's clock
-    lines = [f"\nworkers: {len(stats)}"]
-    for wid, r in sorted(stats.items()):
-        if not r:
-            lines.append(f"  {wid}  (its report does not decode)")
-            continue
-        lines.append(
-            f"  {wid}  heartbeat {max(0.0, now - r.get('at', now)) / 1000:.1f} s ago, "
-            f"busy {r.get('busy', '?')}/{r.get('concurrency', '?')}, live {r.get('live', '?')}; "
-            f"steps {r.get('steps', '?')} (replays {r.get('replays', '?')}, "
-            f"claimed {r.get('claimed', '?')}, fenced {r.get('fenced_rejections', '?')}, "
-            f"errors {r.get('step_errors', '?')}, dead letters {r.get('dead_letters', '?')})")
-    return "\n".join(lines)
+async def _sessions(args: argparse.Namespace) -> int:
+    async with _registry(args) as reg:
+        page = await fronts.sessions(reg, args.phase, args.strategy, args.limit, args.cursor)
+    if args.json:
+        emit(page)
+        return 0
+    waiting = sum(1 for s in page["sessions"] if s.get("waiting_for_worker"))
+    out = stdout_console()
+    out.print(counts_line(page["counts"], waiting))
+    if page["sessions"]:
+        out.print(sessions_table(page["sessions"]))
+    else:
+        out.print("no sessions" + (" on this page" if args.cursor else ""))
+    if page["next_cursor"]:
+        again = ["coordinator", "sessions",
+                 *(["--phase", args.phase] if args.phase else []),
+                 *(["--strategy", args.strategy] if args.strategy else []),
+                 *(["--limit", str(args.limit)] if args.limit != 100 else []),
+                 "--cursor", page["next_cursor"]]
+        out.print(f"next page: {shlex.join(again)}", markup=False, soft_wrap=True)
+    return 0
 
 
-def _table(snaps: dict[str, dict[str, Any]]) -> str:
-    if not snaps:
-        return "no paused sessions"
-    now = server_now_ms()  # heartbeats and activity are stamped on Redis's clock
-    rows = [("SESSION", "STRATEGY", "PHASE", "PENDING", "ROUNDS", "CALLS", "IDLE")]
-    for sid, s in sorted(snaps.items(), key=lambda kv: kv[1].get("last_activity_at", 0)):
-        m = s.get("metrics", {})
-        rows.append((sid, str(s.get("strategy", "?")), str(s.get("phase")),
-                     str(s.get("pending_queries", "-")), str(m.get("rounds", "-")),
-                     str(m.get("llm_calls", "-")),
-                     f"{max(0.0, now - s.get('last_activity_at', now)) / 1000:.0f}s"))
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip()
-                     for r in rows)
+async def _strategies(args: argparse.Namespace) -> int:
+    async with _registry(args) as reg:
+        offered = await fronts.strategies(reg)
+    if args.json:
+        emit(offered)
+        return 0
+    out = stdout_console()
+    if offered["strategies"]:
+        out.print(strategies_table(offered["strategies"]))
+    else:
+        out.print("no live worker offers any strategy: start one "
+                  "(coordinator worker --redis URL [--import MODULE])", markup=False)
+    return 0
 
 
 # -- run: the host loop --------------------------------------------------------------------
 
 async def _run(args: argparse.Namespace) -> int:
     data, budget = _session_input(args)
-    responder = make_responder(args.responder)
+    view = RunView(quiet=args.json)
+    responder = make_responder(args.responder, parallel=args.parallel, show=view.ask)
+    options = RunOptions(args.strategy, timeout=args.timeout, leave_paused=args.leave_paused,
+                         connection=(*(["--redis", args.redis] if args.redis else []),
+                                     *(["--namespace", args.namespace] if args.namespace
+                                       else [])))
     settings = _settings(args)
-
-    def say(msg: str) -> None:
-        if not args.json:
-            print(msg, file=sys.stderr)
-
     if settings.url is None:
+        if args.leave_paused:
+            raise InvalidInput("--leave-paused needs --redis URL (or REDIS_URL): the embedded "
+                               "Redis, and every session in it, ends with this command")
         from .embedded import embedded
 
-        say("no Redis URL given: using the embedded in-process Redis with 2 workers")
+        view.note("no Redis URL given: using the embedded in-process Redis with 2 workers")
         async with embedded(settings, modules=args.modules) as reg:
-            return await _drive(reg, args, data, budget, responder, say)
+            return await _host(HostRun(reg, options, view, responder), args, data, budget)
     async with _registry(args) as reg:
-        return await _drive(reg, args, data, budget, responder, say)
+        return await _host(HostRun(reg, options, view, responder), args, data, budget)
 
 
-async def _drive(
-    reg: SessionRegistry, args: argparse.Namespace, data: dict[str, Any],
-    budget: dict[str, int] | None, responder: Responder, say: Any,
-) -> int:
-    sid, res = await reg.start_execution(args.strategy, data, budget=budget,
-                                         timeout=args.timeout)
-    say(f"session {sid} ({args.strategy})")
-    seen = _Seen()
-    while isinstance(res, Paused):
-        await _show_progress(reg, sid, seen, say)
-        for q in res.queries:
-            say(f"\n[{q.id}] {_clip(q.prompt)}")
-            answer = await responder(q)
-            say(f"  -> {_clip(answer)}")
-            res = await reg.feed_response(sid, q.id, answer, timeout=args.timeout)
-    await _show_progress(reg, sid, seen, say)
-    assert isinstance(res, Finished)
-    _emit({"session_id": sid, **res.to_json(sid)})
-    return 0 if res.state.value == "completed" else 1
-
-
-class _Seen:
-    """What the run loop has shown already, so each log line and progress step shows once."""
-
-    def __init__(self) -> None:
-        self.logs: set[tuple[int, str]] = set()
-        self.progress: dict[str, Any] | None = None
-
-
-async def _show_progress(reg: SessionRegistry, sid: str, seen: _Seen, say: Any) -> None:
-    metrics = (await reg.status(sid)).get("metrics", {})
-    for entry in metrics.get("recent_logs", []):
-        key = (int(entry.get("ts", 0)), str(entry.get("msg")))
-        if key not in seen.logs:
-            seen.logs.add(key)
-            say(f"  log [{entry.get('level')}] {entry.get('msg')}")
-    prog = metrics.get("progress")
-    if prog and prog != seen.progress:
-        seen.progress = prog
-        msg = f" {prog['message']}" if prog.get("message") else ""
-        say(f"  progress {prog['step']}/{prog['total']}{msg}")
-
-
-def _clip(text: str, limit: int = 300) -> str:
-    one = text.replace("\n", " / ")
-    return one if len(one) <= limit else one[: limit - 1] + "…"
-
-
-if __name__ == "__main__":
-    main()
+async def _host(host: HostRun, args: argparse.Namespace, data: dict[str, Any],
+                budget: dict[str, int] | None) -> int:
+    try:
+        return await host.run(data, budget)
+    finally:
+        args.session_id = host.sid  # the error ``main`` prints names the session

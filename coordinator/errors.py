@@ -14,6 +14,7 @@
     │   └── PayloadTooLarge           over the configured byte limit
     ├── UnknownStrategy               no strategy registered under that name
     ├── NoWorker                      no live worker offers the strategy (start one)
+    ├── ResponderFailed               `coordinator run`'s responder gave no answer
     ├── NonDeterminism                a replay asked different questions than the journal
     ├── BudgetExceeded                a strategy went over its calls / tokens / time budget
     ├── StepTimeout                   a strategy step ran longer than the step timeout
@@ -147,6 +148,16 @@ class NoWorker(SessionError):
     code = "no_worker"
     http_status = 503
     exit_code = 4
+
+
+class ResponderFailed(SessionError):
+    """The responder gave no answer: its command failed or timed out, or the terminal's
+    input ended. The session itself is sound; ``run`` cancels it (or, with
+    ``--leave-paused``, leaves it paused for ``coordinator continue``)."""
+
+    code = "responder_failed"
+    http_status = 502
+    exit_code = 1
 
 
 class NonDeterminism(SessionError):

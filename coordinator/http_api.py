@@ -7,28 +7,36 @@ processes can serve the same sessions, and a request may land on any of them.
 
 Errors are the coordinator's own ``to_json()`` with a status from ``fronts.http_status``;
 request bodies FastAPI rejects get the same shape (422), never a bare 500.
+
+Around the routes, each in its module: the body-size bound (``http_limits``, outermost but
+one, so a huge body is refused before it is read), request counting for ``/metrics``
+(``metrics``), the offline ``/docs`` (``http_docs``) and the resumable event stream
+(``http_stream``).
 """
 
 from __future__ import annotations
 
 import hmac
 import ipaddress
-import json
 import logging
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, Depends, FastAPI, Path, Query, Request
+from fastapi import APIRouter, Depends, FastAPI, Header, Path, Query, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from prometheus_client import CONTENT_TYPE_LATEST
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr
 from starlette.exceptions import HTTPException
 
 from . import fronts
-from .errors import InvalidInput, SessionError, WaitTimeout
-from .models import Finished
+from .errors import InvalidInput, SessionError
+from .http_docs import mount_docs
+from .http_limits import PAYLOAD_TOO_LARGE, BodyLimit
+from .http_stream import EVENT_ID, event_stream, parse_event_id
+from .metrics import ApiMetrics, CountRequests, scrape
 from .registry import MAX_BUDGET, SessionRegistry
 from .settings import Settings
 from .transport import Target, Transport
@@ -101,17 +109,64 @@ class Health(BaseModel):
     workers: int | None = None
 
 
+class SessionPage(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    active_sessions: int = Field(description="running + paused sessions in the namespace")
+    counts: dict[str, int] = Field(description="sessions per phase (finished ones while "
+                                   "retained): running, paused, completed, failed, cancelled")
+    sessions: list[dict[str, Any]] = Field(description="snapshots, newest activity first, "
+                                           "each with session_id first")
+    next_cursor: str | None = Field(description="pass as `cursor` for the next page; null "
+                                    "on the last one")
+
+
+class StrategyParam(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    name: str
+    required: bool
+    default: Any = None
+    annotation: str | None = None
+
+
+class Strategy(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    name: str
+    description: str
+    params: list[StrategyParam]
+    workers: int = Field(description="live workers that offer it")
+
+
+class StrategyList(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    strategies: list[Strategy]
+
+
+Phase = Literal["running", "paused", "completed", "failed", "cancelled"]
+PendingView = Literal["meta", "preview", "full"]
+
+_PENDING = Query(description="show each pending query: meta (id, max_tokens), preview "
+                 "(+ the prompt's first 200 characters) or full")
+_HISTORY = Query(description="add the last 10 exchanges (conversation_history)")
+
 #: One event of GET /sessions/{id}/events (keep-alive comments are not events).
 _SSE_EVENT: dict[str, Any] = {
     "type": "object",
-    "required": ["event", "id", "data"],
+    "required": ["event", "data"],
     "properties": {
-        "event": {"type": "string", "description": "the event's status",
-                  "enum": ["needs_response", "completed", "error", "cancelled"]},
-        "id": {"type": "string", "description": "1, 2, ... within this stream"},
+        "event": {"type": "string", "description": "what happened",
+                  "enum": ["log", "progress", "needs_response", "accepted", "completed",
+                           "error", "cancelled"]},
+        "id": {"type": "string", "pattern": EVENT_ID,
+               "description": "S.G.K.A, the same on every connection: S log entries written, "
+                              "G the pause (the round; the end is rounds + 1), K 0 progress / "
+                              "1 pause or end, A answers accepted since the pause; send the "
+                              "last one back as Last-Event-ID to resume. An error that ends "
+                              "the stream (the session is gone) has none"},
         "data": {"type": "string", "contentMediaType": "application/json",
-                 "contentSchema": {"type": "object", "required": ["status"]},
-                 "description": "the event's to_json shape, with session_id"},
+                 "contentSchema": {"type": "object"},
+                 "description": "log: {ts, level, msg, seq}; progress: the progress object; "
+                                "needs_response and the end: the to_json shape with "
+                                "session_id; accepted: {status, remaining, session_id}"},
     },
 }
 
@@ -146,8 +201,10 @@ async def serve(
             "could drive and cancel sessions. Pass --token TOKEN or set ALC_API_TOKEN "
             "(or bind 127.0.0.1)")
     app = create_app(settings, token or None)
+    # log_config None: uvicorn keeps the handlers ``coordinator.logs.configure_logging`` set
+    # (so ``--log-format json`` covers its lines too) instead of installing its own.
     config = uvicorn.Config(app, host=host, port=port, log_level=log_level.lower(),
-                            timeout_graceful_shutdown=grace_s, lifespan="on")
+                            timeout_graceful_shutdown=grace_s, lifespan="on", log_config=None)
     try:
         await uvicorn.Server(config).serve()
     except SystemExit as exc:
@@ -196,8 +253,10 @@ def create_app(
 ) -> FastAPI:
     """The API over the registry that ``source`` makes (a zero-argument factory, or Settings
     with a Redis URL). With ``token`` every route but /healthz and the docs needs
-    ``Authorization: Bearer <token>``."""
+    ``Authorization: Bearer <token>``. Request bodies are bounded by the registry's
+    ``Settings.max_request_bytes``."""
     holder = _Holder(_factory_for(source))
+    counters = ApiMetrics()
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -207,15 +266,32 @@ def create_app(
         finally:
             await holder.aclose()
 
-    app = FastAPI(title="alc-coordinator", version="0.1.0", lifespan=lifespan,
-                  description="Pausable strategy sessions on Redis: start, answer, observe.")
+    app = FastAPI(title="alc-coordinator", version=_version(), lifespan=lifespan,
+                  docs_url=None, redoc_url=None,
+                  description="Pausable strategy sessions on Redis: start, answer, observe. "
+                              "Interactive docs at /docs (served offline).")
     deps = [Depends(_bearer(token))] if token else []
     router = APIRouter(dependencies=deps)
-    _session_routes(router, holder, keepalive_s)
+    _session_routes(router, holder, counters)
+    _event_route(router, holder, keepalive_s)
+    _observer_routes(router, holder, counters)
     app.include_router(router)
     _health_route(app, holder)
+    mount_docs(app)
     _error_handlers(app)
+    # Outermost last: requests are counted whatever answers them, the size refusal included.
+    app.add_middleware(BodyLimit, limit=lambda: holder.get().settings.max_request_bytes)
+    app.add_middleware(CountRequests, metrics=counters, routes=lambda: app.routes)
     return app
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("alc-coordinator")
+    except PackageNotFoundError:  # run from a source tree that was never installed
+        return "0.0.0+unknown"
 
 
 #: Module level: the dependency's annotation below must resolve from the module's globals.
@@ -235,11 +311,12 @@ def _bearer(token: str) -> Callable[..., Any]:
     return check
 
 
-def _session_routes(router: APIRouter, holder: _Holder, keepalive_s: float) -> None:
+def _session_routes(router: APIRouter, holder: _Holder, counters: ApiMetrics) -> None:
     @router.post("/sessions", status_code=201,
                  responses={201: {"model": Event}, **_errors(413, 504)})
     async def start_session(body: StartRequest, timeout: Timeout = None) -> JSONResponse:
-        """Start a session; returns its first event (a pause or its end) and session_id."""
+        """Start a session; returns its first event (a pause or its end) and session_id.
+        503 `no_worker` at once when no live worker offers the strategy."""
         budget = body.budget.model_dump(exclude_none=True) if body.budget else None
         out = await fronts.start(holder.get(), body.strategy, body.input, budget, timeout)
         return JSONResponse(out, status_code=201,
@@ -256,42 +333,82 @@ def _session_routes(router: APIRouter, holder: _Holder, keepalive_s: float) -> N
         out = await fronts.feed(holder.get(), session_id, response=body.response,
                                 query_id=body.query_id, usage=body.usage, responses=batch,
                                 timeout=timeout)
+        counters.feeds.inc(1 if batch is None else len(batch))
         return JSONResponse(out)
 
-    @router.get("/sessions", responses={200: {"description": "session id -> snapshot"},
-                                        **_errors()})
+    @router.get("/sessions", responses={200: {"model": SessionPage}, **_errors()})
     async def list_sessions(
-        pending: Literal["meta", "preview", "full"] | None = None, history: bool = False
+        phase: Annotated[Phase | None, Query(description="only sessions in this phase")] = None,
+        strategy: Annotated[str | None, Query(min_length=1, max_length=200,
+                                              description="only this strategy's")] = None,
+        limit: Annotated[int, Query(ge=1, le=1000, description="most sessions per page")] = 100,
+        cursor: Annotated[str | None, Query(min_length=1, max_length=1000, description=(
+            "next_cursor of the page before"))] = None,
+        pending: Annotated[PendingView | None, _PENDING] = None,
+        history: Annotated[bool, _HISTORY] = False,
     ) -> JSONResponse:
-        """Snapshots of the paused sessions, keyed by session id."""
-        return JSONResponse(await fronts.observe(holder.get(), None, pending, history))
+        """A page of sessions in every phase (finished ones while retained), newest activity
+        first, with the count per phase; follow `next_cursor` until it is null (a page
+        filtered by strategy may hold fewer than `limit`)."""
+        return JSONResponse(await fronts.sessions(
+            holder.get(), phase, strategy, limit, cursor, pending_filter=pending,
+            include_history=history))
 
     @router.get("/sessions/{session_id}", responses={200: {"description": "snapshot"},
                                                      **_errors(404)})
     async def get_session(
         session_id: SessionId,
-        pending: Literal["meta", "preview", "full"] | None = None, history: bool = False,
+        pending: Annotated[PendingView | None, _PENDING] = None,
+        history: Annotated[bool, _HISTORY] = False,
     ) -> JSONResponse:
         """One session's snapshot; a finished one's carries its result while retained."""
         return JSONResponse(await fronts.observe(holder.get(), session_id, pending, history))
-
-    @router.get("/sessions/{session_id}/events", response_class=StreamingResponse,
-                responses={200: {"content": {"text/event-stream": {"schema": _SSE_EVENT}},
-                                 "description": "server-sent events"}, **_errors(404)})
-    async def session_events(session_id: SessionId) -> StreamingResponse:
-        """Server-sent events: the session's current event, then each next one as it
-        happens (event name = status, data = the to_json shape); ends after its end."""
-        reg = holder.get()
-        await reg.status(session_id)  # a 404 now, not an error event in a 200 stream
-        return StreamingResponse(
-            event_stream(reg, session_id, keepalive_s), media_type="text/event-stream",
-            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
     @router.delete("/sessions/{session_id}",
                    responses={200: {"model": Event}, **_errors(404, 409)})
     async def cancel_session(session_id: SessionId) -> JSONResponse:
         """Cancel a session (running or paused); 409 once it has finished."""
         return JSONResponse(await fronts.cancel(holder.get(), session_id))
+
+
+def _event_route(router: APIRouter, holder: _Holder, keepalive_s: float) -> None:
+    @router.get("/sessions/{session_id}/events", response_class=StreamingResponse,
+                responses={200: {"content": {"text/event-stream": {"schema": _SSE_EVENT}},
+                                 "description": "server-sent events"}, **_errors(404)})
+    async def session_events(
+        session_id: SessionId,
+        last_event_id: Annotated[str | None, Header(
+            alias="Last-Event-ID", pattern=EVENT_ID,
+            description="the id of the last event a client had: the stream resumes after "
+                        "it (browsers send it when they reconnect)")] = None,
+    ) -> StreamingResponse:
+        """Server-sent events: the session's logs, progress, pauses, accepted answers and its
+        end, each as it happens; ends after the end. Event ids come from the session's
+        state, so a reconnect with Last-Event-ID gets exactly what it missed that is still
+        retained (the last 20 logs, the current pause and its answers, the end)."""
+        after = parse_event_id(last_event_id)
+        reg = holder.get()
+        await reg.status(session_id)  # a 404 now, not an error event in a 200 stream
+        return StreamingResponse(
+            event_stream(reg, session_id, keepalive_s, after), media_type="text/event-stream",
+            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+
+def _observer_routes(router: APIRouter, holder: _Holder, counters: ApiMetrics) -> None:
+    @router.get("/strategies", responses={200: {"model": StrategyList}, **_errors()})
+    async def list_strategies() -> JSONResponse:
+        """The strategies live workers offer, by name: description, input parameters (from
+        each strategy function's signature and docstring) and how many workers offer it."""
+        return JSONResponse(await fronts.strategies(holder.get()))
+
+    @router.get("/metrics", response_class=Response, responses={
+        200: {"content": {"text/plain": {"schema": {"type": "string"}}},
+              "description": "Prometheus text exposition"}, **_errors()})
+    async def metrics() -> Response:
+        """Prometheus metrics: sessions per phase, live workers, dead letters and each live
+        worker's counters (read from Redis at scrape time), and this API process's feeds
+        and requests (by method, route template and status)."""
+        return Response(await scrape(holder.get(), counters), media_type=CONTENT_TYPE_LATEST)
 
 
 def _health_route(app: FastAPI, holder: _Holder) -> None:
@@ -326,7 +443,8 @@ def _error_handlers(app: FastAPI) -> None:
             return JSONResponse({"status": "error", "type": "invalid_input", "error":
                                  f"request body is not valid JSON: {exc.detail}"},
                                 status_code=422)
-        kind = {401: "unauthorized", 404: "not_found", 405: "method_not_allowed"}
+        kind = {401: "unauthorized", 404: "not_found", 405: "method_not_allowed",
+                413: PAYLOAD_TOO_LARGE}
         return JSONResponse({"status": "error", "error": str(exc.detail),
                              "type": kind.get(exc.status_code, "http_error")},
                             status_code=exc.status_code, headers=exc.headers)
@@ -345,49 +463,3 @@ def _describe(errors: Any) -> str:
         else:
             parts.append(f"{where}: {err.get('msg', 'invalid')}")
     return "; ".join(parts) or "invalid request"
-
-
-# -- server-sent events ------------------------------------------------------------------
-
-KEEPALIVE = ": keep-alive\n\n"
-
-
-def _sse(n: int, data: dict[str, Any]) -> str:
-    body = json.dumps(data, ensure_ascii=False, separators=(",", ":"))  # one line, always
-    return f"id: {n}\nevent: {data['status']}\ndata: {body}\n\n"
-
-
-async def _round(reg: SessionRegistry, sid: str) -> int:
-    return int((await reg.status(sid)).get("metrics", {}).get("rounds", -1))
-
-
-async def event_stream(reg: SessionRegistry, sid: str, keepalive_s: float) -> AsyncIterator[str]:
-    """The session's events, each once: ``wait_event`` gives the settled event (and waits
-    while the session runs); a pause is new when its round is (the completed-round counter
-    read before and after the wait agrees, so the pause belongs to that round). Between
-    events the stream sleeps on the session's channel, not in a poll loop, and sends a
-    keep-alive comment every ``keepalive_s`` so proxies keep the connection open."""
-    async with await reg.mux.subscribe(reg.keys.session(sid).channel) as sub:
-        shown: int | None = None
-        n = 0
-        while True:
-            try:
-                before = await _round(reg, sid)
-                event = await reg.wait_event(sid, timeout=keepalive_s)
-                after = await _round(reg, sid)
-            except WaitTimeout:
-                yield KEEPALIVE
-                continue
-            except SessionError as exc:  # e.g. its retention ran out mid-stream
-                yield _sse(n + 1, exc.to_json())
-                return
-            if isinstance(event, Finished):
-                yield _sse(n + 1, {"session_id": sid, **event.to_json(sid)})
-                return
-            if before != after:
-                continue  # a round completed while we read: read again
-            if after != shown:
-                shown, n = after, n + 1
-                yield _sse(n, event.to_json(sid))
-            if await sub.get(keepalive_s) is None:
-                yield KEEPALIVE

@@ -1,9 +1,10 @@
 """The CLI against a Redis it cannot use: unreachable, misnamed, or refusing the database.
 
 Every command that needs Redis must end within its bound (``Settings.redis_timeout_s``, 5 s by
-default, plus the interpreter's start-up), exit 2 and print the typed JSON error on stdout
-(``"type": "unavailable"`` / ``"invalid_input"`` / ``"misconfigured"``): a message a person can
-act on, never a traceback, and never the password of the URL.
+default, plus the interpreter's start-up), exit with its error's code (4 ``unavailable``: try
+again later; 2 ``invalid_input``: fix the call; 5 ``misconfigured``: fix the deployment) and
+print the typed JSON error on stdout: a message a person can act on, never a traceback, and
+never the password of the URL.
 
 The time bounds are generous upper bounds that prove each command is bounded, not speed.
 """
@@ -16,11 +17,14 @@ import time
 
 import pytest
 
+from coordinator.errors import vocabulary
 from tests.helpers import free_port
 from tests.procs import ROOT, CliResult, clean_env, cli_argv, run_cli
 
 #: The default budget of a Redis call (5 s) plus start-up, with room for a slow box.
 BOUND_S = 7.0 + 3.0
+#: Each error type's exit code, as the errors module defines it.
+EXIT_CODES = {code: exit_code for code, _, exit_code, _ in vocabulary()}
 
 
 async def timed_cli(*args: str, **env: str) -> tuple[CliResult, float]:
@@ -30,7 +34,7 @@ async def timed_cli(*args: str, **env: str) -> tuple[CliResult, float]:
 
 
 def assert_error(result: CliResult, kind: str, *fragments: str) -> dict[str, object]:
-    assert result.code == 2, str(result)
+    assert result.code == EXIT_CODES[kind], str(result)
     for out in (result.stdout, result.stderr):
         assert "Traceback" not in out, str(result)
     body = result.json()
@@ -56,6 +60,8 @@ async def test_every_command_against_a_closed_port_masks_the_password() -> None:
     commands = [
         ("status", "--json"), ("status", "s-0-" + "0" * 32), ("start", "cot", "--task", "x"),
         ("continue", "s-0-" + "0" * 32, "answer"), ("cancel", "s-0-" + "0" * 32),
+        ("wait", "s-0-" + "0" * 32), ("sessions",), ("sessions", "--json"), ("strategies",),
+        ("status",),
     ]
     results = await asyncio.gather(*(
         timed_cli(*cmd, "--redis", url, ALC_REDIS_TIMEOUT_S="1.5") for cmd in commands))

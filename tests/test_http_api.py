@@ -27,6 +27,7 @@ import pytest_asyncio
 import redis
 import redis.asyncio
 
+from coordinator.codec import pack
 from coordinator.http_api import create_app, is_loopback
 from coordinator.keys import Keys
 from coordinator.registry import SessionRegistry
@@ -147,6 +148,28 @@ async def api(
         yield c
 
 
+@asynccontextmanager
+async def served(app: Any) -> AsyncIterator[str]:
+    """``app`` under a real uvicorn server on a free loopback port, in this event loop (the
+    HTTP test modules share it); yields its base URL, and stops it at the end."""
+    import uvicorn
+
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port,
+                                           log_level="warning", lifespan="on",
+                                           timeout_graceful_shutdown=5))
+    task = asyncio.create_task(server.serve())
+    try:
+        await assert_eventually(lambda: server.started or task.done(), timeout=WAIT_S,
+                                message="uvicorn did not start")
+        if task.done():
+            raise AssertionError(f"uvicorn stopped at start-up: {task.exception()!r}")
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        await asyncio.wait_for(task, WAIT_S)
+
+
 @pytest_asyncio.fixture
 async def client(stack: Stack) -> AsyncIterator[httpx.AsyncClient]:
     async with api(stack.registry) as c:
@@ -206,7 +229,7 @@ async def test_batch_partial_and_sole_pending_rules(client: httpx.AsyncClient) -
     assert [q["id"] for q in first["queries"]] == ["q-0", "q-1", "q-2"]
 
     bare = await client.post(f"/sessions/{sid}/responses", json={"response": "4"})
-    assert "3 queries pending" in error(bare, 422, "no_pending_query")["error"]
+    assert "3 queries are pending (q-0, q-1, q-2)" in error(bare, 422, "no_pending_query")["error"]
 
     one = await client.post(f"/sessions/{sid}/responses",
                             json={"query_id": "q-1", "response": "4",
@@ -230,11 +253,13 @@ async def test_list_and_status_options(client: httpx.AsyncClient) -> None:
     first = (await client.post("/sessions", json={"strategy": "cot",
                                                   "input": {"task": "x" * 300}})).json()
     sid = first["session_id"]
-    listing = (await client.get("/sessions", params={"pending": "preview"})).json()
-    assert listing[sid]["phase"] == "paused" and listing[sid]["pending_queries"] == 1
-    [pending] = listing[sid]["pending"]
+    page = (await client.get("/sessions", params={"pending": "preview",
+                                                  "phase": "paused"})).json()
+    listed = {s["session_id"]: s for s in page["sessions"]}
+    assert listed[sid]["phase"] == "paused" and listed[sid]["pending_queries"] == 1
+    [pending] = listed[sid]["pending"]
     assert pending["query_id"] == "q-0" and len(pending["prompt_preview"]) == 200
-    assert "conversation_history" not in listing[sid]
+    assert "conversation_history" not in listed[sid]
 
     await client.post(f"/sessions/{sid}/responses", json={"response": "step 1"})
     snap = (await client.get(f"/sessions/{sid}",
@@ -251,11 +276,10 @@ async def test_cancel_then_errors_for_finished_and_unknown(client: httpx.AsyncCl
     assert res.status_code == 200 and res.json()["status"] == "cancelled", res.text
     assert error(await client.delete(f"/sessions/{sid}"), 409,
                  "invalid_transition")["state"] == "cancelled"
-    error(await client.post(f"/sessions/{sid}/responses", json={"response": "x"}), 422,
-          "no_pending_query")
-    error(await client.post(f"/sessions/{sid}/responses",
-                            json={"query_id": "q-0", "response": "x"}), 409,
-          "invalid_transition")
+    for body in ({"response": "x"}, {"query_id": "q-0", "response": "x"}):
+        ended = error(await client.post(f"/sessions/{sid}/responses", json=body), 409,
+                      "invalid_transition")
+        assert ended["state"] == "cancelled"
 
     ghost = "s-0-" + "0" * 32
     error(await client.get(f"/sessions/{ghost}"), 404, "not_found")
@@ -314,17 +338,84 @@ async def test_payload_too_large_is_413(stack: Stack) -> None:
         error(big, 413, "payload_too_large")
 
 
-async def test_wait_timeout_is_504_and_the_session_carries_on(stack: Stack) -> None:
-    """A namespace no worker serves: the start waits its bound, then 504 (not a hang)."""
+async def test_no_worker_is_503_at_once(stack: Stack) -> None:
+    """A namespace no worker serves: the start is refused at once, naming the cause."""
     idle = Stack(stack.url, f"idle{secrets.token_hex(4)}")
     async with api(idle.registry) as c:
-        res = await c.post("/sessions", params={"timeout": 1},
-                           json={"strategy": "cot", "input": {"task": "t"}})
-        body = error(res, 504, "wait_timeout")
-        snap = (await c.get(f"/sessions/{body['session_id']}")).json()
-        assert snap["phase"] == "running"
-        error(await c.post("/sessions", params={"timeout": 0}, json={"strategy": "cot"}),
-              422, "invalid_input")
+        res = await c.post("/sessions", json={"strategy": "cot", "input": {"task": "t"}})
+        assert "worker" in error(res, 503, "no_worker")["error"]
+
+
+async def test_wait_timeout_is_504_and_the_session_carries_on(stack: Stack) -> None:
+    """A live worker that offers the strategy but never takes the job (a heartbeat key
+    written here, no process behind it): the start waits its bound, then 504, not a hang;
+    the session stays queued."""
+    idle = Stack(stack.url, f"idle{secrets.token_hex(4)}")
+    keys = Keys(idle.ns)
+    client = redis.asyncio.Redis.from_url(stack.url)
+    try:
+        await client.set(keys.worker("busy"), pack({"strategies": ["cot"]}), px=60_000)
+        await client.zadd(keys.workers, {"busy": 1})
+        async with api(idle.registry) as c:
+            res = await c.post("/sessions", params={"timeout": 1},
+                               json={"strategy": "cot", "input": {"task": "t"}})
+            body = error(res, 504, "wait_timeout")
+            snap = (await c.get(f"/sessions/{body['session_id']}")).json()
+            assert snap["phase"] == "running"
+            error(await c.post("/sessions", params={"timeout": 0}, json={"strategy": "cot"}),
+                  422, "invalid_input")
+    finally:
+        await client.delete(keys.worker("busy"))
+        await client.aclose()
+
+
+async def test_sessions_page_filters_and_cursor(client: httpx.AsyncClient) -> None:
+    """GET /sessions: every phase, filtered, paged by cursor (each session once), with the
+    counts; bad filters are 422 in the usual error shape."""
+    mine = [(await client.post("/sessions", json={"strategy": "cot", "input": {
+        "task": f"page {i}"}})).json()["session_id"] for i in range(3)]
+    cancelled = (await client.delete(f"/sessions/{mine[0]}")).json()
+    assert cancelled["status"] == "cancelled"
+
+    seen: list[str] = []
+    params: dict[str, Any] = {"phase": "paused", "strategy": "cot", "limit": 2}
+    for _ in range(100):
+        page = (await client.get("/sessions", params=params)).json()
+        assert set(page) == {"active_sessions", "counts", "sessions", "next_cursor"}
+        assert len(page["sessions"]) <= 2
+        for snap in page["sessions"]:
+            assert next(iter(snap)) == "session_id"
+            assert snap["phase"] == "paused" and snap["strategy"] == "cot"
+        seen += [snap["session_id"] for snap in page["sessions"]]
+        if page["next_cursor"] is None:
+            break
+        params["cursor"] = page["next_cursor"]
+    assert len(seen) == len(set(seen)) and set(mine[1:]) <= set(seen)
+    assert mine[0] not in seen
+
+    ended = (await client.get("/sessions", params={"phase": "cancelled",
+                                                   "limit": 1000})).json()
+    assert mine[0] in {snap["session_id"] for snap in ended["sessions"]}
+    counts = ended["counts"]
+    assert set(counts) == {"running", "paused", "completed", "failed", "cancelled"}
+    assert counts["cancelled"] >= 1 and counts["paused"] >= 2
+    assert ended["active_sessions"] == counts["running"] + counts["paused"]
+
+    for bad in ({"phase": "asleep"}, {"limit": 0}, {"limit": 1001}, {"limit": "x"},
+                {"cursor": "not-a-cursor"}, {"pending": "all"}, {"strategy": ""}):
+        error(await client.get("/sessions", params=bad), 422, "invalid_input")
+
+
+async def test_strategies_lists_what_live_workers_offer(client: httpx.AsyncClient) -> None:
+    body = (await client.get("/strategies")).json()
+    by_name = {s["name"]: s for s in body["strategies"]}
+    assert [s["name"] for s in body["strategies"]] == sorted(by_name)
+    assert {"cot", "reflect", "sc"} <= set(by_name)
+    sc = by_name["sc"]
+    assert sc["workers"] == 2 and "majority vote" in sc["description"]
+    params = {p["name"]: p for p in sc["params"]}
+    assert params["n"]["default"] == 5 and params["n"]["required"] is False
+    assert "task" in params
 
 
 async def test_openapi_document(client: httpx.AsyncClient) -> None:
@@ -332,8 +423,21 @@ async def test_openapi_document(client: httpx.AsyncClient) -> None:
     assert doc["openapi"].startswith("3.")
     assert {"/sessions", "/sessions/{session_id}", "/sessions/{session_id}/responses",
             "/sessions/{session_id}/events", "/healthz"} <= set(doc["paths"])
+    assert {"/strategies", "/metrics"} <= set(doc["paths"])
     assert set(doc["paths"]["/sessions/{session_id}"]) == {"get", "delete"}
     assert "securitySchemes" not in doc.get("components", {})  # no token, no auth
+    listing = doc["paths"]["/sessions"]["get"]
+    assert {p["name"] for p in listing["parameters"]} == {
+        "phase", "strategy", "limit", "cursor", "pending", "history"}
+    assert all(p.get("description") for p in listing["parameters"])
+    assert listing["responses"]["200"]["content"]["application/json"]["schema"] == {
+        "$ref": "#/components/schemas/SessionPage"}
+    page = doc["components"]["schemas"]["SessionPage"]["properties"]
+    assert {"active_sessions", "counts", "sessions", "next_cursor"} <= set(page)
+    events = doc["paths"]["/sessions/{session_id}/events"]["get"]
+    assert "Last-Event-ID" in {p["name"] for p in events["parameters"]}
+    for path in ("/strategies", "/metrics", "/sessions/{session_id}/events"):
+        assert doc["paths"][path]["get"]["description"], path
 
 
 # -- auth ----------------------------------------------------------------------------------
@@ -349,6 +453,10 @@ async def test_bearer_token(stack: Stack) -> None:
                            headers={"Authorization": "Basic s3cret"}), 401, "unauthorized")
         ok = await c.get("/sessions", headers={"Authorization": "Bearer s3cret"})
         assert ok.status_code == 200
+        for path in ("/strategies", "/metrics"):
+            error(await c.get(path), 401, "unauthorized")
+            assert (await c.get(path, headers={"Authorization": "Bearer s3cret"})
+                    ).status_code == 200
         assert (await c.get("/healthz")).status_code == 200  # probes need no token
         doc = (await c.get("/openapi.json")).json()
         assert "HTTPBearer" in doc["components"]["securitySchemes"]
@@ -364,7 +472,7 @@ def test_serve_refuses_a_public_address_without_token() -> None:
                               "--redis", "redis://127.0.0.1:1/0"),
                           env=clean_env(), capture_output=True, timeout=WAIT_S, cwd=ROOT)
     assert proc.returncode == 2, proc.stderr
-    out = json.loads(proc.stdout)
+    out = json.loads((proc.stdout or proc.stderr).strip().splitlines()[-1])  # the JSON error
     assert out["type"] == "invalid_input" and "ALC_API_TOKEN" in out["error"]
 
 
@@ -402,6 +510,7 @@ class RawStream:
         self._gone = asyncio.Event()
         self._asked = False
         self._buf = ""
+        self.ids: list[tuple[int, ...]] = []
         scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1",
                  "method": "GET", "scheme": "http", "path": path, "raw_path": path.encode(),
                  "root_path": "", "query_string": b"", "headers": [(b"host", b"api")],
@@ -441,11 +550,24 @@ class RawStream:
         while (item := await self.next()) == "keep-alive":
             pass
         assert not isinstance(item, str)
+        if item is not None:
+            self.ids.append(key(item["id"]))
+        return item
+
+    async def next_settled(self) -> dict[str, Any] | None:
+        """The next pause or end, past the logs and progress before it."""
+        while (item := await self.next_event()) is not None and \
+                item["event"] in ("log", "progress"):
+            pass
         return item
 
     async def close(self) -> None:
         self._gone.set()
         await asyncio.wait_for(self.task, WAIT_S)
+
+
+def key(event_id: str) -> tuple[int, ...]:
+    return tuple(int(n) for n in event_id.split("."))
 
 
 async def test_events_stream_each_event_once_as_it_happens(client: httpx.AsyncClient) -> None:
@@ -455,23 +577,24 @@ async def test_events_stream_each_event_once_as_it_happens(client: httpx.AsyncCl
     stream = RawStream(client.app, f"/sessions/{sid}/events")  # type: ignore[attr-defined]
     try:
         assert await asyncio.wait_for(stream.status, WAIT_S) == 200
-        ev = await stream.next_event()
-        assert ev is not None and ev["event"] == "needs_response" and ev["id"] == "1"
+        ev = await stream.next_settled()
+        assert ev is not None and ev["event"] == "needs_response"
         assert ev["data"] == first  # the current pause, in the to_json shape
         assert await stream.next() == "keep-alive"  # nothing new: only keep-alives
         prompts = [first["prompt"]]
         for n in range(2, 6):  # draft, 2 x (critique, revision)
             res = (await client.post(f"/sessions/{sid}/responses",
                                      json={"response": f"a{n}"})).json()
-            ev = await stream.next_event()
-            assert ev is not None and ev["id"] == str(n) and ev["data"] == res
+            ev = await stream.next_settled()
+            assert ev is not None and ev["event"] == "needs_response" and ev["data"] == res
             prompts.append(res["prompt"])
         final = (await client.post(f"/sessions/{sid}/responses", json={"response": "a6"})).json()
-        ev = await stream.next_event()
+        ev = await stream.next_settled()
         assert ev is not None and ev["event"] == "completed"
         assert ev["data"] == {"session_id": sid, **final}
         assert await stream.next() is None  # the stream ends after the end
         assert len(set(prompts)) == 5
+        assert stream.ids == sorted(set(stream.ids))  # increasing, none twice
     finally:
         await stream.close()
 
@@ -481,9 +604,9 @@ async def test_events_stream_ends_on_cancel(client: httpx.AsyncClient) -> None:
         "task": "t"}})).json()["session_id"]
     stream = RawStream(client.app, f"/sessions/{sid}/events")  # type: ignore[attr-defined]
     try:
-        assert (await stream.next_event() or {})["event"] == "needs_response"
+        assert (await stream.next_settled() or {})["event"] == "needs_response"
         await client.delete(f"/sessions/{sid}")
-        ev = await stream.next_event()
+        ev = await stream.next_settled()
         assert ev is not None and ev["event"] == "cancelled" and ev["data"]["session_id"] == sid
         assert await stream.next() is None
     finally:
@@ -582,7 +705,9 @@ async def test_two_api_processes_two_workers_alternating(
             for c in clients:
                 snap = (await c.get(f"/sessions/{r['session_id']}")).json()
                 assert snap["phase"] == "completed" and snap["result"] == r["result"]
-        assert (await clients[1].get("/sessions")).json() == {}  # nothing left paused
+        page = (await clients[1].get("/sessions", params={"phase": "paused"})).json()
+        assert page["sessions"] == [] and page["counts"]["paused"] == 0  # none left paused
+        assert page["counts"]["completed"] == len(jobs)
         await events_across_apis_and_graceful_shutdown(clients, procs)
     finally:
         for c in clients:
@@ -603,8 +728,12 @@ async def events_across_apis_and_graceful_shutdown(
         lines = stream.aiter_lines()
 
         async def next_data() -> dict[str, Any]:
+            """The data of the next pause or end (logs and progress passed over)."""
+            name = ""
             async for line in lines:
-                if line.startswith("data: "):
+                if line.startswith("event: "):
+                    name = line[7:]
+                elif line.startswith("data: ") and name not in ("log", "progress"):
                     parsed: dict[str, Any] = json.loads(line[6:])
                     return parsed
             raise AssertionError("the stream ended early")

@@ -260,7 +260,7 @@ async def test_reattach_from_other_registries_and_processes(
     assert out.code == 0, str(out)
     assert isinstance(final, Finished) and final.state is Phase.COMPLETED, final
     assert final.result == {"tag": "t", "first": ["B0", "B1"], "second": "from-cli"}
-    assert out.json() == final.to_json(sid)
+    assert out.json() == {"session_id": sid, **final.to_json(sid)}
     assert await reg_a.wait_event(sid, timeout=WAIT_S) == final
     status = await reg_b.status(sid)
     assert status["state"] == "terminal" and status["result"] == final.result
@@ -403,7 +403,7 @@ async def test_cli_start_continue_status_cancel_round_trip(
     assert late["status"] == "error" and late["type"] == "invalid_transition", late
     again = await cli("cancel", other, code=2)
     assert again["status"] == "error" and again["type"] == "invalid_transition", again
-    missing = await cli("status", "s-0-doesnotexist", code=2)
+    missing = await cli("status", "s-0-doesnotexist", code=3)  # not_found
     assert missing["status"] == "error" and missing["type"] == "not_found", missing
 
 
@@ -455,7 +455,7 @@ async def test_cli_run_with_command_responder_sees_query_env_against_real_server
 async def test_cli_run_with_failing_command_responder_reports_error() -> None:
     out = await run_cli("run", "reflect", "--task", "x", "--responder",
                         "cmd:echo broken >&2; exit 3")
-    assert out.code == 2, str(out)
+    assert out.code == 1, str(out)  # the session is cancelled: run ends as for a failure
     assert "Traceback" not in out.stderr, str(out)
     error = json.loads(out.stderr.strip().splitlines()[-1])
     assert error["status"] == "error"

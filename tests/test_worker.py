@@ -406,7 +406,7 @@ async def test_budget_llm_calls_exceeded(registry: SessionRegistry, worker: Work
     done = await registry.feed_response(sid, "q-0", "b")
     assert isinstance(done, Finished) and done.state is Phase.FAILED
     assert done.error is not None and "budget exceeded" in done.error
-    assert done.to_json(sid) == {"status": "error", "error": done.error}
+    assert done.to_json(sid) == {"status": "error", "error": done.error, "type": "budget_exceeded"}
     status = await registry.status(sid)
     assert status["metrics"]["llm_calls"] == 2
     assert status["metrics"]["budget_remaining"] == {"llm_calls": 0}

@@ -45,6 +45,7 @@ from typing import Any
 from coordinator.errors import SessionError
 from coordinator.events import parse_handoff
 from coordinator.keys import JOB_GROUP, Keys
+from coordinator.logs import about
 from coordinator.records import as_hash, now_ms
 from coordinator.services import Services
 from coordinator.transport import Subscription, checked
@@ -60,6 +61,9 @@ RESCUE_EVERY_S = 0.25
 RESCUE_BATCH = 100
 #: Most rounds remembered as left to their holder (the oldest are the claims' anyway).
 LEFT_CAP = 100_000
+#: Most claimed jobs remembered, so a job claimed again (it waits its turn to run alone:
+#: quarantine.py) is logged once, not at every claim.
+CLAIMED_CAP = 10_000
 
 
 async def every(
@@ -155,6 +159,8 @@ class Intake:
         self._left: OrderedDict[str, _Left] = OrderedDict()
         #: Workers whose process channel had no subscriber at the last look.
         self._gone: set[str] = set()
+        #: Jobs this intake claimed, oldest first (``_log_takeover``).
+        self._claimed: OrderedDict[str, None] = OrderedDict()
 
     async def start(self, beat: Callable[[], Awaitable[None]] | None
                     ) -> list[asyncio.Task[None]]:
@@ -231,6 +237,7 @@ class Intake:
                         self._leave(entry_id, name, fields)
                     continue
                 self.stats.rescued += 1  # handed to a worker gone since
+                self._log_takeover(entry_id, fields, f"rescued: its holder {name} is gone")
             self._take(entry_id, fields, suspect=bool(holder) and fields.get(b"k") == b"resume")
         return len(entries)
 
@@ -240,10 +247,27 @@ class Intake:
             "XAUTOCLAIM", self.keys.jobs, JOB_GROUP, self.id, self.settings.claim_idle_ms,
             "0-0", "COUNT", 100)
         entries = [(e[0], as_hash(e[1])) for e in reply[1] if e and e[1]]
-        for entry_id, fields in entries:
+        for raw_id, fields in entries:
+            entry_id = raw_id.decode()
             self.stats.claimed += 1
-            self._take(entry_id.decode(), fields, suspect=True)
+            again = entry_id in self._claimed
+            self._claimed[entry_id] = None
+            self._claimed.move_to_end(entry_id)
+            if len(self._claimed) > CLAIMED_CAP:
+                self._claimed.popitem(last=False)
+            self._log_takeover(entry_id, fields, f"claimed: idle over "
+                               f"{self.settings.claim_idle_ms} ms", again=again)
+            self._take(entry_id, fields, suspect=True)
         return len(entries)
+
+    def _log_takeover(self, entry_id: str, fields: dict[bytes, bytes], why: str, *,
+                      again: bool = False) -> None:
+        """One line per job taken from another worker (a claim or a rescue): which session,
+        and why, so an operator can follow a session across workers. A job claimed again
+        while it waits its turn is said at DEBUG only."""
+        sid = fields.get(b"sid", b"").decode(errors="replace")
+        log.log(logging.DEBUG if again else logging.INFO, "session %s: job %s taken over (%s)",
+                sid or "?", entry_id, why, extra=about(sid or None, self.id))
 
     # -- rescues -------------------------------------------------------------------------
 
@@ -293,7 +317,7 @@ class Intake:
             *[r[0] for r in rows])
         entries = [(e[0].decode(), as_hash(e[1])) for e in reply if e and e[1]]
         log.warning("worker %s is gone (its connection to redis closed): taking over its %d "
-                    "pending job(s)", consumer, len(entries))
+                    "pending job(s)", consumer, len(entries), extra=about(worker_id=self.id))
         return await self._adopt(entries)
 
     async def _adopt(self, entries: list[tuple[str, dict[bytes, bytes]]]) -> int:
@@ -317,6 +341,7 @@ class Intake:
                     self._leave(entry_id, holder, fields)
                 continue
             self.stats.rescued += 1
+            self._log_takeover(entry_id, fields, "rescued: its worker is gone")
             self._take(entry_id, fields, suspect=True)
             started += 1
         if stale:
@@ -351,7 +376,8 @@ class Intake:
             self._pool.spawn(self._dead_letter(entry_id, sid, kind))
 
     async def _dead_letter(self, entry_id: str, sid: str, kind: str) -> None:
-        log.error("job %s has unknown kind %r; moving it to the dead letters", entry_id, kind)
+        log.error("job %s of session %s has unknown kind %r; moving it to the dead letters",
+                  entry_id, sid or "?", kind, extra=about(sid or None, self.id))
         self.stats.dead_letters += 1
         checked(await self.redis.execute_many([
             ("XADD", self.keys.dead_letters, "MAXLEN", "~", 10_000, "*", "sid", sid,

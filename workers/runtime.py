@@ -13,11 +13,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
-from dataclasses import dataclass
+import traceback as tb_module
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import TracebackType
 from typing import Any
 
 from coordinator.codec import check_json_able, pack, pack_checked
 from coordinator.errors import (
+    FAILURE_TYPES,
     CorruptState,
     InvalidTransition,
     NonDeterminism,
@@ -43,10 +47,62 @@ class Done:
 
 @dataclass(frozen=True, slots=True)
 class Crash:
+    """The session fails: ``error`` for its host, ``kind`` one of ``errors.FAILURE_TYPES``,
+    and, when the strategy's own code raised, its ``traceback`` (text, for the session's
+    status) and ``exc`` (the exception, for the worker's log)."""
+
     error: str
+    kind: str = "strategy_error"
+    traceback: str | None = None
+    exc: BaseException | None = field(default=None, repr=False, compare=False)
+
+    @classmethod
+    def of(cls, exc: SessionError) -> Crash:
+        """A failure the machinery found (no strategy frame to show)."""
+        return cls(exc.message, failure_type(exc))
+
+    @classmethod
+    def raised(cls, exc: BaseException) -> Crash:
+        """The strategy raised ``exc``: its type, and its traceback from the strategy's
+        first frame on (the runtime's own frames above it tell an operator nothing)."""
+        exc = exc.with_traceback(_strategy_frames(exc.__traceback__))
+        message = exc.message if isinstance(exc, SessionError) else f"{type(exc).__name__}: {exc}"
+        kind = failure_type(exc) if isinstance(exc, SessionError) else "strategy_error"
+        return cls(message, kind, format_traceback(exc), exc)
 
 
 Outcome = Ask | Done | Crash
+
+#: Longest traceback kept with a failed session (its end, where the error is, is kept).
+MAX_TRACEBACK_CHARS = 8 * 1024
+#: The runtime's files, whose frames lead into every strategy's traceback.
+_RUNTIME_FILES = frozenset(str(Path(__file__).with_name(n)) for n in ("runtime.py", "watchdog.py"))
+
+
+def failure_type(exc: SessionError) -> str:
+    """The ``FAILURE_TYPES`` entry an error raised in a step stands for (a
+    ``PayloadTooLarge`` is an ``invalid_input``); errors with no type of their own (a
+    strategy raising ``InvalidTransition``, say) are the strategy's: ``strategy_error``."""
+    for cls in type(exc).__mro__:
+        code = getattr(cls, "code", None)
+        if code in FAILURE_TYPES:
+            return str(code)
+    return "strategy_error"
+
+
+def _strategy_frames(tb: TracebackType | None) -> TracebackType | None:
+    while tb is not None and tb.tb_frame.f_code.co_filename in _RUNTIME_FILES:
+        tb = tb.tb_next
+    return tb
+
+
+def format_traceback(exc: BaseException) -> str:
+    """``exc``'s traceback as Python prints it, its chained causes included, cut to its
+    last ``MAX_TRACEBACK_CHARS``."""
+    text = "".join(tb_module.format_exception(exc))
+    if len(text) <= MAX_TRACEBACK_CHARS:
+        return text
+    return "... (traceback cut)\n" + text[-MAX_TRACEBACK_CHARS:]
 
 #: What a step's outbox holds when the strategy ended instead of asking.
 _ENDED: list[LlmQuery] = []
@@ -78,6 +134,7 @@ class Execution:
         budget: dict[str, int] | None = None,
         started_at_ms: int = 0,
         max_result_bytes: int | None = None,
+        session_id: str | None = None,
     ) -> None:
         self._fn = fn
         self._input = input
@@ -85,7 +142,7 @@ class Execution:
         self.ctx = Context(self._ask, budget=budget, started_at_ms=started_at_ms)
         self._task: asyncio.Task[Any] | None = None
         #: The strategy's time on the loop: its step deadline, and the watchdog's view.
-        self.clock = StepClock(getattr(fn, "__qualname__", ""))
+        self.clock = StepClock(getattr(fn, "__qualname__", ""), session_id=session_id)
         self._outbox: asyncio.Future[list[LlmQuery]] | None = None
         self._inbox: asyncio.Future[list[str]] | None = None
         #: Rounds asked so far; equals the session's ``asked`` while in step with it.
@@ -129,12 +186,12 @@ class Execution:
             # number than was asked would resume the strategy with wrong or missing answers
             # (it got [] for a batch of 4 once, and completed). End it instead.
             self.close()
-            return Crash(str(CorruptState(
+            return Crash.of(CorruptState(
                 f"corrupt state: round {self.asked} asked {len(self.last_queries)} "
                 f"question(s) but {'no' if answers is None else len(answers)} answer(s) came "
                 "back; the strategy is not resumed with answers that do not match its "
                 "questions"
-            )))
+            ))
         # One future carries either outcome (an ask, or _ENDED from the task's done
         # callback), awaited under a timeout scope: no asyncio.wait, no extra task per step.
         outbox: asyncio.Future[list[LlmQuery]] = asyncio.get_running_loop().create_future()
@@ -154,9 +211,9 @@ class Execution:
             queries = await self.clock.within(outbox, timeout_s)
         except TimeoutError as exc:  # overrun, or interrupted by the watchdog (watchdog.py)
             self.close()
-            return Crash(str(StepTimeout(str(exc) or
+            return Crash.of(StepTimeout(str(exc) or
                 f"step timeout: the strategy neither asked nor returned within {timeout_s:g} s"
-            )))
+            ))
         except asyncio.CancelledError:
             self.close()  # a step cut short must not leave the strategy running on its own
             raise
@@ -171,9 +228,7 @@ class Execution:
             return Crash("the strategy was cancelled")
         exc = task.exception()
         if exc is not None:
-            if isinstance(exc, SessionError):
-                return Crash(exc.message)
-            return Crash(f"{type(exc).__name__}: {exc}")
+            return Crash.raised(exc)
         result = task.result()
         try:
             check_json_able(result, what="the strategy's result", limit=self._max_result_bytes)
@@ -181,7 +236,7 @@ class Execution:
             # it would be a step error, retried max_attempts times to a misleading dead letter.
             pack_checked(result, what="the strategy's result")
         except SessionError as err:
-            return Crash(err.message)
+            return Crash(err.message, "invalid_result")
         return Done(result)
 
     async def replay(self, journal: list[JournalRound], timeout_s: float) -> Outcome:

@@ -74,9 +74,9 @@ def new_execution(rec: SessionRecord, *, max_result_bytes: int) -> Execution | C
     try:
         fn = catalog.get(rec.strategy)
     except SessionError as exc:
-        return Crash(exc.message)
+        return Crash.of(exc)
     return Execution(fn, rec.input or {}, budget=rec.budget, started_at_ms=rec.started_at,
-                     max_result_bytes=max_result_bytes)
+                     max_result_bytes=max_result_bytes, session_id=rec.sid)
 
 
 def read_journal(data: Loaded) -> list[JournalRound]:
@@ -112,9 +112,8 @@ async def replay(
             return None, Crash(
                 f"non-determinism: on replay, round {rec.asked} did not ask the questions "
                 "that were answered; strategies must ask the same questions given the "
-                "same answers"
-            )
+                "same answers", "non_determinism")
         return ex, await ex.step(answers, timeout_s)
     except SessionError as exc:
         ex.close()
-        return None, Crash(exc.message)
+        return None, Crash.of(exc)

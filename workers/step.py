@@ -9,14 +9,21 @@ from, so whatever crashed or stalled meanwhile, a step applies at most once and 
 newer state; the checks before it (an old job, an ended session, a step failing again and
 again) keep a redelivered or poisoned job from running a strategy again. This is the hot
 path: a handed-off step costs one command, so nothing here adds a read, task or wait.
+
+A session whose strategy this worker lacks is never failed for that while a live worker
+offers it: its job is passed on (``routing.py``), at the cost of a dict lookup for the others.
+What a step does is logged with the session's id (``coordinator.logs``): each step at DEBUG,
+replays and takeovers at INFO/WARNING, each failure at ERROR with the strategy's traceback.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import time
 from abc import ABC, abstractmethod
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
@@ -25,6 +32,7 @@ from coordinator.errors import CorruptState, LockTimeout, NotFound, SessionError
 from coordinator.events import Handoff, pause_event
 from coordinator.keys import JOB_GROUP
 from coordinator.locks import FencedLock
+from coordinator.logs import about
 from coordinator.models import LlmQuery
 from coordinator.records import SessionRecord, as_hash
 from coordinator.scripts import Lease, StepBegin
@@ -32,7 +40,9 @@ from coordinator.services import Services
 from coordinator.states import Phase
 from coordinator.transport import checked
 
+from . import catalog
 from .quarantine import Quarantine
+from .routing import Router
 from .runtime import Ask, Crash, Done, Execution, Outcome, journal_entry
 from .state import Loaded, new_execution, read_journal, replay, round_answers
 
@@ -53,6 +63,8 @@ class WorkerStats:
     stale_skips: int = 0
     dead_letters: int = 0
     step_errors: int = 0
+    #: Sessions whose strategy this worker lacks, passed on to a worker that has it.
+    passed_on: int = 0
 
 
 @dataclass(slots=True)  # not frozen: that would double the cost of making one, per step
@@ -108,6 +120,10 @@ class Stepper(ABC):
         self._queued: dict[str, StepRequest] = {}
         #: Suspect steps run alone, so one that takes the worker down takes only itself.
         self.quarantine = Quarantine()
+        #: Where a session whose strategy this worker lacks goes (``routing.py``).
+        self.router = Router(services, worker_id=worker_id)
+        #: Called with each step's duration in seconds (the metrics' histogram), if set.
+        self.step_observer: Callable[[float], None] | None = None
 
     @abstractmethod
     def _submit(self, req: StepRequest) -> None:
@@ -130,7 +146,9 @@ class Stepper(ABC):
             # Left pending, the job is retried (claimed again) until max_attempts; keep the
             # error so the dead letter can say what kept failing.
             self.stats.step_errors += 1
-            log.exception("step of session %s failed; it will be retried", sid)
+            log.exception("step of session %s failed in the worker; its job stays pending and "
+                          "is retried (up to max_attempts %d)", sid, self.settings.max_attempts,
+                          extra=about(sid, self.id))
             key = self.keys.session(sid).session
             with contextlib.suppress(Exception):
                 # PEXPIRE NX: a hash whose keys expired meanwhile is not left behind for ever
@@ -160,6 +178,10 @@ class Stepper(ABC):
             try:
                 begun = await self.scripts.step_begin(sid, token=token, lease_ms=lock.lease_ms,
                                                       with_journal=sid not in self._live)
+                if begun.lease.fence > 0 and begun.lease.pttl < 0:
+                    log.warning("session %s: lock A taken over (fence %d) from a holder whose "
+                                "connection to redis is gone", sid, begun.lease.fence,
+                                extra=about(sid, self.id))
                 if not lock.took(begun.lease, token):
                     begun = None
                     if req.entry_id is not None and not await self._current(sid, req.entry_id):
@@ -171,7 +193,10 @@ class Stepper(ABC):
                     async with self.quarantine.aside():  # holding up no other step
                         await lock.acquire()
             except LockTimeout:
-                return  # someone is stepping it; the job stays pending if it still matters
+                log.info("session %s: lock A stayed busy (another worker is stepping it); "
+                         "its job stays pending if it still matters", sid,
+                         extra=about(sid, self.id))
+                return
             except CorruptState as exc:
                 await self._fail_corrupt(sid, exc)
                 return
@@ -196,12 +221,14 @@ class Stepper(ABC):
     ) -> bool:
         """Step under lock A; True when the commit applied, which released the lock."""
         sid = req.sid
+        began = time.perf_counter()
         handed = self._handed_round(req.handoff)
         ex: Execution | None
         answers: list[str] | None
         if handed is not None:  # 1. a handoff on a live execution: nothing to read
             ex, asked, answers, entry = handed
             self.stats.live_resumes += 1
+            path = "handoff"
             outcome = await ex.step(answers, self.settings.step_timeout_s)
         else:
             data = await self._checked_load(sid, lock, req.entry_id, begun)
@@ -211,6 +238,8 @@ class Stepper(ABC):
             if ex is not None and ex.asked != asked:
                 self._forget(sid)  # out of step with the session: replay instead
                 ex = None
+            if ex is None and not catalog.has(data.rec.strategy):
+                return await self._route(sid, lock, data.rec)
             if ex is None and data.journal is None:
                 data = await self._load(sid, with_journal=True)
             try:
@@ -220,15 +249,52 @@ class Stepper(ABC):
                 return False
             if ex is not None:  # 2. live resume
                 self.stats.live_resumes += 1
+                path = "live"
                 outcome = await ex.step(answers, self.settings.step_timeout_s)
             elif answers is None:  # 4. start (round 0: nothing answered)
+                path = "start"
                 ex, outcome = await self._start(data.rec)
             else:  # 3. replay
+                path = "replay"
                 ex, outcome = await self._replay(data, answers)
         if not isinstance(outcome, Ask):
             self._forget(sid)
-        return await self._commit(sid, lock, asked_from=asked, outcome=outcome,
-                                  journal_entry=entry, ex=ex)
+        applied = await self._commit(sid, lock, asked_from=asked, outcome=outcome,
+                                     journal_entry=entry, ex=ex)
+        self._stepped(sid, path, outcome, applied, time.perf_counter() - began)
+        return applied
+
+    def _stepped(self, sid: str, path: str, outcome: Outcome, applied: bool,
+                 seconds: float) -> None:
+        """The step's trace line (DEBUG) and its duration (the metrics' histogram)."""
+        if self.step_observer is not None:
+            self.step_observer(seconds)
+        if log.isEnabledFor(logging.DEBUG):
+            kind = "pause" if isinstance(outcome, Ask) else \
+                "complete" if isinstance(outcome, Done) else "fail"
+            log.debug("session %s: step by %s path, outcome %s%s, %.1f ms", sid, path, kind,
+                      "" if applied else " (not applied)", seconds * 1000,
+                      extra=about(sid, self.id))
+
+    async def _route(self, sid: str, lock: FencedLock, rec: SessionRecord) -> bool:
+        """This worker lacks the session's strategy: pass its job on to a live worker that
+        offers it (``routing.py``), or, when none does, fail it (``unknown_strategy``).
+        True when lock A was released (passed on, or the failure committed)."""
+        shard = self._shards.of(sid)
+        offering = await self.router.offering(rec.strategy, shard)
+        if not offering:
+            message = (f"strategy {rec.strategy!r} is not registered in worker {self.id} "
+                       f"(it offers {', '.join(catalog.names())}), and no live worker offers "
+                       f"it: start a worker with --import MODULE, the module that registers "
+                       f"{rec.strategy!r}")
+            return await self._commit(sid, lock, asked_from=rec.asked,
+                                      outcome=Crash(message, "unknown_strategy"),
+                                      journal_entry=b"", ex=None)
+        target = await self.router.pass_on(sid, rec.job, shard, rec.strategy, offering)
+        self.stats.passed_on += 1
+        await lock.release()
+        await self.router.nudge(sid, shard, target)
+        return True
 
     def _handed_round(self, h: Handoff | None) -> _Handed | None:
         """Path 1's execution, round, answers and journal entry, straight from the handoff;
@@ -282,10 +348,14 @@ class Stepper(ABC):
         if attempts > self.settings.max_attempts:
             self.stats.dead_letters += 1
             reason = f"failed {attempts - 1} times in a row"
-            log.error("session %s: step %s; dead-lettering it", sid, reason)
+            # No error recorded: no step got as far as failing, so each died with its worker.
+            error_type = "worker_error" if rec.last_error else "worker_lost"
+            log.error("session %s: step %s (%s); dead-lettering it; last error: %s", sid,
+                      reason, error_type, rec.last_error or "the worker died mid-step",
+                      extra=about(sid, self.id))
             await self._fail(sid, f"job {reason} (max_attempts {self.settings.max_attempts}); "
                              f"last error: {rec.last_error or 'the worker died mid-step'}",
-                             dead_letter=reason)
+                             error_type=error_type, dead_letter=reason)
             return None
         return data
 
@@ -312,7 +382,10 @@ class Stepper(ABC):
         if isinstance(ex, Crash):
             return None, ex
         self.stats.replays += 1
-        return await replay(ex, data, read_journal(data), answers, self.settings.step_timeout_s)
+        journal = read_journal(data)
+        log.info("session %s: replaying %d round(s) of %r", data.rec.sid, len(journal),
+                 data.rec.strategy, extra=about(data.rec.sid, self.id))
+        return await replay(ex, data, journal, answers, self.settings.step_timeout_s)
 
     # -- the end of every path ----------------------------------------------------------------
 
@@ -338,7 +411,7 @@ class Stepper(ABC):
             rest.append(pack(outcome.result))
         else:
             kind, event = "fail", b"fail"
-            rest.append(outcome.error)
+            rest += [outcome.error, outcome.kind, outcome.traceback or ""]
         assert lock.fence is not None and lock.local.token is not None
         reply = await self.scripts.commit_step(
             sid, fence=lock.fence, asked=asked_from, token=lock.local.token, holder=self.id,
@@ -357,6 +430,8 @@ class Stepper(ABC):
             lock.mark_released()
             if isinstance(outcome, Ask) and ex is not None:
                 self._keep_live(sid, ex)
+            elif isinstance(outcome, Crash):
+                self._log_failure(sid, outcome)
             return True
         self._forget(sid)
         if reply.code == "FENCED":
@@ -365,10 +440,19 @@ class Stepper(ABC):
                 "stale write rejected for session %s: this worker's lease (fence %s) was "
                 "taken over (fence now %s) while it was stalled; dropping its step",
                 sid, lock.fence, reply.args[0].decode() if reply.args else "?",
-            )
+                extra=about(sid, self.id))
         else:
-            log.info("commit for session %s skipped: %s", sid, reply.code)
+            log.info("commit for session %s skipped (%s): another step applied this round or "
+                     "the session ended meanwhile", sid, reply.code, extra=about(sid, self.id))
         return False
+
+    def _log_failure(self, sid: str, crash: Crash) -> None:
+        """The session failed: said at ERROR, with the strategy's traceback when its own code
+        raised, so an operator sees what the host sees, and where it came from."""
+        exc = crash.exc
+        log.error("session %s failed (%s): %s", sid, crash.kind, crash.error,
+                  exc_info=(type(exc), exc, exc.__traceback__) if exc is not None else None,
+                  extra=about(sid, self.id))
 
     async def _current(self, sid: str, entry_id: str) -> bool:
         """Whether ``entry_id`` is still the session's job (one read, on the busy-lock path
@@ -385,12 +469,14 @@ class Stepper(ABC):
 
     async def _fail_corrupt(self, sid: str, exc: CorruptState) -> None:
         """Fail one unreadable session clearly; the worker goes on serving the others."""
-        log.error("%s; failing the session", exc.message)
-        await self._fail(sid, exc.message, dead_letter="corrupt state")
+        log.error("session %s failed (corrupt_state): %s", sid, exc.message,
+                  extra=about(sid, self.id))
+        await self._fail(sid, exc.message, error_type="corrupt_state",
+                         dead_letter="corrupt state")
 
-    async def _fail(self, sid: str, error: str, *, dead_letter: str) -> None:
+    async def _fail(self, sid: str, error: str, *, error_type: str, dead_letter: str) -> None:
         self._forget(sid)
-        await self.terminate.fail(sid, error, dead_letter=dead_letter)
+        await self.terminate.fail(sid, error, error_type=error_type, dead_letter=dead_letter)
 
     # -- the live executions ----------------------------------------------------------------
 

@@ -44,6 +44,7 @@ from collections.abc import Coroutine, Generator
 from types import FrameType, TracebackType
 from typing import Any, TypeVar
 
+from coordinator.logs import about
 from coordinator.settings import Settings
 
 __all__ = ["WEDGED_EXIT", "StepClock", "StepInterrupted", "Watchdog", "block_limit"]
@@ -102,10 +103,12 @@ class StepClock:
     held the loop, so others' time can be told apart (see the module docstring)."""
 
     __slots__ = ("_all0", "_expired", "_own0", "_started", "_timeout_s", "_timer", "busy_s",
-                 "entered", "interrupted", "label")
+                 "entered", "interrupted", "label", "session_id")
 
-    def __init__(self, label: str = "") -> None:
+    def __init__(self, label: str = "", *, session_id: str | None = None) -> None:
         self.label = label
+        #: The session whose strategy this clocks, for the watchdog's log lines.
+        self.session_id = session_id
         self.busy_s = 0.0
         #: When the strategy's code last got the loop (valid while ``running`` is this).
         self.entered = 0.0
@@ -306,15 +309,17 @@ class Watchdog:
             signal.pthread_kill(main, signal.SIGUSR1)
             self._sent = now
             if now - first[2] < RESEND_S:
-                log.error("strategy %s held the event loop past its limit; interrupting it",
-                          clock.label or "?")
+                log.error("strategy %s of session %s held the event loop past its limit; "
+                          "interrupting it", clock.label or "?", clock.session_id or "?",
+                          extra=about(clock.session_id))
 
 
 def _wedged(clock: StepClock, since_s: float) -> None:
     """End the process: its loop is not coming back. Said on stderr without ``logging``,
     whose locks the stuck main thread may hold."""
     message = (f"{time.strftime('%Y-%m-%d %H:%M:%S')} CRITICAL {__name__}: strategy "
-               f"{clock.label or '?'} is still holding the event loop {since_s:.1f} s after it "
+               f"{clock.label or '?'} of session {clock.session_id or '?'} is still holding "
+               f"the event loop {since_s:.1f} s after it "
                "was interrupted (signals blocked, or a call that cannot be interrupted): "
                f"ending this worker process (exit {WEDGED_EXIT}); its steps are taken over "
                "elsewhere\n")

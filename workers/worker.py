@@ -24,6 +24,7 @@ from typing import Any
 from coordinator.codec import pack
 from coordinator.errors import InvalidInput, Unavailable
 from coordinator.keys import Keys
+from coordinator.logs import about
 from coordinator.records import clock_lesson, now_ms
 from coordinator.services import Services
 from coordinator.settings import Settings
@@ -104,7 +105,7 @@ class Worker(Stepper):
         self.intakes = [self._intake(shards.keys[k]) for k in served]
         for intake in self.intakes:
             await intake.ensure_group()
-        await self.redis.execute("SADD", self.keys.strategies, *catalog.names())
+        await self._publish_catalog()
         await self._learn_clock()  # before the first heartbeat, which is stamped with it
         await self._beat()
         await self.mux.start()
@@ -112,7 +113,20 @@ class Worker(Stepper):
         for n, intake in enumerate(self.intakes):
             self._loops += await intake.start(beat=self._beat if n == 0 else None)
         log.info("worker %s started (concurrency %d, %d shard(s), strategies: %s)",
-                 self.id, self.concurrency, len(self.intakes), ", ".join(catalog.names()))
+                 self.id, self.concurrency, len(self.intakes), ", ".join(catalog.names()),
+                 extra=about(worker_id=self.id))
+
+    async def _publish_catalog(self) -> None:
+        """Say what this worker offers, for hosts (``SessionRegistry.strategies``) and for
+        the start check: each strategy's description and parameters (``catalog.describe``).
+        The heartbeat's report says which live worker offers which (``report``)."""
+        described = catalog.describe()
+        if not described:  # nothing loaded (catalog.load was not called): nothing to say
+            return
+        fields = [x for name, d in described.items() for x in (name, pack(d))]
+        checked(await self.redis.execute_many([
+            ("SADD", self.keys.strategies, *described),
+            ("HSET", self.keys.catalog, *fields)]))
 
     async def run(self) -> None:
         """Start, then serve until ``stop()`` (or a signal handler that calls it). A stop
@@ -128,9 +142,9 @@ class Worker(Stepper):
             starting.result()  # a failed start is the caller's error to see
         await stopping
         log.info("worker %s stopping: finishing in-flight steps (grace %.1f s)", self.id,
-                 self.settings.shutdown_grace_s)
+                 self.settings.shutdown_grace_s, extra=about(worker_id=self.id))
         await self.shutdown(self.settings.shutdown_grace_s)
-        log.info("worker %s stopped", self.id)
+        log.info("worker %s stopped", self.id, extra=about(worker_id=self.id))
 
     async def _start_when_reachable(self) -> None:
         """``start``, retried with backoff while Redis is unavailable, saying so each time:
@@ -196,11 +210,22 @@ class Worker(Stepper):
 
     # -- what others see of it -----------------------------------------------------------
 
+    def in_flight(self) -> int:
+        """Steps running now."""
+        return len(self._pool.tasks)
+
+    def live_executions(self) -> int:
+        """Paused executions held in memory (the live path's)."""
+        return len(self._live)
+
     def report(self) -> dict[str, Any]:
         """What the heartbeat publishes (``SessionRegistry.worker_stats``): load and counters,
         so an operator sees from any process which worker is busy, replaying or fenced."""
         return {"at": now_ms(), "concurrency": self.concurrency, "busy": len(self._pool.tasks),
-                "live": len(self._live), **asdict(self.stats)}
+                "live": len(self._live), **asdict(self.stats),
+                # what it runs, and for which shards: routing reads these (routing.py)
+                "strategies": catalog.names(),
+                "shards": [intake.keys.index for intake in self.intakes]}
 
     async def _beat(self) -> None:
         """Say this worker is alive, and re-learn Redis's clock on the way: ``TIME`` rides
