@@ -235,6 +235,22 @@ async def env(fake_cluster: FakeCluster) -> Env:
 Run = Callable[[Env], Awaitable[Any]]
 
 
+#: The failure type a failed session of each kind of mistake carries (by case id prefix).
+FAILURE_OF = (
+    ("result-", "invalid_result"), ("strategy-returns-non-json", "invalid_result"),
+    ("log-", "invalid_input"), ("progress-", "invalid_input"), ("max-tokens-", "invalid_input"),
+    ("prompt-", "invalid_input"), ("llm-batch-", "invalid_input"),
+    ("concurrent-asks", "strategy_error"), ("strategy-raises", "strategy_error"),
+    ("strategy-never-asks", "step_timeout"), ("non-determinism", "non_determinism"),
+    ("budget-", "budget_exceeded"), ("strategy-unknown", "unknown_strategy"),
+    ("corrupt-", "corrupt_state"),
+)
+
+
+def failure_type(case_id: str) -> str:
+    return next(kind for prefix, kind in FAILURE_OF if case_id.startswith(prefix))
+
+
 @dataclass(frozen=True)
 class Case:
     id: str
@@ -755,7 +771,7 @@ CASES = [
     Case("budget-tokens", "fails", "budget exceeded: token limit 5", budget_tokens),
     Case("budget-time", "fails", "budget exceeded: time limit 1 ms", budget_time),
     Case("strategy-unknown-to-workers", "fails",
-         "strategy 'tbad-never-registered' is not registered in this worker",
+         "and no live worker offers it: start a worker with --import MODULE",
          strategy_unknown_to_workers),
     Case("corrupt-pending-query", "fails", "cannot decode the stored query",
          corrupt_pending_query),
@@ -796,7 +812,8 @@ async def test_bad_input(env: Env, case: Case) -> None:
         assert isinstance(outcome, Finished), outcome
         assert outcome.state is Phase.FAILED, outcome
         assert outcome.error is not None and case.fragment in outcome.error, outcome.error
-        assert outcome.to_json("sid") == {"status": "error", "error": outcome.error}
+        assert outcome.to_json("sid") == {"status": "error", "error": outcome.error,
+                                          "type": failure_type(case.id)}
     else:
         assert [e["reason"] for e in outcome] == [case.fragment], outcome
 

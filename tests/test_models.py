@@ -182,7 +182,11 @@ def test_finished_shapes() -> None:
         "status": "cancelled", "stats": stats,
     }
     assert Finished(Phase.FAILED, None, "boom", stats).to_json(SID) == {
-        "status": "error", "error": "boom",
+        "status": "error", "error": "boom", "type": "strategy_error",
+    }
+    # a failure's own type when it has one (budget, expiry, ...): one vocabulary on every front
+    assert Finished(Phase.FAILED, None, "late", stats, error_type="expired").to_json(SID) == {
+        "status": "error", "error": "late", "type": "expired",
     }
 
 

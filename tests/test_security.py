@@ -74,8 +74,9 @@ ACL_COMMANDS = (
     "hget", "hmget", "hgetall", "hkeys", "hset", "hdel", "hexists", "hincrby",
     # journal and logs, strategy names
     "lrange", "rpush", "ltrim", "sadd", "smembers",
-    # registry / deadlines / workers indexes
-    "zadd", "zrange", "zrangebyscore", "zrem",
+    # registry / deadlines / workers indexes, and the phase indexes (listing, counts)
+    "zadd", "zrange", "zrangebyscore", "zrevrangebyscore", "zrem", "zremrangebyscore",
+    "zcard", "zcount",
     # the job stream and dead letters
     "xadd", "xack", "xdel", "xlen", "xrevrange", "xreadgroup", "xautoclaim", "xgroup|create",
     "xpending", "xgroup|delconsumer", "xinfo|consumers", "xclaim",
