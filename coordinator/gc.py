@@ -90,13 +90,18 @@ class Sweeper:
                             reaped.append(sid)
                     except Exception:  # one bad session must not stop the sweep
                         log.exception("gc could not expire session %s; skipping it", sid)
-                await self._prune_indexes(shard, limit)
                 if shard.index == 0:  # the namespace-wide index, once per sweep
                     await self._forget_dead_workers()
                 await self._retire_dead_consumers(shard)
         finally:
             with contextlib.suppress(Exception):
                 await lock_c.release()
+        # After lock C, not under it: the trims are idempotent and never race a session's
+        # own scripts (an id is never reused), so C is held no longer than the expiries need.
+        try:
+            await self._prune_indexes(shard, limit)
+        except SessionError as exc:
+            log.warning("gc could not trim the phase indexes of shard %d: %s", shard.index, exc)
         return reaped
 
     async def _prune_indexes(self, shard: Keys, now: int) -> None:

@@ -167,6 +167,9 @@ class WorkerPool:
     log_dir: Path
     env: dict[str, str] = field(default_factory=lambda: dict(FAST_ENV))
     procs: list[WorkerProc] = field(default_factory=list)
+    #: The modules each worker imports (``--import``), and its other command-line flags.
+    imports: tuple[str, ...] = (STRATEGIES,)
+    args: tuple[str, ...] = ("--log-level", "INFO")
 
     async def start(self, concurrency: int = 4, **env: str) -> WorkerProc:
         """Start one worker and return once it has registered its heartbeat."""
@@ -197,8 +200,8 @@ class WorkerPool:
         with log_path.open("wb") as log:
             proc = subprocess.Popen(
                 cli_argv("worker", "--redis", self.url, "--namespace", self.namespace,
-                         "--import", STRATEGIES, "--concurrency", str(concurrency),
-                         "--log-level", "INFO"),
+                         *(f"--import={m}" for m in self.imports),
+                         "--concurrency", str(concurrency), *self.args),
                 # Unsupervised unless asked (ALC_SUPERVISE=1): the fault tests signal the
                 # worker's own PID, which under a supervisor is its parent's.
                 cwd=ROOT, env=clean_env(**{"ALC_SUPERVISE": "0", **self.env, **(env or {})}),

@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import signal
-import subprocess
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +22,7 @@ from coordinator import Finished, Paused, Phase, SessionRegistry
 from coordinator.codec import unpack
 from tests.conftest import FakeCluster
 from tests.helpers import assert_eventually
-from tests.procs import ROOT, WAIT_S, WorkerPool, WorkerProc, clean_env, cli_argv
+from tests.procs import WAIT_S, WorkerPool
 from workers import catalog, strategy
 from workers.context import Context
 
@@ -40,31 +38,11 @@ async def rt_extra(ctx: Context, tag: str, rounds: int = 2, **_: Any) -> list[st
     return [await ctx.llm(f"{tag} question {n}") for n in range(rounds)]
 
 
-@dataclass
-class ImportPool(WorkerPool):
-    """Workers of the CLI importing ``imports`` (and no test strategies otherwise)."""
-
-    imports: tuple[str, ...] = field(default=())
-
-    def _spawn(self, concurrency: int, env: dict[str, str] | None = None) -> WorkerProc:
-        log_path = self.log_dir / f"worker-{len(self.procs)}.log"
-        with log_path.open("wb") as log:
-            proc = subprocess.Popen(
-                cli_argv("worker", "--redis", self.url, "--namespace", self.namespace,
-                         *(f"--import={m}" for m in self.imports),
-                         "--concurrency", str(concurrency), "--log-level", "INFO"),
-                cwd=ROOT, env=clean_env(**{"ALC_SUPERVISE": "0", **self.env, **(env or {})}),
-                stdout=log, stderr=subprocess.STDOUT)
-        wp = WorkerProc(proc, log_path)
-        self.procs.append(wp)
-        return wp
-
-
 @pytest.mark.slow
 async def test_workers_with_different_imports_route_every_session_to_one_that_has_it(
         redis_url: str, namespace: str, tmp_path: Path) -> None:
-    having = ImportPool(redis_url, namespace, tmp_path / "having", imports=(MODULE,))
-    lacking = ImportPool(redis_url, namespace, tmp_path / "lacking")
+    having = WorkerPool(redis_url, namespace, tmp_path / "having", imports=(MODULE,))
+    lacking = WorkerPool(redis_url, namespace, tmp_path / "lacking", imports=())
     (tmp_path / "having").mkdir()
     (tmp_path / "lacking").mkdir()
     reg = SessionRegistry.from_url(redis_url, namespace=namespace)

@@ -14,7 +14,6 @@ from __future__ import annotations
 import io
 import json
 import logging
-import subprocess
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -27,7 +26,7 @@ from coordinator.keys import JOB_GROUP
 from coordinator.logs import JsonFormatter, TextFormatter, about, configure_logging
 from tests.conftest import FakeCluster
 from tests.helpers import assert_eventually, shard_keys
-from tests.procs import ROOT, WAIT_S, WorkerPool, WorkerProc, clean_env, cli_argv
+from tests.procs import WAIT_S, WorkerPool
 from workers import strategy
 from workers.context import Context
 from workers.runtime import Done
@@ -254,28 +253,11 @@ async def test_a_fence_rejection_is_logged_with_the_session(
 # -- a real worker process ------------------------------------------------------------------------
 
 
-class JsonLogPool(WorkerPool):
-    """Workers started by the CLI with ``--log-format json --log-level DEBUG``, importing
-    this module's strategies."""
-
-    def _spawn(self, concurrency: int, env: dict[str, str] | None = None) -> WorkerProc:
-        log_path = self.log_dir / f"worker-{len(self.procs)}.log"
-        with log_path.open("wb") as log:
-            proc = subprocess.Popen(
-                cli_argv("worker", "--redis", self.url, "--namespace", self.namespace,
-                         "--import", MODULE, "--concurrency", str(concurrency),
-                         "--log-level", "DEBUG", "--log-format", "json"),
-                cwd=ROOT, env=clean_env(**{"ALC_SUPERVISE": "0", **self.env, **(env or {})}),
-                stdout=log, stderr=subprocess.STDOUT)
-        wp = WorkerProc(proc, log_path)
-        self.procs.append(wp)
-        return wp
-
-
 @pytest.mark.slow
 async def test_a_worker_process_logs_a_strategy_crash_as_a_json_line_with_its_traceback(
         redis_url: str, namespace: str, tmp_path: Path) -> None:
-    pool = JsonLogPool(redis_url, namespace, tmp_path)
+    pool = WorkerPool(redis_url, namespace, tmp_path, imports=(MODULE,),
+                      args=("--log-level", "DEBUG", "--log-format", "json"))
     reg = SessionRegistry.from_url(redis_url, namespace=namespace)
     try:
         w = await pool.start()

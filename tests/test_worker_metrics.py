@@ -8,7 +8,6 @@ CLI (``coordinator worker --metrics-port``) on a real worker process.
 from __future__ import annotations
 
 import asyncio
-import subprocess
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -20,7 +19,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from coordinator import Finished, Paused, SessionRegistry
 from tests.conftest import FakeCluster
 from tests.helpers import free_port
-from tests.procs import ROOT, WAIT_S, WorkerPool, WorkerProc, clean_env, cli_argv
+from tests.procs import WAIT_S, WorkerPool
 from workers import strategy
 from workers.context import Context
 from workers.metrics import start_metrics_server
@@ -81,41 +80,22 @@ async def test_scrapes_before_and_after_a_session_show_its_steps(
         await scrape(server.port)
 
 
-class MetricsPool(WorkerPool):
-    """Workers started by the CLI with ``--metrics-port`` (this module's strategies)."""
-
-    port = 0
-
-    def _spawn(self, concurrency: int, env: dict[str, str] | None = None) -> WorkerProc:
-        log_path = self.log_dir / f"worker-{len(self.procs)}.log"
-        with log_path.open("wb") as log:
-            proc = subprocess.Popen(
-                cli_argv("worker", "--redis", self.url, "--namespace", self.namespace,
-                         "--import", "tests.test_worker_metrics",
-                         "--concurrency", str(concurrency),
-                         "--metrics-port", str(self.port)),
-                cwd=ROOT, env=clean_env(**{"ALC_SUPERVISE": "0", **self.env, **(env or {})}),
-                stdout=log, stderr=subprocess.STDOUT)
-        wp = WorkerProc(proc, log_path)
-        self.procs.append(wp)
-        return wp
-
-
 @pytest.mark.slow
 async def test_a_worker_process_serves_its_metrics_on_the_port_it_is_given(
         redis_url: str, namespace: str, tmp_path: Path) -> None:
-    pool = MetricsPool(redis_url, namespace, tmp_path)
-    pool.port = free_port()
+    port = free_port()
+    pool = WorkerPool(redis_url, namespace, tmp_path, imports=("tests.test_worker_metrics",),
+                      args=("--metrics-port", str(port)))
     reg = SessionRegistry.from_url(redis_url, namespace=namespace)
     try:
         w = await pool.start()
-        before = await scrape(pool.port)
+        before = await scrape(port)
         sid, first = await reg.start_execution("twm-two", {}, timeout=WAIT_S)
         assert isinstance(first, Paused)
         await reg.feed_response(sid, "q-0", "a", timeout=WAIT_S)
         done = await reg.feed_response(sid, "q-0", "b", timeout=WAIT_S)
         assert isinstance(done, Finished), w.log_tail()
-        after = await scrape(pool.port)
+        after = await scrape(port)
         assert after["alc_steps_total"] == before["alc_steps_total"] + 3, (before, after)
         assert after["alc_step_seconds_count"] == before["alc_step_seconds_count"] + 3
     finally:
