@@ -12,6 +12,7 @@ import asyncio
 import inspect
 import socket
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import Any
 
 __all__ = ["assert_eventually", "free_port"]
@@ -84,3 +85,12 @@ async def shard_keys(owner: Any, sid: str | None = None) -> Any:
     namespace, once its shard table is read: what a test names a stream or index by."""
     shards = await owner.services.ready()
     return shards.of(sid) if sid is not None else shards.keys[0]
+
+
+def line_of(path: Path, marker: str) -> int:
+    """The line of ``path`` that ends with the comment ``# marker``: a test that checks a
+    traceback's line numbers finds them, rather than hard-coding them."""
+    for n, line in enumerate(path.read_text().splitlines(), start=1):
+        if line.rstrip().endswith(f"# {marker}"):
+            return n
+    raise AssertionError(f"no line of {path} is marked {marker!r}")

@@ -319,8 +319,15 @@ class CliResult:
 async def run_cli(*args: str, env: dict[str, str] | None = None,
                   timeout: float = 60.0) -> CliResult:
     """Run the CLI as a subprocess (never blocking the event loop); killed on timeout."""
+    return await run_argv(cli_argv(*args), env=env, timeout=timeout)
+
+
+async def run_argv(argv: list[str], *, env: dict[str, str] | None = None,
+                   timeout: float = 60.0) -> CliResult:
+    """Run ``argv`` from the repository root to its end, its output captured (never
+    blocking the event loop); killed on timeout."""
     proc = await asyncio.create_subprocess_exec(
-        *cli_argv(*args), cwd=ROOT, env=env if env is not None else clean_env(),
+        *argv, cwd=ROOT, env=env if env is not None else clean_env(),
         stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
     )

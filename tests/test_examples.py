@@ -10,8 +10,6 @@ prints the wrong thing fails.
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import json
 import secrets
 import subprocess
@@ -26,7 +24,7 @@ import pytest
 
 from coordinator.registry import SessionRegistry
 from tests.helpers import assert_eventually, free_port
-from tests.procs import WAIT_S, clean_env
+from tests.procs import WAIT_S, clean_env, run_argv
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "examples"
@@ -53,19 +51,8 @@ class Ran:
 
 async def run(*argv: str, **env: str) -> Ran:
     """Run ``python ARGV...`` from the repository root to its end (killed after WAIT_S)."""
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, *argv, cwd=ROOT, env=clean_env(**env),
-        stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE)
-    try:
-        out, err = await asyncio.wait_for(proc.communicate(), WAIT_S)
-    except BaseException:
-        with contextlib.suppress(ProcessLookupError):
-            proc.kill()
-        await proc.wait()
-        raise
-    assert proc.returncode is not None
-    return Ran(proc.returncode, out.decode(), err.decode())
+    done = await run_argv([sys.executable, *argv], env=clean_env(**env), timeout=WAIT_S)
+    return Ran(done.code, done.stdout, done.stderr)
 
 
 @dataclass

@@ -19,6 +19,7 @@ import pytest
 from coordinator import Finished, Paused, Phase, SessionRegistry
 from coordinator.errors import FAILURE_TYPES, InvalidInput
 from tests.conftest import FakeCluster
+from tests.helpers import line_of
 from workers import strategy
 from workers.context import Context
 from workers.runtime import MAX_TRACEBACK_CHARS, Ask, Crash, Execution
@@ -28,14 +29,6 @@ from workers.worker import Worker
 ON_BOTH_SERVERS = True
 
 HERE = Path(__file__)
-
-
-def line_of(marker: str) -> int:
-    """The line of this file that carries ``marker`` (so no test hard-codes a number)."""
-    for n, line in enumerate(HERE.read_text().splitlines(), start=1):
-        if line.rstrip().endswith(f"# {marker}"):
-            return n
-    raise AssertionError(f"no line marked {marker!r}")
 
 
 @strategy("tft-divide")
@@ -107,7 +100,7 @@ async def test_a_strategy_crash_carries_its_type_and_traceback_file_and_line(
                         "strategy_error")
     assert done.error == "ZeroDivisionError: division by zero"
     tb = done.traceback or ""
-    assert f'File "{HERE}", line {line_of("TFT-DIVIDE")}, in tft_divide' in tb, tb
+    assert f'File "{HERE}", line {line_of(HERE, "TFT-DIVIDE")}, in tft_divide' in tb, tb
     assert tb.rstrip().endswith("ZeroDivisionError: division by zero"), tb
     # It starts at the strategy: the worker's machinery above it tells nobody anything.
     assert tb.startswith("Traceback (most recent call last):\n" + f'  File "{HERE}"'), tb

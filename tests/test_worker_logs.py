@@ -25,7 +25,7 @@ from coordinator import Finished, Paused, SessionRegistry
 from coordinator.keys import JOB_GROUP
 from coordinator.logs import JsonFormatter, TextFormatter, about, configure_logging
 from tests.conftest import FakeCluster
-from tests.helpers import assert_eventually, shard_keys
+from tests.helpers import assert_eventually, line_of, shard_keys
 from tests.procs import WAIT_S, WorkerPool
 from workers import strategy
 from workers.context import Context
@@ -33,13 +33,6 @@ from workers.runtime import Done
 
 HERE = Path(__file__)
 MODULE = "tests.test_worker_logs"
-
-
-def line_of(marker: str) -> int:
-    for n, line in enumerate(HERE.read_text().splitlines(), start=1):
-        if line.rstrip().endswith(f"# {marker}"):
-            return n
-    raise AssertionError(f"no line marked {marker!r}")
 
 
 @strategy("twl-divide")
@@ -153,7 +146,7 @@ async def test_a_failure_is_logged_at_error_with_the_strategys_traceback(
     assert error.worker_id == worker.id  # type: ignore[attr-defined]
     assert error.exc_info is not None and isinstance(error.exc_info[1], ZeroDivisionError)
     text = logging.Formatter().formatException(error.exc_info)
-    assert f'File "{HERE}", line {line_of("TWL-DIVIDE")}, in twl_divide' in text, text
+    assert f'File "{HERE}", line {line_of(HERE, "TWL-DIVIDE")}, in twl_divide' in text, text
 
 
 async def test_each_step_is_logged_at_debug_with_its_path(
@@ -279,7 +272,7 @@ async def test_a_worker_process_logs_a_strategy_crash_as_a_json_line_with_its_tr
         error = error_line()
         assert error is not None
         assert sid in error["message"] and error["worker_id"] == w.worker_id
-        where = f'File "{HERE}", line {line_of("TWL-DIVIDE")}, in twl_divide'
+        where = f'File "{HERE}", line {line_of(HERE, "TWL-DIVIDE")}, in twl_divide'
         assert where in error["traceback"], error
         assert error["traceback"].rstrip().endswith("ZeroDivisionError: division by zero")
         steps = [x for x in lines() if x["level"] == "DEBUG" and x.get("session_id") == sid]
