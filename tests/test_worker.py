@@ -243,8 +243,8 @@ async def test_a_start_step_reads_the_session_once(
 
 #: What a worker sends on its own schedule, not a step's: the GC sweep (of every shard),
 #: the heartbeat and the rescue look.
-_BACKGROUND = {"TIME", "ZRANGEBYSCORE", "XINFO", "EXISTS", "ZRANGE", "ZREM", "SET", "ZADD",
-               "XPENDING", "PUBSUB"}
+_BACKGROUND = {"TIME", "ZRANGEBYSCORE", "ZREMRANGEBYSCORE", "XINFO", "EXISTS", "ZRANGE", "ZREM",
+               "SET", "ZADD", "XPENDING", "PUBSUB"}
 
 
 def _gc_lock_call(worker: Worker, args: tuple[Any, ...]) -> bool:
