@@ -7,7 +7,6 @@ to be JSON-able on the way in, because hosts read them back as JSON.
 from __future__ import annotations
 
 import json
-import math
 from typing import Any
 
 import msgpack
@@ -140,6 +139,11 @@ def text(value: Any) -> str:
     return value.decode() if isinstance(value, bytes | bytearray) else str(value)
 
 
-def estimate_tokens(chars: int) -> int:
-    """The engine's estimate when the host gives no usage: about four characters a token."""
-    return math.ceil(chars / 4)
+def estimate_tokens(text: str | int) -> int:
+    """algocline's estimate when the host gives no usage: four ASCII characters a token, and
+    one and a half of any other (CJK text runs about that dense), each part rounded up."""
+    if isinstance(text, int):  # TRANSITION: a length, from callers not yet passing the text
+        return -(-text // 4)
+    ascii_chars = len(text) if text.isascii() else len(text.encode("ascii", "ignore"))
+    other = len(text) - ascii_chars
+    return -(-ascii_chars // 4) + -(-(other * 2) // 3)

@@ -9,6 +9,7 @@
     ├── StaleRound                    the answer was given for a round the session is not at
     ├── NoPendingQuery                no sole query to answer: none asked yet, or several
     ├── InvalidTransition             the session is not in a state that allows the call
+    ├── IdempotencyConflict           an idempotency key already started another session
     ├── WaitTimeout                   a bounded wait ran out; the session carries on
     ├── InvalidInput                  caller data rejected before it reached Redis
     │   └── PayloadTooLarge           over the configured byte limit
@@ -112,6 +113,16 @@ class NoPendingQuery(SessionError):
 
 class InvalidTransition(SessionError):
     code = "invalid_transition"
+    http_status = 409
+    exit_code = 2
+
+
+class IdempotencyConflict(SessionError):
+    """The idempotency key given with a start was used, within the retention, for a start of
+    another strategy or input: a retry must send the same request. ``session_id`` is the
+    session the key started."""
+
+    code = "idempotency_conflict"
     http_status = 409
     exit_code = 2
 
@@ -263,6 +274,7 @@ FAILURE_TYPES: dict[str, str] = {
     "non_determinism": "a replay asked other questions than the journal recorded",
     "step_timeout": "a step neither asked nor returned within step_timeout_s",
     "expired": "the session idled past its ttl waiting for its host",
+    "deadline": "a query's deadline passed unanswered, and it had no default answer",
     "worker_lost": "its step failed max_attempts times: the worker died or stalled mid-step",
     "worker_error": "its step failed max_attempts times with an error in the worker",
     "corrupt_state": "its state in Redis could not be read as written",

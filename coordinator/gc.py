@@ -25,11 +25,12 @@ import contextlib
 import logging
 from typing import Any
 
+from . import deadlines
 from .codec import text
 from .errors import CorruptState, LockTimeout, NotFound, SessionError
 from .keys import JOB_GROUP, Keys
 from .locks import LockFactory
-from .records import as_hash
+from .records import as_hash, server_now_ms
 from .scripts import Scripts, Terminate
 from .settings import Settings
 from .shards import ShardMap
@@ -178,6 +179,10 @@ class Sweeper:
             reply = await self._terminate.expire(
                 sid, now_ms=now_ms, error="session expired: it was idle for longer than its ttl"
             )
+            if reply.code == "DUE":  # a query's deadline passed: its default, or the end
+                await deadlines.fire(self._redis, self._keys, self._scripts, self._terminate,
+                                     self._settings, sid,
+                                     server_now_ms() if now_ms is None else now_ms)
         except CorruptState as exc:
             # Its clock cannot be read, so it can never be judged idle: end it clearly rather
             # than trip over it on every sweep until the backstop expiry drops it silently.
@@ -191,11 +196,15 @@ class Sweeper:
         return reply.code == "OK"
 
     async def run(self, stop: asyncio.Event) -> None:
-        """Sweep every ``gc_interval_s`` until ``stop`` is set."""
+        """Sweep every ``gc_interval_s`` until ``stop`` is set, the first an interval after
+        start: workers of a fleet restarted together would otherwise all reach for every
+        shard's lock C in the same instant (and a caller's own ``gc_sweep`` with them)."""
         while not stop.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), self._settings.gc_interval_s)
+            if stop.is_set():
+                return
             try:
                 await self.sweep()
             except Exception:
                 log.exception("gc sweep failed; retrying next interval")
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), self._settings.gc_interval_s)

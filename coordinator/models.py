@@ -41,6 +41,10 @@ class LlmQuery:
     max_tokens: int = 1024
     grounded: bool = False
     underspecified: bool = False
+    #: When the host's answer is due (Unix ms, Redis's clock), or None: past it, the GC
+    #: answers with ``on_timeout`` or, when that is None, fails the session (``deadline``).
+    deadline_at: int | None = None
+    on_timeout: str | None = None
 
     def to_record(self) -> dict[str, Any]:
         """Compact form stored in Redis (flags only when set)."""
@@ -51,6 +55,10 @@ class LlmQuery:
             rec["grounded"] = True
         if self.underspecified:
             rec["underspecified"] = True
+        if self.deadline_at is not None:
+            rec["dl"] = self.deadline_at
+            if self.on_timeout is not None:
+                rec["to"] = self.on_timeout
         return rec
 
     @classmethod
@@ -62,6 +70,8 @@ class LlmQuery:
             max_tokens=int(rec.get("max_tokens", 1024)),
             grounded=bool(rec.get("grounded", False)),
             underspecified=bool(rec.get("underspecified", False)),
+            deadline_at=int(rec["dl"]) if rec.get("dl") is not None else None,
+            on_timeout=str(rec["to"]) if rec.get("to") is not None else None,
         )
 
     def to_wire(self, id_key: str = "id") -> dict[str, Any]:
@@ -76,6 +86,8 @@ class LlmQuery:
             out["grounded"] = True
         if self.underspecified:
             out["underspecified"] = True
+        if self.deadline_at is not None:
+            out["deadline_at"] = self.deadline_at
         return out
 
 
@@ -100,6 +112,74 @@ class PendingFilter(StrEnum):
         if self is PendingFilter.PREVIEW:
             # str slicing counts code points, so a character is never split.
             out["prompt_preview"] = q.prompt[:PREVIEW_CHARS]
+        return out
+
+
+_VIEW_FLAGS = ("query_id", "max_tokens", "system", "grounded", "underspecified")
+_PROMPT_MODES = ("off", "preview", "full")
+#: Longest prompt preview a filter may ask for (a preview of more is the prompt itself).
+MAX_PREVIEW_CHARS = 1_000_000
+
+
+@dataclass(frozen=True, slots=True)
+class PendingView:
+    """Which fields of each pending query a snapshot shows: algocline's object
+    ``pending_filter`` (``{query_id, max_tokens, system, grounded, underspecified: bool,
+    prompt: {mode: "off" | "preview" | "full", chars}}``); the presets are three of these."""
+
+    query_id: bool = True
+    max_tokens: bool = True
+    system: bool = False
+    grounded: bool = False
+    underspecified: bool = False
+    prompt: str = "off"
+    chars: int = PREVIEW_CHARS
+
+    @classmethod
+    def preset(cls, name: PendingFilter, preview_chars: int = PREVIEW_CHARS) -> PendingView:
+        if name is PendingFilter.FULL:
+            return cls(system=True, grounded=True, underspecified=True, prompt="full")
+        return cls(prompt="preview" if name is PendingFilter.PREVIEW else "off",
+                   chars=preview_chars)
+
+    @classmethod
+    def parse(cls, spec: dict[str, Any], preview_chars: int = PREVIEW_CHARS) -> PendingView:
+        """The object form; anything else in it is a mistake said at once (``ValueError``
+        with a message naming the field)."""
+        unknown = set(spec) - {*_VIEW_FLAGS, "prompt"}
+        if unknown:
+            raise ValueError(f"unknown pending_filter field(s) {sorted(unknown)}; it takes "
+                             f"{', '.join(_VIEW_FLAGS)} (true/false) and prompt")
+        flags: dict[str, bool] = {}
+        for name in _VIEW_FLAGS:
+            value = spec.get(name, name in ("query_id", "max_tokens"))
+            if not isinstance(value, bool):
+                raise ValueError(f"pending_filter.{name} must be true or false")
+            flags[name] = value
+        prompt = spec.get("prompt", {"mode": "off"})
+        if isinstance(prompt, str):
+            prompt = {"mode": prompt}
+        if not isinstance(prompt, dict) or set(prompt) - {"mode", "chars"} \
+                or prompt.get("mode", "off") not in _PROMPT_MODES:
+            raise ValueError('pending_filter.prompt must be {"mode": "off" | "preview" | '
+                             '"full", "chars": n}')
+        chars = prompt.get("chars", preview_chars)
+        if isinstance(chars, bool) or not isinstance(chars, int) \
+                or not 0 <= chars <= MAX_PREVIEW_CHARS:
+            raise ValueError(f"pending_filter.prompt.chars must be an integer from 0 to "
+                             f"{MAX_PREVIEW_CHARS}")
+        return cls(**flags, prompt=str(prompt.get("mode", "off")), chars=chars)
+
+    def project(self, q: LlmQuery) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for name in _VIEW_FLAGS:
+            if getattr(self, name):
+                out[name] = q.id if name == "query_id" else getattr(q, name)
+        if self.prompt == "preview":
+            # str slicing counts code points, so a character is never split.
+            out["prompt_preview"] = q.prompt[: self.chars]
+        elif self.prompt == "full":
+            out["prompt"] = q.prompt
         return out
 
 

@@ -19,7 +19,23 @@ from .states import Phase
 _METRICS = (
     "llm_calls", "pauses", "rounds", "prompt_chars", "response_chars",
     "prompt_tokens", "response_tokens",
+    # answers fed, and how many of them came with the host's own prompt / completion count
+    "fed", "ptok_prov", "rtok_prov",
 )
+
+#: A budget's limits as stored (algocline's keys) -> what each measures.
+BUDGET_KEYS = {"max_llm_calls": "llm_calls", "max_tokens": "tokens",
+               "max_elapsed_ms": "elapsed_ms"}
+#: The keys our API took before it spoke algocline's (still taken, and read from old sessions).
+_OLD_BUDGET_KEYS = {"llm_calls": "max_llm_calls", "tokens": "max_tokens",
+                    "elapsed_ms": "max_elapsed_ms"}
+
+
+def normalise_budget(budget: dict[str, Any]) -> dict[str, int]:
+    """A budget in algocline's keys (``max_llm_calls``, ``max_tokens``, ``max_elapsed_ms``),
+    from either those or our former ones (``llm_calls``, ``tokens``, ``elapsed_ms``)."""
+    return {_OLD_BUDGET_KEYS.get(k, k): int(v) for k, v in budget.items()
+            if _OLD_BUDGET_KEYS.get(k, k) in BUDGET_KEYS and v is not None}
 
 
 def as_hash(reply: Any) -> dict[bytes, bytes]:
@@ -123,6 +139,8 @@ class SessionRecord:
     input: Any = None
     budget: dict[str, Any] | None = None
     result: Any = None
+    #: What the strategy recorded with ``ctx.metric`` (``stats.custom``).
+    custom: dict[str, Any] = field(default_factory=dict)
     error: str | None = None
     #: A failed session's kind of failure (``errors.FAILURE_TYPES``) and, for a crash of
     #: strategy code, its traceback.
@@ -173,6 +191,9 @@ class SessionRecord:
             rec.result = unpack(h["result"], what="result", session_id=sid)
         if "progress" in h:
             rec.progress = unpack(h["progress"], what="progress", session_id=sid)
+        if "custom" in h:
+            custom = unpack(h["custom"], what="custom metrics", session_id=sid)
+            rec.custom = custom if isinstance(custom, dict) else {}
         if "qids" in h:
             qids = unpack(h["qids"], what="query ids", session_id=sid)
             # Every answer is matched to its question by these ids: anything but distinct
@@ -193,30 +214,43 @@ class SessionRecord:
         p, r = self.counters["prompt_tokens"], self.counters["response_tokens"]
         return {"prompt_total": p, "response_total": r, "total": p + r}
 
-    def budget_remaining(self) -> dict[str, int] | None:
+    def budget_remaining(self) -> dict[str, int | None] | None:
         if not self.budget:
             return None
         return budget_left(self.budget, self.counters["llm_calls"], self.tokens()["total"],
                            self.elapsed_ms)
 
+    def token_sources(self) -> tuple[str, str]:
+        """Where the prompt and the response token counts come from, as algocline says it:
+        ``provided`` when the host reported every count, else ``estimated`` (the weakest
+        source of the parts)."""
+        c = self.counters
+        prompt = "provided" if c["llm_calls"] and c["ptok_prov"] >= c["llm_calls"] else \
+            "estimated"
+        response = "provided" if c["fed"] and c["rtok_prov"] >= c["fed"] else "estimated"
+        return prompt, response
+
     def stats(self) -> dict[str, Any]:
-        """algocline's ``stats`` object for terminal results."""
+        """algocline's ``stats`` object: ``auto`` (what the engine measured, tokens with
+        their source) and ``custom`` (what the strategy recorded with ``ctx.metric``)."""
         c = self.counters
         tok = self.tokens()
-        out: dict[str, Any] = {
+        prompt_src, response_src = self.token_sources()
+        total_src = "provided" if prompt_src == response_src == "provided" else "estimated"
+        auto: dict[str, Any] = {
             "elapsed_ms": self.elapsed_ms,
             "llm_calls": c["llm_calls"],
             "pauses": c["pauses"],
             "rounds": c["rounds"],
             "total_prompt_chars": c["prompt_chars"],
             "total_response_chars": c["response_chars"],
-            "prompt_tokens": tok["prompt_total"],
-            "response_tokens": tok["response_total"],
-            "total_tokens": tok["total"],
+            "prompt_tokens": {"tokens": tok["prompt_total"], "source": prompt_src},
+            "response_tokens": {"tokens": tok["response_total"], "source": response_src},
+            "total_tokens": {"tokens": tok["total"], "source": total_src},
         }
         if self.budget:
-            out["budget"] = dict(self.budget)
-        return out
+            auto["budget"] = normalise_budget(self.budget)
+        return {"auto": auto, "custom": dict(self.custom)}
 
     def finished(self) -> Finished:
         return Finished(self.phase, self.result, self.error, self.stats(),
@@ -225,9 +259,13 @@ class SessionRecord:
 
 def budget_left(
     budget: dict[str, Any], llm_calls: int, tokens: int, elapsed_ms: int
-) -> dict[str, int]:
+) -> dict[str, int | None]:
+    """What is left of every limit (algocline's ``budget_remaining``): None for a limit that
+    is not set."""
     used = {"llm_calls": llm_calls, "tokens": tokens, "elapsed_ms": elapsed_ms}
-    return {k: max(0, int(v) - used[k]) for k, v in budget.items() if k in used}
+    limits = normalise_budget(budget)
+    return {name: None if key not in limits else max(0, limits[key] - used[name])
+            for key, name in BUDGET_KEYS.items()}
 
 
 def decode_queries(

@@ -23,6 +23,7 @@ from . import listing, snapshot
 from .codec import check_json_able, check_text, estimate_tokens, pack, text, unpack
 from .errors import (
     CorruptState,
+    IdempotencyConflict,
     InvalidInput,
     InvalidTransition,
     NoPendingQuery,
@@ -37,13 +38,15 @@ from .models import (
     Accepted,
     FeedResult,
     Finished,
+    LlmQuery,
     Paused,
     PendingFilter,
+    PendingView,
     QueryId,
     SessionPage,
     Submitted,
 )
-from .records import SessionRecord, as_hash, server_now_ms, settled_event
+from .records import SessionRecord, as_hash, normalise_budget, server_now_ms, settled_event
 from .scripts import raise_for
 from .services import Services
 from .settings import MAX_TTL_S, Settings
@@ -112,13 +115,18 @@ class SessionRegistry:
         ttl: float | None = None,
         timeout: float | None = None,
         on_created: Callable[[str], object] | None = None,
+        idempotency_key: str | None = None,
     ) -> tuple[str, FeedResult]:
         """Queue the session and return its first event (pause or finish). ``NoWorker`` at
         once, before anything is written, when no live worker offers the strategy: the wait
         could only time out. ``on_created`` hears the session id as soon as it is queued
-        (a CLI prints it, so an interrupted wait can be picked up again)."""
+        (a CLI prints it, so an interrupted wait can be picked up again).
+        ``idempotency_key``: a start repeated with the same key (and the same strategy and
+        input) within the retention gets the same session and its current event, not a new
+        one; another request under a used key is ``IdempotencyConflict``."""
         _check_timeout(timeout)  # before the session exists, not after it was queued
-        sid = await self._submit(strategy, input, budget, ttl, need_worker=True)
+        sid = await self._submit(strategy, input, budget, ttl, need_worker=True,
+                                 idempotency_key=idempotency_key)
         if on_created is not None:
             on_created(sid)
         return sid, await self.wait_event(sid, timeout=timeout)
@@ -130,15 +138,17 @@ class SessionRegistry:
         *,
         budget: dict[str, int] | None = None,
         ttl: float | None = None,
+        idempotency_key: str | None = None,
     ) -> Submitted:
         """Create the session and queue its start job without waiting for it. The id
         returned also says how many live workers offer the strategy (``live_workers``): 0
         means none can run it yet, and it waits in the queue for one that can."""
-        return await self._submit(strategy, input, budget, ttl, need_worker=False)
+        return await self._submit(strategy, input, budget, ttl, need_worker=False,
+                                  idempotency_key=idempotency_key)
 
     async def _submit(self, strategy: str, input: dict[str, Any] | None,
                       budget: dict[str, int] | None, ttl: float | None, *,
-                      need_worker: bool) -> Submitted:
+                      need_worker: bool, idempotency_key: str | None = None) -> Submitted:
         if not isinstance(strategy, str) or not strategy:
             raise InvalidInput("strategy must be a non-empty string naming a registered strategy")
         _check_id(strategy, "strategy")
@@ -146,8 +156,10 @@ class SessionRegistry:
         if not isinstance(input, dict):
             raise InvalidInput(f"input must be a JSON object (dict), not {type(input).__name__}")
         check_json_able(input, what="input", limit=self.settings.max_input_bytes)
+        if budget is None and isinstance(input.get("budget"), dict):
+            budget = input["budget"]  # algocline's ctx.budget: the limits ride in the input
         if budget is not None:
-            _check_budget(budget)
+            budget = _check_budget(budget) or None
         ttl_ms = _ttl_ms(self.settings.session_ttl_s if ttl is None else ttl)
         shards = await self.services.ready()
         await self._check_strategy(strategy)
@@ -158,10 +170,19 @@ class SessionRegistry:
                 "wait: start one (coordinator worker --redis URL, with --import MODULE for "
                 "your own strategies); `coordinator strategies` lists what live workers "
                 "offer")
-        sid = shards.new_session_id()
+        if idempotency_key is not None:
+            _check_id(idempotency_key, "idempotency_key")
+            sid = shards.session_id_for(idempotency_key)
+        else:
+            sid = shards.new_session_id()
         reply = await self.scripts.create(
             sid, strategy=strategy, input=pack(input), budget=pack(budget) if budget else b"",
             ttl_ms=ttl_ms, backstop_ms=self.settings.backstop_ms + ttl_ms)
+        if reply.code == "CONFLICT":
+            raise IdempotencyConflict(
+                f"idempotency key {idempotency_key!r:.80} already started session {sid} with "
+                "another strategy or input; repeat that request exactly, or use a new key",
+                session_id=sid)
         raise_for(reply, session_id=sid)
         return Submitted(sid, live)
 
@@ -224,11 +245,18 @@ class SessionRegistry:
                                f"{_short(round)}", session_id=session_id)
         expected = self._rounds.get(session_id, 0) if round is None else round
         await self.services.ready()
-        tokens = estimate_tokens(len(response))
+        tokens = estimate_tokens(response)
         record: dict[str, Any] = {"r": response}
+        prompt_delta, provided = 0, ""
         if usage is not None:
             check_json_able(usage, what="usage", limit=64 * 1024)
-            tokens = _usage_tokens(usage, tokens)
+            completion, prompt = _usage_counts(usage)
+            if completion is not None:
+                tokens, provided = completion, "c"
+            if prompt is not None:
+                # the host's count replaces the estimate made when the query was asked
+                prompt_delta = prompt - await self._prompt_estimate(session_id, query_id)
+                provided = "p" + provided
             record["u"] = usage
         sk = self.keys.session(session_id)
         async with await self.mux.subscribe(sk.channel) as sub:
@@ -236,11 +264,22 @@ class SessionRegistry:
                 session_id, query_id, answer=pack(record), response_chars=len(response),
                 response_tokens=tokens, backstop_ms=self.settings.backstop_ms,
                 token=secrets.token_hex(16), lease_ms=self.settings.lease_ms, round=expected,
-                exact=round is not None, timeout=timeout)
+                exact=round is not None, prompt_delta=prompt_delta, provided=provided,
+                timeout=timeout)
             if not reply.ready:
                 return Accepted(reply.remaining)
             return await self._await_settled(session_id, sub, timeout,
                                              after_asked=reply.asked)
+
+    async def _prompt_estimate(self, sid: str, query_id: str) -> int:
+        """The prompt tokens estimated for ``query_id`` when it was asked (prompt and system
+        text): what a host's own ``prompt_tokens`` replaces. 0 for a query not pending (the
+        feed then refuses it anyway)."""
+        raw = await self.redis.execute("HGET", self.keys.session(sid).pending, query_id)
+        if raw is None:
+            return 0
+        q = LlmQuery.from_record(unpack(raw, what="query", session_id=sid))
+        return estimate_tokens(q.prompt) + (estimate_tokens(q.system) if q.system else 0)
 
     async def resolve_sole_pending_id(self, session_id: str) -> QueryId:
         _check_id(session_id, "session_id")
@@ -361,11 +400,11 @@ class SessionRegistry:
 
     async def list_snapshots(
         self,
-        pending_filter: PendingFilter | str | None = None,
+        pending_filter: FilterSpec = None,
         include_history: bool = False,
     ) -> dict[str, dict[str, Any]]:
         """Snapshots of the sessions held in the registry (paused). Takes no lock."""
-        pf = _filter(pending_filter)
+        pf = _filter(pending_filter, self.settings.prompt_preview_chars)
         shards = await self.services.ready()
         sids = [text(s) for reply in checked(await self.redis.execute_many(
                     [("ZRANGE", shard.registry, 0, -1) for shard in shards.keys]))
@@ -377,7 +416,7 @@ class SessionRegistry:
     async def status(
         self,
         session_id: str,
-        pending_filter: PendingFilter | str | None = None,
+        pending_filter: FilterSpec = None,
         include_history: bool = False,
     ) -> dict[str, Any]:
         """One session's snapshot, live or finished (within retention), with its result."""
@@ -385,7 +424,8 @@ class SessionRegistry:
         (await self.services.ready()).of(session_id)  # NotFound for an id of no shard
         snaps = await snapshot.read_many(
             self.redis.execute_many, self.keys, [session_id],
-            pending_filter=_filter(pending_filter), include_history=include_history,
+            pending_filter=_filter(pending_filter, self.settings.prompt_preview_chars),
+            include_history=include_history,
         )
         if session_id not in snaps:
             raise NotFound(f"session {session_id} not found", session_id=session_id)
@@ -412,7 +452,7 @@ class SessionRegistry:
         limit: int = 100,
         cursor: str | None = None,
         *,
-        pending_filter: PendingFilter | str | None = None,
+        pending_filter: FilterSpec = None,
         include_history: bool = False,
     ) -> SessionPage:
         """A page of sessions in any phase, newest activity first, each snapshot with its
@@ -425,7 +465,7 @@ class SessionRegistry:
         if strategy is not None:
             _check_id(strategy, "strategy")
         after = None if cursor is None else listing.Position.decode(cursor)
-        pf = _filter(pending_filter)
+        pf = _filter(pending_filter, self.settings.prompt_preview_chars)
         shards = await self.services.ready()
         srcs = listing.sources(shards.keys, phases, server_now_ms(),
                                self.settings.retention_ms)
@@ -606,14 +646,26 @@ _READ_TRIES = 3
 _ROUNDS_KEPT = 100_000
 
 
-def _filter(value: PendingFilter | str | None) -> PendingFilter | None:
-    if value is None or isinstance(value, PendingFilter):
-        return value
+#: What a pending filter may be: a preset name (or ``PendingFilter``), or algocline's object.
+FilterSpec = PendingFilter | str | dict[str, Any] | None
+
+
+def _filter(value: FilterSpec, preview_chars: int) -> PendingView | None:
+    """The fields of pending queries to show, from a preset or algocline's object form."""
+    if value is None:
+        return None
+    if isinstance(value, dict):
+        try:
+            return PendingView.parse(value, preview_chars)
+        except ValueError as exc:
+            raise InvalidInput(str(exc)) from None
     try:
-        return PendingFilter(value)
+        return PendingView.preset(PendingFilter(value), preview_chars)
     except ValueError:
         raise InvalidInput(
-            f"pending filter {value!r} is not one of: meta, preview, full"
+            f"pending filter {value!r:.80} is not one of: meta, preview, full, or an object "
+            '{"query_id", "max_tokens", "system", "grounded", "underspecified": bool, '
+            '"prompt": {"mode": "off" | "preview" | "full", "chars": n}}'
         ) from None
 
 
@@ -627,16 +679,30 @@ MAX_ID_CHARS = 256
 MAX_TIMEOUT_S = 1e9
 
 
-def _check_budget(budget: dict[str, int]) -> None:
-    allowed = {"llm_calls", "tokens", "elapsed_ms"}
+_BUDGET_ALLOWED = ("max_llm_calls", "max_tokens", "max_elapsed_ms",
+                   "llm_calls", "tokens", "elapsed_ms")
+
+
+def _check_budget(budget: dict[str, int]) -> dict[str, int]:
+    """The budget in algocline's keys (``max_llm_calls``, ``max_tokens``,
+    ``max_elapsed_ms``); our former keys (``llm_calls``, ...) are taken as aliases. A limit
+    given as null is no limit (as a ``ctx.budget`` may say)."""
     if not isinstance(budget, dict) or not budget:
-        raise InvalidInput(f"budget must be a non-empty dict with keys from {sorted(allowed)}")
+        raise InvalidInput(f"budget must be a non-empty object with keys from "
+                           f"{', '.join(_BUDGET_ALLOWED[:3])}")
     for key, value in budget.items():
-        if key not in allowed:
-            raise InvalidInput(f"unknown budget key {key!r}; use {sorted(allowed)}")
+        if key not in _BUDGET_ALLOWED:
+            raise InvalidInput(f"unknown budget key {key!r}; use {', '.join(_BUDGET_ALLOWED[:3])}"
+                               f" (or our former {', '.join(_BUDGET_ALLOWED[3:])})")
+        if value is None:
+            continue
         if not isinstance(value, int) or isinstance(value, bool) or not 0 < value <= MAX_BUDGET:
             raise InvalidInput(f"budget {key} must be a positive integer up to 10**15, "
                                f"got {_short(value)}")
+    normal = normalise_budget(budget)
+    if len(normal) != sum(1 for v in budget.values() if v is not None):
+        raise InvalidInput("budget names a limit twice (e.g. max_llm_calls and llm_calls)")
+    return normal
 
 
 def _check_id(value: str, what: str) -> None:
@@ -688,13 +754,21 @@ def _short(value: object) -> str:
     return text if len(text) <= 80 else text[:77] + "..."
 
 
-def _usage_tokens(usage: dict[str, int], fallback: int) -> int:
+def _usage_counts(usage: dict[str, int]) -> tuple[int | None, int | None]:
+    """The host's (completion, prompt) token counts from ``usage`` (algocline's keys, and the
+    usual aliases), each None when not given."""
     if not isinstance(usage, dict):
-        raise InvalidInput("usage must be a dict such as {'completion_tokens': 42}")
-    for key in ("completion_tokens", "response_tokens", "output_tokens"):
-        value = usage.get(key)
-        if isinstance(value, int) and not isinstance(value, bool):
-            if not 0 <= value < 2**31:
-                raise InvalidInput(f"usage {key} must be between 0 and 2**31, got {value}")
-            return value
-    return fallback
+        raise InvalidInput("usage must be a dict such as {'prompt_tokens': 120, "
+                           "'completion_tokens': 42}")
+
+    def first(*keys: str) -> int | None:
+        for key in keys:
+            value = usage.get(key)
+            if isinstance(value, int) and not isinstance(value, bool):
+                if not 0 <= value < 2**31:
+                    raise InvalidInput(f"usage {key} must be between 0 and 2**31, got {value}")
+                return value
+        return None
+
+    return (first("completion_tokens", "response_tokens", "output_tokens"),
+            first("prompt_tokens", "input_tokens"))

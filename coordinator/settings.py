@@ -94,6 +94,9 @@ class Settings:
     #: Largest HTTP request body ``serve`` reads (a batch of answers included); a bigger one
     #: is refused (413) before it is read in full.
     max_request_bytes: int = 8 * MIB
+    #: Characters of each pending prompt a ``preview`` pending filter shows (algocline's
+    #: ``ALC_PROMPT_PREVIEW_CHARS``).
+    prompt_preview_chars: int = 200
     #: GC sweep period (the original runs it every 60 s).
     gc_interval_s: float = 60.0
     #: Worker heartbeat key TTL; a worker whose key expired is dead for takeover purposes.
@@ -182,6 +185,7 @@ _RANGES: dict[str, _Range] = {
     "max_response_bytes": _Range(int, 1, _MAX_BYTES, "bytes"),
     "max_input_bytes": _Range(int, 1, _MAX_BYTES, "bytes"),
     "max_request_bytes": _Range(int, 1024, _MAX_BYTES, "bytes"),
+    "prompt_preview_chars": _Range(int, 0, 1_000_000, "characters"),
     "gc_interval_s": _seconds(_DAY_S),
     "heartbeat_ttl_ms": _ms(),
     "claim_idle_ms": _ms(),

@@ -27,6 +27,7 @@ from __future__ import annotations
 import asyncio
 import binascii
 import functools
+import hashlib
 import secrets
 import time
 from collections.abc import Sequence
@@ -124,6 +125,18 @@ class Shards:
             return head + secrets.token_hex(16)
         slot = self.slots[secrets.randbelow(len(self.slots))]
         return id_in_slot(head + secrets.token_hex(16)[:32 - _SUFFIX_LEN], slot)
+
+    def session_id_for(self, key: str) -> str:
+        """The session id an idempotency ``key`` names in this namespace: the same key always
+        gives the same id (and shard), so a start repeated with it finds the session the
+        first made, which is what makes the key work on every topology with no lookup key
+        of its own (one more slot to keep consistent on a Cluster)."""
+        digest = hashlib.sha256(f"{self.namespace}\0{key}".encode()).hexdigest()
+        head = f"s-k{digest[:10]}-"
+        if not self.slots:
+            return head + digest[10:42]
+        slot = self.slots[int(digest[42:50], 16) % len(self.slots)]
+        return id_in_slot(head + digest[10:42 - _SUFFIX_LEN], slot)
 
     def to_record(self) -> dict[str, Any]:
         return {"v": _TABLE_VERSION, "slots": list(self.slots), "created_at": int(time.time())}

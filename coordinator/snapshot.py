@@ -26,7 +26,7 @@ import msgpack
 from .codec import unpack
 from .errors import CorruptState
 from .keys import SUFFIX, Keys
-from .models import LlmQuery, PendingFilter
+from .models import LlmQuery, PendingView
 from .records import as_hash, budget_left, clock_lesson, server_now_ms
 from .states import Phase
 
@@ -48,7 +48,7 @@ _PHASES = {p.value.encode(): (p.state, p.value, p.terminal) for p in Phase}
 
 
 def _build(sid: str, fields: list[Any], logs: list[bytes], pending: Any, answered: Any,
-           journal: Any, pf: PendingFilter | None, now: int) -> dict[str, Any]:
+           journal: Any, pf: PendingView | None, now: int) -> dict[str, Any]:
     (phase_b, strategy, started, last, remaining, finished, budget, progress, cq, qids,
      calls, rounds, ptok, rtok, asked, nlogs, error_type) = fields
     known = _PHASES.get(phase_b)
@@ -95,7 +95,8 @@ def _build(sid: str, fields: list[Any], logs: list[bytes], pending: Any, answere
 
 
 def _numbered(logs: list[bytes], total: int) -> list[dict[str, Any]]:
-    """The kept log entries, each with its ``seq``: its number among every entry the session
+    """The kept log entries (algocline's ``{ts, level, source, message}``), each with its
+    ``seq``: its number among every entry the session
     ever logged (the list keeps the last few), so a reader that saw up to N knows what is
     new. ``total`` counts them all (``m:logs``)."""
     first = total - len(logs) + 1
@@ -103,6 +104,9 @@ def _numbered(logs: list[bytes], total: int) -> list[dict[str, Any]]:
     for n, raw in enumerate(logs):
         entry = msgpack.unpackb(raw)
         if isinstance(entry, dict):
+            if "msg" in entry and "message" not in entry:  # written before algocline's shape
+                entry = {"ts": entry.get("ts"), "level": entry.get("level"),
+                         "source": "ctx.log", "message": entry["msg"]}
             entry["seq"] = first + n
         out.append(entry)
     return out
@@ -149,7 +153,7 @@ def _gc_paused() -> Iterator[None]:
             gc.enable()
 
 
-def _commands(keys: Keys, pf: PendingFilter | None,
+def _commands(keys: Keys, pf: PendingView | None,
               include_history: bool) -> Callable[[list[str]], list[tuple[Any, ...]]]:
     head, tail = keys.session_template()
     logs, pending, answers, journal = (SUFFIX[k] for k in ("logs", "pending", "answers",
@@ -171,7 +175,7 @@ def _commands(keys: Keys, pf: PendingFilter | None,
     return commands
 
 
-def _build_chunk(chunk: list[str], replies: list[Any], pf: PendingFilter | None,
+def _build_chunk(chunk: list[str], replies: list[Any], pf: PendingView | None,
                  include_history: bool, out: dict[str, dict[str, Any]], now: int) -> None:
     it = iter(replies)
     for sid in chunk:
@@ -198,7 +202,7 @@ async def read_many(
     keys: Keys,
     sids: Iterable[str],
     *,
-    pending_filter: PendingFilter | None,
+    pending_filter: PendingView | None,
     include_history: bool,
 ) -> dict[str, dict[str, Any]]:
     """Snapshots of ``sids``; vanished ones are left out.

@@ -132,8 +132,8 @@ async def check_exact(reg: SessionRegistry, results: dict[str, Finished], ctx: s
         assert ev.result == {"tag": tag, "rounds": expected_rounds(tag, ROUNDS, WIDTH,
                                                                   answer_for)}, \
             f"{sid}: wrong result {ev.result} {ctx}"
-        assert ev.metrics["rounds"] == ROUNDS, (sid, ev.metrics, ctx)
-        assert ev.metrics["llm_calls"] == ROUNDS * WIDTH, (sid, ev.metrics, ctx)
+        assert ev.metrics["auto"]["rounds"] == ROUNDS, (sid, ev.metrics, ctx)
+        assert ev.metrics["auto"]["llm_calls"] == ROUNDS * WIDTH, (sid, ev.metrics, ctx)
         assert await client.llen(reg.keys.session(sid).journal) == ROUNDS, (sid, ctx)
 
 

@@ -126,7 +126,7 @@ async def test_host_loop_on_the_embedded_default() -> None:
     echo = "echo: Task: Design a cache"
     assert out["status"] == "completed" and out["session_id"].startswith("s-")
     assert out["result"] == {"answer": echo, "draft": echo, "critiques": [echo, echo]}
-    assert out["stats"]["llm_calls"] == 5
+    assert out["stats"]["auto"]["llm_calls"] == 5
     assert ran.stderr.count(" -> ") == 5  # each exchange shown
 
 
@@ -170,14 +170,14 @@ async def test_custom_strategy_served_by_a_worker_that_imports_it(
     assert out["status"] == "completed"
     # the host loop's echo names no draft number, so the strategy keeps the first
     assert out["result"] == {"best": drafts[0], "drafts": drafts}
-    assert out["stats"]["llm_calls"] == 4 and out["stats"]["rounds"] == 2
+    assert out["stats"]["auto"]["llm_calls"] == 4 and out["stats"]["auto"]["rounds"] == 2
     reg = SessionRegistry.from_url(redis_url, namespace=ns)
     try:
         status = await reg.status(out["session_id"])
         offered = await reg.strategies()
     finally:
         await reg.aclose()
-    assert [e["msg"] for e in status["metrics"]["recent_logs"]] == [
+    assert [e["message"] for e in status["metrics"]["recent_logs"]] == [
         "3 drafts in", "picked draft 1"]
     assert status["metrics"]["progress"] == {"step": 2, "total": 2, "message": "choosing"}
     assert offered["draft-vote"]["description"].startswith("Draft n answers in one round")

@@ -250,7 +250,7 @@ async def test_a_worker_cut_off_mid_step_is_taken_over_and_its_late_commit_fence
     assert await reg.wait_event(sid, timeout=WAIT_S) == event  # unchanged
     done = await reg.feed_response(sid, "q-0", "yes", timeout=WAIT_S)
     assert isinstance(done, Finished) and done.result == {"answer": "yes"}
-    assert done.metrics["rounds"] == 1 and await reg.client.llen(sk.journal) == 1
+    assert done.metrics["auto"]["rounds"] == 1 and await reg.client.llen(sk.journal) == 1
 
 
 # -- 3. real worker processes, default settings -------------------------------------------------
@@ -387,7 +387,8 @@ class KillRun:
                              "rounds": expected_rounds(tag, ROUNDS, WIDTH, answer_for)}, (
             sid, ev.result, self.ctx)
         # each round applied exactly once
-        assert (ev.metrics["rounds"], ev.metrics["pauses"], ev.metrics["llm_calls"]) == (
+        auto = ev.metrics["auto"]
+        assert (auto["rounds"], auto["pauses"], auto["llm_calls"]) == (
             ROUNDS, ROUNDS, ROUNDS * WIDTH), (sid, ev.metrics, self.ctx)
         assert await self.reg.client.llen(self.keys.session(sid).journal) == ROUNDS
 
@@ -496,7 +497,7 @@ async def test_worker_killed_in_the_middle_of_a_step_is_taken_over_within_a_seco
     done = await host.feed_response(sid, "q-0", "A2", timeout=WAIT_S)
     assert isinstance(done, Finished) and done.result == {"tag": tag, "first": "A1",
                                                           "second": "A2"}
-    assert done.metrics["rounds"] == 2 and await host.client.llen(sk.journal) == 2
+    assert done.metrics["auto"]["rounds"] == 2 and await host.client.llen(sk.journal) == 2
 
 
 @pytest.mark.redis

@@ -399,7 +399,8 @@ async def test_redis_restart_mid_run_every_session_finishes(
             if sid not in lost_now:
                 assert ev.state is Phase.COMPLETED, f"{sid}: {ev.error} {ctx}"
                 assert ev.result == expected, f"{sid}: wrong result {ev.result} {ctx}"
-                assert ev.metrics["rounds"] == ROUNDS and ev.metrics["pauses"] == ROUNDS, (
+                auto = ev.metrics["auto"]
+                assert auto["rounds"] == ROUNDS and auto["pauses"] == ROUNDS, (
                     sid, ev.metrics, ctx)
                 assert await r.observer.llen(r.keys.session(sid).journal) == ROUNDS
 
@@ -795,8 +796,8 @@ async def test_commit_whose_reply_was_lost_is_applied_once(
         assert isinstance(ev, Finished) and ev.state is Phase.COMPLETED, ev
         assert ev.result == {"tag": "LOSTCOMMIT",
                              "rounds": expected_rounds("LOSTCOMMIT", 3, 2, answer_for)}
-        assert ev.metrics["pauses"] == 3 and ev.metrics["rounds"] == 3
-        assert ev.metrics["llm_calls"] == 6  # counted once, not twice
+        assert ev.metrics["auto"]["pauses"] == 3 and ev.metrics["auto"]["rounds"] == 3
+        assert ev.metrics["auto"]["llm_calls"] == 6  # counted once, not twice
         assert await observer.llen(reg.keys.session(sid).journal) == 3
         assert worker.stats.replays >= 1  # the live execution was dropped with the reply
     finally:

@@ -261,9 +261,9 @@ async def test_worker_death_repeatedly_loses_nothing(
         assert event.state is Phase.COMPLETED, f"{where}: {event.state} {event.error}"
         assert event.result == {"tag": tag,
                                 "rounds": expected_batches(tag, sizes, answer_for)}, where
-        assert event.metrics["rounds"] == len(sizes), (where, event.metrics)
-        assert event.metrics["pauses"] == len(sizes), (where, event.metrics)
-        assert event.metrics["llm_calls"] == sum(sizes), (where, event.metrics)
+        assert event.metrics["auto"]["rounds"] == len(sizes), (where, event.metrics)
+        assert event.metrics["auto"]["pauses"] == len(sizes), (where, event.metrics)
+        assert event.metrics["auto"]["llm_calls"] == sum(sizes), (where, event.metrics)
         journal = await journal_prompts(reg.client, keys, sid)
         assert journal == [[(p, answer_for(p)) for p in
                             (prompt_for(tag, r, i) for i in range(size))]
@@ -366,7 +366,8 @@ async def test_worker_stalled_past_its_lease_is_fenced_out_and_carries_on(
         done = await reg.feed_response(sid, "q-0", "A2", timeout=WAIT_S)
         assert isinstance(done, Finished) and done.state is Phase.COMPLETED, done
         assert done.result == {"tag": tag, "first": "A1", "second": "A2"}
-        assert (done.metrics["rounds"], done.metrics["llm_calls"]) == (2, 2), done.metrics
+        auto = done.metrics["auto"]
+        assert (auto["rounds"], auto["llm_calls"]) == (2, 2), done.metrics
         assert await reg.client.llen(sk.journal) == 2
 
         # The formerly stale worker carries on: with the taker gone, it serves a new session.
@@ -428,7 +429,7 @@ async def test_step_handed_to_a_frozen_holder_is_taken_over_and_its_late_step_fe
     assert isinstance(done, Finished) and done.state is Phase.COMPLETED, done
     assert done.result == {"tag": tag, "rounds": [[answer_for(prompt_for(tag, 0, 0))],
                                                    [answer_for(prompt_for(tag, 1, 0))]]}
-    assert done.metrics["rounds"] == 2 and await reg.client.llen(sk.journal) == 2
+    assert done.metrics["auto"]["rounds"] == 2 and await reg.client.llen(sk.journal) == 2
     assert frozen.alive and "Traceback" not in frozen.log_text(), frozen.log_tail()
 
 
@@ -500,8 +501,8 @@ async def test_job_redelivered_after_a_slow_worker_applies_once(
     done = await reg.feed_response(sid, "q-0", "A2")
     assert isinstance(done, Finished) and done.state is Phase.COMPLETED, done
     assert done.result == {"first": "A1", "second": "A2"}
-    assert (done.metrics["rounds"], done.metrics["pauses"], done.metrics["llm_calls"]) == (
-        2, 2, 2), done.metrics
+    auto = done.metrics["auto"]
+    assert (auto["rounds"], auto["pauses"], auto["llm_calls"]) == (2, 2, 2), done.metrics
     assert await journal_prompts(reg.client, reg.keys, sid) == [
         [("rd first", "A1")], [("rd second after A1", "A2")]]
 

@@ -151,7 +151,8 @@ def check_contested(sids: list[str], results: list[tuple[Any, int]], reaped: Cou
             outcomes["completed"] += 1
             assert event.state is Phase.COMPLETED, (f"cont{i}", event, ctx)
             assert event.result == expected_result(f"cont{i}", 2, 2), ctx
-            assert (event.metrics["rounds"], event.metrics["llm_calls"]) == (2, 4), ctx
+            auto = event.metrics["auto"]
+            assert (auto["rounds"], auto["llm_calls"]) == (2, 4), ctx
     return outcomes
 
 
@@ -233,7 +234,7 @@ async def test_injected_clock_sweeps_racing_feeds_and_steps_never_reap_an_active
         assert sid not in counts, f"active session act{n} reaped {ctx}"
         assert isinstance(event, Finished) and event.state is Phase.COMPLETED, (event, ctx)
         assert event.result == expected_result(f"act{n}", 3, 3), ctx
-        assert event.metrics["rounds"] == 3 and event.metrics["llm_calls"] == 9, ctx
+        assert event.metrics["auto"]["rounds"] == 3 and event.metrics["auto"]["llm_calls"] == 9, ctx
     assert in_step not in counts, f"the session mid-step was reaped {ctx}"
     assert isinstance(step_event, Finished) and step_event.state is Phase.COMPLETED, step_event
     assert step_event.result == expected_result("step", 2, 2)

@@ -155,9 +155,9 @@ class ChaosRun:
             "tag": tag, "rounds": expected_rounds(tag, ROUNDS, WIDTH, answer_for)
         }, f"{sid}: wrong result {ev.result} {ctx}"
         # Each round applied exactly once: counters and the replay journal agree.
-        assert ev.metrics["rounds"] == ROUNDS, (sid, ev.metrics, ctx)
-        assert ev.metrics["pauses"] == ROUNDS, (sid, ev.metrics, ctx)
-        assert ev.metrics["llm_calls"] == ROUNDS * WIDTH, (sid, ev.metrics, ctx)
+        assert ev.metrics["auto"]["rounds"] == ROUNDS, (sid, ev.metrics, ctx)
+        assert ev.metrics["auto"]["pauses"] == ROUNDS, (sid, ev.metrics, ctx)
+        assert ev.metrics["auto"]["llm_calls"] == ROUNDS * WIDTH, (sid, ev.metrics, ctx)
         sk = self.keys.session(sid)
         assert await self.observer.llen(sk.journal) == ROUNDS, (sid, ctx)
         if sid in self.orphaned:  # it was the victim's: the survivor finished it
@@ -306,7 +306,7 @@ async def test_cli_run_embedded_without_redis_url() -> None:
     draft = "Task: x\n\nWrite a first draft."
     assert body["result"]["draft"] == draft  # echo: the answer is the prompt
     assert len(body["result"]["critiques"]) == 1
-    assert body["stats"]["llm_calls"] == 3 and body["stats"]["rounds"] == 3
+    assert body["stats"]["auto"]["llm_calls"] == 3 and body["stats"]["auto"]["rounds"] == 3
     assert "embedded" in out.stderr
 
 
@@ -341,7 +341,7 @@ async def test_cli_run_against_real_server_with_a_worker_process(
     embedded = (await run_cli("run", "reflect", "--task", "x", "--responder", "echo",
                               "--json")).json()
     assert body["result"] == embedded["result"]
-    assert body["stats"]["rounds"] == embedded["stats"]["rounds"] == 3
+    assert body["stats"]["auto"]["rounds"] == embedded["stats"]["auto"]["rounds"] == 3
 
 
 async def test_cli_start_continue_status_cancel_round_trip(
@@ -386,7 +386,7 @@ async def test_cli_start_continue_status_cancel_round_trip(
     assert done["status"] == "completed"
     assert done["result"] == {"answer": "final text", "draft": "my draft",
                               "critiques": ["my critique"]}
-    assert done["stats"]["rounds"] == 3 and done["stats"]["llm_calls"] == 3
+    assert done["stats"]["auto"]["rounds"] == 3 and done["stats"]["auto"]["llm_calls"] == 3
     finished = await cli("status", sid)
     assert (finished["state"], finished["phase"]) == ("terminal", "completed")
     assert finished["result"] == done["result"]

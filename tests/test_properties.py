@@ -277,7 +277,7 @@ async def drive_session(regs: list[SessionRegistry], tag: str, plan: tuple[Round
         expected_answers.append([accepted_by[f"q-{i}"] for i in range(rnd.width)])
     assert isinstance(event, Finished) and event.state is Phase.COMPLETED, event
     assert event.result == expected_answers  # the accepted feed's answer, in query order
-    assert event.metrics["rounds"] == len(plan)
+    assert event.metrics["auto"]["rounds"] == len(plan)
 
 
 async def run_plan(plan: Plan, make_regs: Callable[[], Awaitable[list[SessionRegistry]]],

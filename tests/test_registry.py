@@ -169,10 +169,17 @@ async def subscribed(reg: SessionRegistry, sid: str) -> None:
     await assert_eventually(listening, timeout=5, message=f"nobody subscribed to {channel}")
 
 
+#: algocline's ``stats.auto`` keys (``stats`` is ``{"auto": ..., "custom": ...}``).
 STATS_KEYS = {
     "elapsed_ms", "llm_calls", "pauses", "rounds", "total_prompt_chars",
     "total_response_chars", "prompt_tokens", "response_tokens", "total_tokens",
 }
+
+
+def est(text: str) -> int:
+    """algocline's token estimate: ASCII four characters a token, other text 1.5."""
+    ascii_chars = sum(c.isascii() for c in text)
+    return math.ceil(ascii_chars / 4) + math.ceil((len(text) - ascii_chars) * 2 / 3)
 
 # -- JSON shapes of real sessions -------------------------------------------------------------
 
@@ -235,7 +242,8 @@ async def test_accepted_and_completed_shapes(registry: SessionRegistry, worker: 
     assert set(out) == {"status", "result", "stats"}
     assert out["status"] == "completed"
     assert out["result"] == {"batch": ["xxxx", "yy"], "final": "zzz"}
-    stats = out["stats"]
+    assert set(out["stats"]) == {"auto", "custom"} and out["stats"]["custom"] == {}
+    stats = out["stats"]["auto"]
     assert set(stats) == STATS_KEYS
     final_prompt = "final: xxxx | yy"
     assert stats["llm_calls"] == 3
@@ -243,9 +251,36 @@ async def test_accepted_and_completed_shapes(registry: SessionRegistry, worker: 
     assert stats["rounds"] == 2
     assert stats["total_prompt_chars"] == 4 + 8 + len(final_prompt)
     assert stats["total_response_chars"] == 4 + 2 + 3
-    assert stats["prompt_tokens"] == 1 + 2 + math.ceil(len(final_prompt) / 4)
-    assert stats["response_tokens"] == 1 + 1 + 1
-    assert stats["total_tokens"] == stats["prompt_tokens"] + stats["response_tokens"]
+    assert stats["prompt_tokens"] == {"tokens": 1 + 2 + est(final_prompt),
+                                      "source": "estimated"}
+    assert stats["response_tokens"] == {"tokens": 1 + 1 + 1, "source": "estimated"}
+    assert stats["total_tokens"] == {"tokens": 1 + 2 + est(final_prompt) + 3,
+                                     "source": "estimated"}
+
+
+async def test_usage_replaces_the_estimates_and_says_provided(registry: SessionRegistry,
+                                                              worker: Any) -> None:
+    """algocline's ``usage``: both counts honoured; a count the host gave for every call is
+    ``provided``, one it gave for some calls only stays ``estimated`` (the weakest source)."""
+    items = ["aaaa", "日本語のテキスト"]
+    sid, _ = await paused(registry, "treg-batch", {"items": items})
+    await registry.feed_response(sid, "q-0", "x", {"prompt_tokens": 10, "completion_tokens": 7})
+    await registry.feed_response(sid, "q-1", "y", {"prompt_tokens": 20, "completion_tokens": 8})
+    done = await registry.feed_response(sid, "q-0", "zz", {"completion_tokens": 5})
+    assert isinstance(done, Finished)
+    auto = done.to_json(sid)["stats"]["auto"]
+    final = est("final: x | y")
+    assert auto["prompt_tokens"] == {"tokens": 10 + 20 + final, "source": "estimated"}
+    assert auto["response_tokens"] == {"tokens": 7 + 8 + 5, "source": "provided"}
+    assert auto["total_tokens"] == {"tokens": 30 + final + 20, "source": "estimated"}
+
+    sid, _ = await paused(registry, "treg-ask", {"prompt": "日本"})
+    done = await registry.feed_response(sid, "q-0", "a",
+                                        {"prompt_tokens": 3, "completion_tokens": 1})
+    assert isinstance(done, Finished)
+    auto = done.to_json(sid)["stats"]["auto"]
+    assert auto["prompt_tokens"] == {"tokens": 3, "source": "provided"}
+    assert auto["total_tokens"] == {"tokens": 4, "source": "provided"}
 
 
 async def test_error_shape(registry: SessionRegistry, worker: Any) -> None:
@@ -263,8 +298,8 @@ async def test_cancelled_shape(registry: SessionRegistry, worker: Any) -> None:
     out = event.to_json(sid)
     assert set(out) == {"status", "stats"}
     assert out["status"] == "cancelled"
-    assert set(out["stats"]) == STATS_KEYS
-    assert out["stats"]["llm_calls"] == 1
+    assert set(out["stats"]["auto"]) == STATS_KEYS
+    assert out["stats"]["auto"]["llm_calls"] == 1
 
 
 async def test_session_without_questions_completes_at_start(
@@ -786,13 +821,14 @@ async def test_snapshot_progress_and_logs(registry: SessionRegistry, worker: Any
     assert "progress" not in snaps[plain_sid]["metrics"]
     metrics = snaps[sid]["metrics"]
     assert metrics["progress"] == {"step": 1, "total": 3, "message": "round 0"}
-    assert [e["msg"] for e in metrics["recent_logs"]] == [f"r0 log {i}" for i in range(12)]
+    assert [e["message"] for e in metrics["recent_logs"]] == [f"r0 log {i}" for i in range(12)]
+    assert all(e["source"] == "ctx.log" for e in metrics["recent_logs"])
     assert all(e["level"] == "info" and isinstance(e["ts"], int) for e in metrics["recent_logs"])
 
     await registry.feed_response(sid, "q-0", "a")
     metrics = (await registry.list_snapshots())[sid]["metrics"]
     assert metrics["progress"] == {"step": 2, "total": 3, "message": "round 1"}
-    msgs = [e["msg"] for e in metrics["recent_logs"]]
+    msgs = [e["message"] for e in metrics["recent_logs"]]
     assert len(msgs) == 20  # the last 20 of 24
     assert msgs == [f"r0 log {i}" for i in range(4, 12)] + [f"r1 log {i}" for i in range(12)]
 
@@ -802,7 +838,13 @@ async def test_snapshot_budget_remaining(registry: SessionRegistry, worker: Any)
     sid, _ = await paused(registry, "treg-batch", budget={"llm_calls": 10})
     snaps = await registry.list_snapshots()
     assert "budget_remaining" not in snaps[plain]["metrics"]
-    assert snaps[sid]["metrics"]["budget_remaining"] == {"llm_calls": 7}
+    # every limit, null when unset (algocline's shape); our former keys are taken as aliases
+    assert snaps[sid]["metrics"]["budget_remaining"] == {"llm_calls": 7, "tokens": None,
+                                                         "elapsed_ms": None}
+    ctx_budget, _ = await paused(registry, "treg-batch",
+                                 {"budget": {"max_llm_calls": 5, "max_tokens": 10**6}})
+    left = (await registry.status(ctx_budget))["metrics"]["budget_remaining"]
+    assert left["llm_calls"] == 2 and left["tokens"] > 0 and left["elapsed_ms"] is None
 
 
 async def test_snapshot_pending_only_with_a_filter(registry: SessionRegistry, worker: Any) -> None:
@@ -912,7 +954,7 @@ async def test_cancel_paused_session(registry: SessionRegistry, worker: Any) -> 
     event = await registry.cancel(sid)
     assert isinstance(event, Finished)
     assert event.state is Phase.CANCELLED and event.result is None
-    assert event.metrics["llm_calls"] == 3
+    assert event.metrics["auto"]["llm_calls"] == 3
     assert await registry.wait_event(sid) == event
     assert sid not in await registry.list_snapshots()
     assert (await registry.status(sid))["phase"] == "cancelled"

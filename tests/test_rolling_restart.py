@@ -88,5 +88,5 @@ async def test_rolling_restart_of_every_worker_harms_no_session(
         assert done.state.value == "completed", (done, worker_pool.logs())
         assert done.result == {"tag": f"r{n}", "rounds": expected_rounds(
             f"r{n}", rounds, width, answer_for)}
-        assert done.metrics["rounds"] == rounds
+        assert done.metrics["auto"]["rounds"] == rounds
     assert all(not w.alive for w in old)

@@ -236,7 +236,8 @@ async def test_feed_refuses_bad_arguments_before_writing(rig: Rig) -> None:
     keys, args = bound("feed", reg.scripts._session(sid, "feed"), {
         "sid": sid, "query_id": "q-1", "answer": b"x", "response_chars": 1,
         "response_tokens": 1, "backstop_ms": 2000, "wake_channel": reg.keys.jobs_wake,
-        "token": "t", "lease_ms": 1000, "round": 0, "exact": "1", "channel": "c"})
+        "token": "t", "lease_ms": 1000, "round": 0, "exact": "1", "channel": "c",
+        "prompt_delta": 0, "provided": ""})
     for k, a in arity_cases(keys, args):
         problems += await raw_refused_without_a_write(reg, "feed", k, a)
     assert problems == [], "\n".join(problems)
@@ -278,7 +279,8 @@ async def test_commit_step_refuses_bad_arguments_before_writing(rig: Rig) -> Non
         kw: dict[str, Any] = {
             "fence": 0, "asked": 0, "token": "tok", "holder": "w", "holder_channel": "ch",
             "backstop_ms": 120_000, "retention_ms": 60_000, "journal_entry": b"",
-            "progress": b"", "llm_calls": 1, "prompt_chars": 1, "prompt_tokens": 1,
+            "progress": b"", "custom": b"", "query_deadline": "", "llm_calls": 1,
+            "prompt_chars": 1, "prompt_tokens": 1,
             "outcome": "pause", "event": b"e", "rest": pause_rest}
         kw.update(change)
         return lambda: reg.scripts.commit_step(sid, **kw)
@@ -314,7 +316,8 @@ async def test_commit_step_refuses_bad_arguments_before_writing(rig: Rig) -> Non
     keys, args = bound("commit_step", reg.scripts._session(sid, "commit_step"), {
         "sid": sid, "fence": 0, "asked": 0, "token": "t", "group": "workers", "channel": "c",
         "released_channel": "r", "holder": "w", "holder_channel": "h", "backstop_ms": 2000,
-        "retention_ms": 1000, "journal_entry": b"", "progress": b"", "llm_calls": 0,
+        "retention_ms": 1000, "journal_entry": b"", "progress": b"", "custom": b"",
+        "query_deadline": "", "llm_calls": 0,
         "prompt_chars": 0, "prompt_tokens": 0, "outcome": "complete", "event": b"e",
         "*rest": [0, pack(1)]})
     for k, a in arity_cases(keys, args)[2:]:  # fewer or more ARGV: the rest cases above

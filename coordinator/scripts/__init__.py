@@ -35,7 +35,7 @@ from ..transport import Transport
 
 NAMES = (
     "create", "feed", "commit_step", "terminate", "lock_acquire", "lock_release",
-    "lock_extend", "step_begin", "retire_consumers",
+    "lock_extend", "step_begin", "retire_consumers", "effect", "state_op",
 )
 _SECTION = re.compile(r"^-- (KEYS|ARGV):(.*)$")
 _MORE = re.compile(r"^--\s{2,}(\S.*)$")
@@ -252,8 +252,8 @@ class Scripts:
 
     async def feed(self, sid: str, query_id: str, *, answer: bytes, response_chars: int,
                    response_tokens: int, backstop_ms: int, token: str, lease_ms: int,
-                   round: int = 0, exact: bool = True,
-                   timeout: float | None = None) -> FeedReply:
+                   round: int = 0, exact: bool = True, prompt_delta: int = 0,
+                   provided: str = "", timeout: float | None = None) -> FeedReply:
         """Raises the session errors (``raise_for``) for a refused answer; ``StaleRound``
         when ``round`` (0: not checked) is not the round the session is at (``exact``), or
         is past it (not ``exact``: the session went back, as after a failover)."""
@@ -264,7 +264,8 @@ class Scripts:
             "backstop_ms": backstop_ms, "wake_channel": self._shards.of(sid).jobs_wake,
             "token": token,
             "lease_ms": lease_ms, "round": round, "exact": "1" if exact else "0",
-            "channel": sk.channel}, timeout))
+            "channel": sk.channel, "prompt_delta": prompt_delta, "provided": provided},
+            timeout))
         if reply.code == "ACCEPTED":
             return FeedReply(False, remaining=int(reply.args[0]))
         if reply.code == "READY":
@@ -284,7 +285,8 @@ class Scripts:
                           holder: str, holder_channel: str, backstop_ms: int,
                           retention_ms: int, journal_entry: bytes, progress: bytes,
                           llm_calls: int, prompt_chars: int, prompt_tokens: int, outcome: str,
-                          event: bytes, rest: Sequence[Any]) -> Reply:
+                          event: bytes, rest: Sequence[Any], custom: bytes = b"",
+                          query_deadline: int | None = None) -> Reply:
         """``OK`` | ``NOT_FOUND`` | ``FENCED`` (fence) | ``STALE`` (asked) |
         ``INVALID_TRANSITION`` (phase); ``rest`` as the script's header describes. Raises
         ``InvalidInput`` / ``CorruptState`` for a call the script refused before writing."""
@@ -294,7 +296,10 @@ class Scripts:
             "channel": sk.channel, "released_channel": Keys.lock_released(sk.lock),
             "holder": holder, "holder_channel": holder_channel, "backstop_ms": backstop_ms,
             "retention_ms": retention_ms, "journal_entry": journal_entry,
-            "progress": progress, "llm_calls": llm_calls, "prompt_chars": prompt_chars,
+            "progress": progress, "custom": custom,
+            "query_deadline": "" if query_deadline is None else query_deadline,
+            "llm_calls": llm_calls,
+            "prompt_chars": prompt_chars,
             "prompt_tokens": prompt_tokens, "outcome": outcome, "event": event,
             "*rest": rest}))
         _raise_refusal(reply, sid)
@@ -356,6 +361,30 @@ class Scripts:
         raw = await self._run("retire_consumers", {"jobs": shard.jobs},
                               {"group": JOB_GROUP, "*names": names})
         return [_text(x) for x in raw]
+
+    async def effect(self, sid: str, field: str, value: bytes) -> Reply:
+        """Record ``value`` under ``field`` of session ``sid`` unless a value is recorded
+        there already: ``OK`` (value) when this call recorded it, ``RECORDED`` (value) with
+        the value kept; raises ``NotFound`` / ``InvalidTransition`` (a session gone, or no
+        longer running: nothing is recorded for it) and ``InvalidInput`` for a refused call."""
+        reply = _parse(await self._run("effect", {"session": self._shards.of(sid).session(
+            sid).session}, {"field": field, "value": value}))
+        if reply.code not in ("OK", "RECORDED"):
+            raise_for(reply, session_id=sid)
+        return reply
+
+    async def state_op(self, value_key: str, marker_key: str, *, op: str, arg: bytes | str,
+                       retention_ms: int) -> Reply:
+        """Apply ``op`` to a ctx.state key once per op id (its marker): ``APPLIED`` or
+        ``RECORDED`` (marker), ``OTHER_OP`` (marker) when the op id was used by another op;
+        raises ``InvalidInput`` for a call the script refused."""
+        reply = _parse(await self._run("state_op", {"value": value_key, "marker": marker_key},
+                                       {"op": op, "arg": arg, "retention_ms": retention_ms}))
+        if reply.code == "BAD_ARG":
+            raise InvalidInput(f"ctx.state: argument {_text(reply.args[0])} of {op!r} on "
+                               f"{value_key!r} was refused by state_op.lua; nothing was "
+                               "written")
+        return reply
 
 
 @functools.lru_cache(maxsize=16384)

@@ -4,8 +4,8 @@
 -- KEYS: session pending answers journal logs registry deadlines jobs dead lock fed fed_prev
 --       running completed failed
 -- ARGV: sid fence asked token group channel released_channel holder holder_channel
---       backstop_ms retention_ms journal_entry progress llm_calls prompt_chars prompt_tokens
---       outcome event *rest
+--       backstop_ms retention_ms journal_entry progress custom query_deadline llm_calls
+--       prompt_chars prompt_tokens outcome event *rest
 -- Transitions: running -> paused | completed | failed.
 -- KEYS[1..5] session data keys (session, pending, answers, journal, logs)
 -- KEYS[6] registry zset   KEYS[7] deadlines zset   KEYS[8] jobs stream   KEYS[9] dead letters
@@ -18,11 +18,13 @@
 -- ARGV[7] lock released channel                   ARGV[8] holder worker id
 -- ARGV[9] holder nudge channel                    ARGV[10] backstop expiry ms
 -- ARGV[11] retention ms   ARGV[12] journal entry or ''   ARGV[13] packed progress or ''
--- ARGV[14] llm calls      ARGV[15] prompt chars   ARGV[16] prompt tokens
--- ARGV[17] outcome: 'pause' | 'complete' | 'fail'
--- ARGV[18] event message for the session channel (a pause carries its queries, so waiters
+-- ARGV[14] packed custom metrics (the strategy's whole set, ctx.metric) or ''
+-- ARGV[15] for a pause: the earliest deadline of its queries (Unix ms) or '' (none)
+-- ARGV[16] llm calls      ARGV[17] prompt chars   ARGV[18] prompt tokens
+-- ARGV[19] outcome: 'pause' | 'complete' | 'fail'
+-- ARGV[20] event message for the session channel (a pause carries its queries, so waiters
 --          need not read them back)
--- ARGV[19] number of log entries L, then L packed log entries, then by outcome:
+-- ARGV[21] number of log entries L, then L packed log entries, then by outcome:
 --   pause:    packed query id list, N, then N pairs (query id, packed query)
 --   complete: packed result
 --   fail:     error text, and optionally its type (errors.FAILURE_TYPES) and traceback
@@ -35,25 +37,30 @@
 -- Arguments, and the numbers read from the session, are checked before the first write:
 -- Redis does not undo a script's writes when a later command fails.
 -- whole(i, lo, hi), ARGV[i] as a bounded whole number, comes from _prelude.lua.
-if #KEYS ~= 15 or #ARGV < 20 then
+if #KEYS ~= 15 or #ARGV < 22 then
   return {'BAD_ARG', 'arity'}
 end
 if ARGV[1] == '' then return {'BAD_ARG', 'sid'} end
-for _, a in ipairs({{3, 'asked'}, {14, 'llm_calls'}, {15, 'prompt_chars'},
-                    {16, 'prompt_tokens'}}) do
+for _, a in ipairs({{3, 'asked'}, {16, 'llm_calls'}, {17, 'prompt_chars'},
+                    {18, 'prompt_tokens'}}) do
   if not whole(a[1], 0, 2^48) then return {'BAD_ARG', a[2]} end
 end
 if not whole(2, 0, 2^53 - 1) then return {'BAD_ARG', 'fence'} end
 if not whole(10, 1, 2^48) then return {'BAD_ARG', 'backstop_ms'} end
 if not whole(11, 0, 2^48) then return {'BAD_ARG', 'retention_ms'} end
-local outcome = ARGV[17]
+local qdl = false
+if ARGV[15] ~= '' then
+  qdl = whole(15, 0, 2^48)
+  if not qdl then return {'BAD_ARG', 'query_deadline'} end
+end
+local outcome = ARGV[19]
 if outcome ~= 'pause' and outcome ~= 'complete' and outcome ~= 'fail' then
   return {'BAD_ARG', 'outcome'}
 end
 -- The rest: L log entries, then by outcome exactly what the header says, nothing more.
-local nlogs = whole(19, 0, #ARGV)
+local nlogs = whole(21, 0, #ARGV)
 if not nlogs then return {'BAD_ARG', 'rest'} end
-local i = 20 + nlogs
+local i = 22 + nlogs
 if outcome == 'pause' then
   local n = whole(i + 1, 1, #ARGV)
   if not n or #ARGV ~= i + 1 + 2 * n then return {'BAD_ARG', 'rest'} end
@@ -104,7 +111,7 @@ redis.call('DEL', KEYS[2], KEYS[3], KEYS[12])
 if redis.call('EXISTS', KEYS[11]) == 1 then
   redis.call('RENAME', KEYS[11], KEYS[12])  -- a retried feed of this round is still known
 end
-i = 20
+i = 22
 if nlogs > 0 then
   each_chunk('RPUSH', KEYS[5], i, i + nlogs - 1)
   redis.call('LTRIM', KEYS[5], -20, -1)
@@ -112,9 +119,9 @@ end
 i = i + nlogs
 local set = {'last_activity_at', now, 'holder', ARGV[8], 'holder_ch', ARGV[9],
   'tries', 0,
-  'm:llm_calls', tonumber(f[6] or '0') + tonumber(ARGV[14]),
-  'm:prompt_chars', tonumber(f[7] or '0') + tonumber(ARGV[15]),
-  'm:prompt_tokens', tonumber(f[8] or '0') + tonumber(ARGV[16])}
+  'm:llm_calls', tonumber(f[6] or '0') + tonumber(ARGV[16]),
+  'm:prompt_chars', tonumber(f[7] or '0') + tonumber(ARGV[17]),
+  'm:prompt_tokens', tonumber(f[8] or '0') + tonumber(ARGV[18])}
 if nlogs > 0 then  -- the count of log entries ever kept (their numbers); unset until the first
   set[#set + 1] = 'm:logs'
   set[#set + 1] = tonumber(f[11] or '0') + nlogs
@@ -123,20 +130,30 @@ if ARGV[13] ~= '' then
   set[#set + 1] = 'progress'
   set[#set + 1] = ARGV[13]
 end
+if ARGV[14] ~= '' then
+  set[#set + 1] = 'custom'
+  set[#set + 1] = ARGV[14]
+end
 if f[4] then
   redis.call('XACK', KEYS[8], ARGV[5], f[4])
   redis.call('XDEL', KEYS[8], f[4])
 end
-redis.call('HDEL', KEYS[1], 'job', 'last_error')
+redis.call('HDEL', KEYS[1], 'job', 'last_error', 'qdl')
 redis.call('ZREM', KEYS[13], ARGV[1])
 local add
 if outcome == 'pause' then
   local n = tonumber(ARGV[i + 1])
   add = {'phase', 'paused', 'asked', asked + 1, 'remaining', n, 'expected', n,
-    'qids', ARGV[i], 'cq_tokens', ARGV[16], 'm:pauses', tonumber(f[9] or '0') + 1}
+    'qids', ARGV[i], 'cq_tokens', ARGV[18], 'm:pauses', tonumber(f[9] or '0') + 1}
   each_chunk('HSET', KEYS[2], i + 2, i + 1 + 2 * n)
   redis.call('ZADD', KEYS[6], now, ARGV[1])
-  redis.call('ZADD', KEYS[7], now + tonumber(f[5]), ARGV[1])
+  local due = now + tonumber(f[5])
+  if qdl then
+    add[#add + 1] = 'qdl'
+    add[#add + 1] = qdl
+    if qdl < due then due = qdl end
+  end
+  redis.call('ZADD', KEYS[7], due, ARGV[1])
   -- The backstop expiry, as in feed.lua: the new round's queries, the journal and the
   -- logs (new keys, at first) always; the session hash and the previous round's feed
   -- tokens only once the last refresh is an eighth of the slack old.
@@ -177,5 +194,5 @@ if redis.call('GET', KEYS[10]) == ARGV[4] then
   redis.call('DEL', KEYS[10])
   redis.call('SPUBLISH', ARGV[7], '1')
 end
-redis.call('SPUBLISH', ARGV[6], ARGV[18])
+redis.call('SPUBLISH', ARGV[6], ARGV[20])
 return {'OK'}

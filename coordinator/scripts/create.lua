@@ -7,9 +7,11 @@
 -- KEYS[10] running sessions zset (the phase index list_sessions reads)
 -- ARGV[1] session id   ARGV[2] strategy name   ARGV[3] packed input   ARGV[4] packed budget or ''
 -- ARGV[5] idle ttl ms  ARGV[6] backstop expiry ms   ARGV[7] jobs wake channel
--- Returns {'OK', job id} | {'BAD_ARG', name}. Ids carry 128 random bits, so an existing
--- session can only be this very call retried after its reply was lost: answer as the first
--- time did.
+-- Returns {'OK', job id} | {'CONFLICT'} | {'BAD_ARG', name}. A random id (128 bits) can
+-- only exist already when this very call is retried after its reply was lost; an id made
+-- from an idempotency key exists when that key started a session before. Either way the
+-- same request is answered as the first time was, and another strategy or input under the
+-- same id is refused ({'CONFLICT'}), writing nothing.
 -- A new session runs (its start job waits for a worker): nobody idles, so it is not filed
 -- in the deadlines (commit_step.lua files it when it pauses, waiting for its host).
 -- Arguments are checked before the first write: Redis does not undo a script's writes when a
@@ -25,6 +27,10 @@ local ttl = whole(5, 1, 315360000000)  -- ten years (settings.MAX_TTL_S)
 if not ttl then return {'BAD_ARG', 'ttl_ms'} end
 if not whole(6, 1, 2^48) then return {'BAD_ARG', 'backstop_ms'} end
 if redis.call('EXISTS', KEYS[1]) == 1 then
+  local was = redis.call('HMGET', KEYS[1], 'strategy', 'input')
+  if was[1] ~= ARGV[2] or was[2] ~= ARGV[3] then
+    return {'CONFLICT'}
+  end
   return {'OK', redis.call('HGET', KEYS[1], 'job') or ''}
 end
 local t = redis.call('TIME')

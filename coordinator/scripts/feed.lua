@@ -2,7 +2,7 @@
 -- KEYS: session pending answers journal logs registry deadlines jobs dead lock fed fed_prev
 --       running
 -- ARGV: sid query_id answer response_chars response_tokens backstop_ms wake_channel token
---       lease_ms round exact channel
+--       lease_ms round exact channel prompt_delta provided
 -- KEYS[1..5] session data keys (session, pending, answers, journal, logs)
 -- KEYS[6] registry zset   KEYS[7] deadlines zset   KEYS[8] jobs stream   KEYS[9] dead letters
 -- KEYS[10] lock A   KEYS[11] feed tokens of this round   KEYS[12] of the round before
@@ -17,6 +17,9 @@
 --          back: a failover), since the host may have seen later rounds elsewhere
 -- ARGV[12] session events channel: an answer that leaves others missing publishes 'a' there
 --          (observers such as the HTTP API's event stream show it; waiters ignore it)
+-- ARGV[13] prompt token correction: the host's prompt_tokens for this query less the
+--          estimate counted when it was asked (a signed whole number; 0 when not given)
+-- ARGV[14] which counts the host provided: '' or 'p' (prompt) and/or 'c' (completion)
 -- Transition: paused -> running (the last answer of a round).
 -- Returns {'ACCEPTED', remaining} | {'READY', asked} | {'NOT_FOUND'} | {'UNKNOWN_QUERY'}
 --       | {'ALREADY_RESPONDED'} | {'INVALID_TRANSITION', phase} | {'STALE_ROUND', asked}
@@ -29,7 +32,7 @@
 -- Arguments, and the numbers read from the session, are checked before the first write:
 -- Redis does not undo a script's writes when a later command fails.
 -- whole(i, lo, hi), ARGV[i] as a bounded whole number, comes from _prelude.lua.
-if #KEYS ~= 13 or #ARGV ~= 12 then
+if #KEYS ~= 13 or #ARGV ~= 14 then
   return {'BAD_ARG', 'arity'}
 end
 if ARGV[1] == '' then return {'BAD_ARG', 'sid'} end
@@ -44,9 +47,14 @@ if not whole(9, 1, 2^48) then return {'BAD_ARG', 'lease_ms'} end
 local round = whole(10, 0, 2^48)
 if not round then return {'BAD_ARG', 'round'} end
 if ARGV[11] ~= '0' and ARGV[11] ~= '1' then return {'BAD_ARG', 'exact'} end
+if #ARGV[13] > 17 or not string.match(ARGV[13], '^%-?%d+$') then
+  return {'BAD_ARG', 'prompt_delta'}
+end
+local delta = tonumber(ARGV[13])
+if not string.match(ARGV[14], '^p?c?$') then return {'BAD_ARG', 'provided'} end
 local f = redis.call('HMGET', KEYS[1], 'phase', 'ready_token', 'ready_asked', 'remaining',
   'ttl_ms', 'asked', 'm:response_chars', 'm:response_tokens', 'm:rounds', 'holder_ch', 'fence',
-  'tries', 'holder', 'bx_at')
+  'tries', 'holder', 'bx_at', 'm:prompt_tokens', 'm:fed', 'm:ptok_prov', 'm:rtok_prov', 'qdl')
 local phase = f[1]
 if not phase then
   return {'NOT_FOUND'}
@@ -61,7 +69,8 @@ local function stored(v)
 end
 for j, n in ipairs({{4, 'remaining'}, {5, 'ttl_ms'}, {6, 'asked'}, {3, 'ready_asked'},
                     {7, 'm:response_chars'}, {8, 'm:response_tokens'}, {9, 'm:rounds'},
-                    {14, 'bx_at'}, {12, 'tries'}}) do
+                    {14, 'bx_at'}, {12, 'tries'}, {15, 'm:prompt_tokens'}, {16, 'm:fed'},
+                    {17, 'm:ptok_prov'}, {18, 'm:rtok_prov'}, {19, 'qdl'}}) do
   local v = f[n[1]]
   if (v or j <= 3) and not stored(v) then
     return {'CORRUPT', n[2]}
@@ -102,7 +111,20 @@ redis.call('PEXPIRE', KEYS[11], ARGV[6])
 local remaining = tonumber(f[4]) - 1
 local set = {'remaining', remaining, 'last_activity_at', now,
   'm:response_chars', tonumber(f[7] or '0') + chars,
-  'm:response_tokens', tonumber(f[8] or '0') + tokens}
+  'm:response_tokens', tonumber(f[8] or '0') + tokens,
+  'm:fed', tonumber(f[16] or '0') + 1}
+if delta ~= 0 then
+  set[#set + 1] = 'm:prompt_tokens'
+  set[#set + 1] = math.max(0, tonumber(f[15] or '0') + delta)
+end
+if string.find(ARGV[14], 'p', 1, true) then
+  set[#set + 1] = 'm:ptok_prov'
+  set[#set + 1] = tonumber(f[17] or '0') + 1
+end
+if string.find(ARGV[14], 'c', 1, true) then
+  set[#set + 1] = 'm:rtok_prov'
+  set[#set + 1] = tonumber(f[18] or '0') + 1
+end
 -- The backstop expiry moves with the deadline. This round's answers are new (and get it
 -- always); the other keys were given it at the last refresh (``bx_at``), which is renewed
 -- only once an eighth of the slack beyond the deadline has passed since: the keys then
@@ -117,7 +139,10 @@ end
 if remaining > 0 then
   redis.call('HSET', KEYS[1], unpack(set))
   redis.call('ZADD', KEYS[6], 'XX', now, ARGV[1])
-  redis.call('ZADD', KEYS[7], now + tonumber(f[5]), ARGV[1])
+  -- idle deadline, or the round's earliest query deadline when that comes first
+  local due = now + tonumber(f[5])
+  if f[19] and tonumber(f[19]) < due then due = tonumber(f[19]) end
+  redis.call('ZADD', KEYS[7], due, ARGV[1])
   redis.call('SPUBLISH', ARGV[12], 'a')
   return {'ACCEPTED', remaining}
 end

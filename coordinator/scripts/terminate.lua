@@ -16,7 +16,10 @@
 -- ARGV[9] for 'fail': the failure's type (errors.FAILURE_TYPES; 'expire' is 'expired')
 -- ARGV[10] for 'fail': '' or the traceback to keep with the error
 -- Returns {'OK'} | {'NOT_FOUND'} | {'INVALID_TRANSITION', phase} | {'ALIVE', deadline}
---       | {'BUSY'} | {'BAD_ARG', name} | {'CORRUPT', field}
+--       | {'DUE', query deadline} | {'BUSY'} | {'BAD_ARG', name} | {'CORRUPT', field}
+-- 'expire' of a session whose round has a query deadline (field qdl) that passed returns
+-- {'DUE'} and changes nothing: the GC then answers those queries with their defaults, or
+-- fails the session (``coordinator.gc``).
 -- 'expire' ends only an idle session: one paused past its deadline, waiting for its host.
 -- A running session ({'BUSY'}) is owed a step by the workers, whether its job is queued or
 -- a step is in flight, so none of that time counts against its ttl; it leaves the deadlines
@@ -60,7 +63,7 @@ if ARGV[2] == 'expire' then
     return {'BUSY'}
   end
   if clock then now = clock end
-  local c = redis.call('HMGET', KEYS[1], 'last_activity_at', 'ttl_ms')
+  local c = redis.call('HMGET', KEYS[1], 'last_activity_at', 'ttl_ms', 'qdl')
   local names = {'last_activity_at', 'ttl_ms'}
   for j = 1, 2 do
     local n = tonumber(c[j])
@@ -69,6 +72,11 @@ if ARGV[2] == 'expire' then
     end
   end
   local deadline = tonumber(c[1]) + tonumber(c[2])
+  local qdl = tonumber(c[3] or '')
+  if qdl and qdl <= now then
+    return {'DUE', c[3]}
+  end
+  if qdl and qdl < deadline then deadline = qdl end
   if deadline > now then
     redis.call('ZADD', KEYS[7], deadline, ARGV[1])
     return {'ALIVE', deadline}
