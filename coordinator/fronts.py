@@ -83,12 +83,19 @@ async def start(
     input: dict[str, Any] | None,
     budget: dict[str, int] | None = None,
     timeout: float | None = None,
+    *,
+    ttl: float | None = None,
+    idempotency_key: str | None = None,
 ) -> dict[str, Any]:
-    """Start a session; its first event, with ``session_id`` first so every host finds it."""
+    """Start a session; its first event, with ``session_id`` first so every host finds it.
+    A ``ctx.budget`` inside ``input`` (algocline's place for it) is the budget when
+    ``budget`` is not given (the registry reads it there)."""
     check_wire(strategy, "strategy")
     check_wire(input, "input")
     check_wire(budget, "budget")
-    sid, res = await reg.start_execution(strategy, input, budget=budget, timeout=timeout)
+    check_wire(idempotency_key, "idempotency_key")
+    sid, res = await reg.start_execution(strategy, input, budget=budget, timeout=timeout,
+                                         ttl=ttl, idempotency_key=idempotency_key)
     return {"session_id": sid, **res.to_json(sid)}
 
 
