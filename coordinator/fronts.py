@@ -161,7 +161,7 @@ async def cancel(reg: SessionRegistry, session_id: str) -> dict[str, Any]:
 async def observe(
     reg: SessionRegistry,
     session_id: str | None,
-    pending_filter: str | None = None,
+    pending_filter: str | dict[str, Any] | None = None,
     include_history: bool = False,
 ) -> dict[str, Any]:
     """One session's status, or every paused session's snapshot keyed by id."""
@@ -178,7 +178,7 @@ async def sessions(
     strategy: str | None = None,
     limit: int = 100,
     cursor: str | None = None,
-    pending_filter: str | None = None,
+    pending_filter: str | dict[str, Any] | None = None,
     include_history: bool = False,
 ) -> dict[str, Any]:
     """A page of sessions with the counts per phase: bounded whatever the namespace holds,

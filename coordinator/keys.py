@@ -66,6 +66,10 @@ Per namespace (no TTL; small; one key each, so any slot)
 ``ns:strategies``              set     strategy names some worker registered (start checks it)
 ``ns:catalog``                 hash    strategy name -> msgpack {description, params}: what
                                        workers offer, as their code describes it
+``ns:state:{<key>}``           string  a ``ctx.state`` value (its own slot), with its op
+                                       markers ``ns:state:{<key>}:op:<op id>`` (PX retention)
+                                       and the namespace's index of state keys; built in
+                                       ``workers/kv.py``, whose docstring has the details
 ``ns:workers``                 zset    worker id -> last heartbeat (ms), for status output
 ``ns:worker:<id>``             string  worker heartbeat, PX = heartbeat ttl (alive while set)
 =============================  ======  =======================================================

@@ -41,7 +41,7 @@ Batcher = Callable[[list[tuple[Any, ...]]], Awaitable[list[Any]]]
 FIELDS = (
     "phase", "strategy", "started_at", "last_activity_at", "remaining", "finished_at",
     "budget", "progress", "cq_tokens", "qids", "m:llm_calls", "m:rounds", "m:prompt_tokens",
-    "m:response_tokens", "asked", "m:logs", "error_type",
+    "m:response_tokens", "asked", "m:logs", "error_type", "custom",
 )
 #: phase bytes -> (state, phase, terminal); looked up once per session, no enum work.
 _PHASES = {p.value.encode(): (p.state, p.value, p.terminal) for p in Phase}
@@ -50,7 +50,7 @@ _PHASES = {p.value.encode(): (p.state, p.value, p.terminal) for p in Phase}
 def _build(sid: str, fields: list[Any], logs: list[bytes], pending: Any, answered: Any,
            journal: Any, pf: PendingView | None, now: int) -> dict[str, Any]:
     (phase_b, strategy, started, last, remaining, finished, budget, progress, cq, qids,
-     calls, rounds, ptok, rtok, asked, nlogs, error_type) = fields
+     calls, rounds, ptok, rtok, asked, nlogs, error_type, custom) = fields
     known = _PHASES.get(phase_b)
     if known is None or started is None or last is None or strategy is None:
         raise CorruptState(f"session {sid} has a corrupt or incomplete hash", session_id=sid)
@@ -70,6 +70,8 @@ def _build(sid: str, fields: list[Any], logs: list[bytes], pending: Any, answere
     }
     if progress:
         metrics["progress"] = unpack(progress, what="progress", session_id=sid)
+    if custom:
+        metrics["custom"] = unpack(custom, what="custom metrics", session_id=sid)
     if budget:
         metrics["budget_remaining"] = budget_left(
             unpack(budget, what="budget", session_id=sid), metrics["llm_calls"],

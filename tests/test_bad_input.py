@@ -766,10 +766,11 @@ CASES = [
          strategy_hangs),
     Case("non-determinism-on-replay", "fails", "non-determinism: on replay, round 2 did not "
          "ask the questions that were answered", non_determinism),
-    Case("budget-calls", "fails", "budget exceeded: 1 more llm call(s) would pass the limit "
-         "of 2", budget_calls),
-    Case("budget-tokens", "fails", "budget exceeded: token limit 5", budget_tokens),
-    Case("budget-time", "fails", "budget exceeded: time limit 1 ms", budget_time),
+    Case("budget-calls", "fails", "budget_exceeded: max_llm_calls (2) reached (2 used)",
+         budget_calls),
+    Case("budget-tokens", "fails", "budget_exceeded: max_tokens (5) reached (", budget_tokens),
+    Case("budget-time", "fails", "budget_exceeded: max_elapsed_ms (1ms) reached (",
+         budget_time),
     Case("strategy-unknown-to-workers", "fails",
          "and no live worker offers it: start a worker with --import MODULE",
          strategy_unknown_to_workers),
@@ -1067,7 +1068,7 @@ def test_cli_bad_input(cli_env: pytest.MonkeyPatch, capsys: pytest.CaptureFixtur
     ("def broken(:\n", "importing it raised SyntaxError"),
     ("import tbad_no_such_dependency\n", "no module named 'tbad_no_such_dependency'"),
     ("from workers import strategy\n\n@strategy('cot')\nasync def cot(ctx, **_):\n"
-     "    return 1\n", "strategy 'cot' is already registered by workers.builtin"),
+     "    return 1\n", "strategy 'cot' is already registered by workers.library.cot"),
 ])
 def test_cli_import_of_a_module_that_fails(
     tmp_path: Path, cli_env: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],

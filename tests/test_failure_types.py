@@ -111,7 +111,7 @@ async def test_budget_input_and_result_failures_have_their_own_types(
         registry: SessionRegistry, worker: Worker) -> None:
     sid, event = await registry.start_execution("tft-spend", {}, budget={"llm_calls": 2})
     spent = await failed(registry, sid, event, "budget_exceeded")
-    assert "budget exceeded" in (spent.error or "")
+    assert "budget_exceeded: max_" in (spent.error or "")
 
     sid, event = await registry.start_execution("tft-needs", {})
     refused = await failed(registry, sid, event, "invalid_input")

@@ -68,6 +68,8 @@ ACL_COMMANDS = (
     "evalsha", "script|load", "script|exists",
     # strings, keys, server time
     "get", "mget", "set", "del", "exists", "rename", "pexpire", "pttl", "incr", "time", "ping",
+    # ctx.state counters (state_op.lua) and its index of keys (workers/kv.py)
+    "incrby", "srem",
     # the server's maxmemory policy, read once per connection; WAIT for ALC_WAIT_REPLICAS
     "info", "wait",
     # session hashes

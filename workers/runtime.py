@@ -14,6 +14,7 @@ import asyncio
 import contextlib
 import hashlib
 import traceback as tb_module
+from collections.abc import Coroutine
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
@@ -31,7 +32,7 @@ from coordinator.errors import (
 from coordinator.models import LlmQuery
 
 from .catalog import StrategyFn
-from .context import Context
+from .context import Context, Effects
 from .watchdog import StepClock
 
 
@@ -109,8 +110,11 @@ _ENDED: list[LlmQuery] = []
 
 
 def digest(queries: list[LlmQuery]) -> bytes:
-    """What a round asked, in 8 bytes: enough to notice a replay that asks otherwise."""
-    return hashlib.blake2b(pack([q.to_record() for q in queries]), digest_size=8).digest()
+    """What a round asked, in 8 bytes: enough to notice a replay that asks otherwise. A
+    query's deadline (``dl``, an instant computed when it is asked) is left out: a replay
+    asks the same question at another time. Its default answer (``to``) is in."""
+    records = [{k: v for k, v in q.to_record().items() if k != "dl"} for q in queries]
+    return hashlib.blake2b(pack(records), digest_size=8).digest()
 
 
 def journal_entry(queries: list[LlmQuery], answers: list[str]) -> bytes:
@@ -131,15 +135,17 @@ class Execution:
         fn: StrategyFn,
         input: dict[str, Any],
         *,
-        budget: dict[str, int] | None = None,
+        budget: dict[str, Any] | None = None,
         started_at_ms: int = 0,
         max_result_bytes: int | None = None,
         session_id: str | None = None,
+        effects: Effects | None = None,
     ) -> None:
         self._fn = fn
         self._input = input
         self._max_result_bytes = max_result_bytes
-        self.ctx = Context(self._ask, budget=budget, started_at_ms=started_at_ms)
+        self.ctx = Context(self._ask, budget=budget, started_at_ms=started_at_ms,
+                           effects=effects, spawn=self._spawn)
         self._task: asyncio.Task[Any] | None = None
         #: The strategy's time on the loop: its step deadline, and the watchdog's view.
         self.clock = StepClock(getattr(fn, "__qualname__", ""), session_id=session_id)
@@ -168,6 +174,11 @@ class Execution:
         self._inbox = asyncio.get_running_loop().create_future()
         self._outbox.set_result(queries)
         return await self._inbox
+
+    def _spawn(self, coro: Coroutine[Any, Any, Any]) -> asyncio.Task[Any]:
+        """A task for a strategy this one forks, clocked as the strategy itself: its time on
+        the loop is this step's (``watchdog.py``)."""
+        return asyncio.create_task(self.clock.timed(coro))
 
     def _ended(self, task: asyncio.Task[Any]) -> None:
         """The strategy returned or raised: that is the step's outcome too."""

@@ -17,6 +17,7 @@ from coordinator.errors import CorruptState, NotFound, SessionError
 from coordinator.records import SessionRecord, decode_queries
 
 from . import catalog
+from .effects import Durable
 from .runtime import Ask, Crash, Execution, JournalRound, Outcome, digest, journal_entry
 
 
@@ -69,14 +70,19 @@ def _answer(rec: SessionRecord, qid: str, raw: bytes | None) -> str:
     return str(record["r"])  # as a handoff's answers are read (step.py)
 
 
-def new_execution(rec: SessionRecord, *, max_result_bytes: int) -> Execution | Crash:
-    """A new execution of the session's strategy; a Crash when no such strategy is here."""
+def new_execution(rec: SessionRecord, *, max_result_bytes: int,
+                  durable: Durable | None = None) -> Execution | Crash:
+    """A new execution of the session's strategy; a Crash when no such strategy is here.
+    ``durable``: the worker's way to record side effects and state ops (``effects.py``);
+    each execution gets effects of its own, counting its calls from its start, as a replay
+    counts them again."""
     try:
         fn = catalog.get(rec.strategy)
     except SessionError as exc:
         return Crash.of(exc)
     return Execution(fn, rec.input or {}, budget=rec.budget, started_at_ms=rec.started_at,
-                     max_result_bytes=max_result_bytes, session_id=rec.sid)
+                     max_result_bytes=max_result_bytes, session_id=rec.sid,
+                     effects=durable.for_session(rec.sid) if durable is not None else None)
 
 
 def read_journal(data: Loaded) -> list[JournalRound]:

@@ -27,7 +27,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
-from coordinator.codec import estimate_tokens, pack, unpack
+from coordinator.codec import pack, unpack
 from coordinator.errors import CorruptState, LockTimeout, NotFound, SessionError
 from coordinator.events import Handoff, pause_event
 from coordinator.keys import JOB_GROUP
@@ -41,6 +41,8 @@ from coordinator.states import Phase
 from coordinator.transport import checked
 
 from . import catalog
+from .context import query_tokens
+from .effects import Durable
 from .quarantine import Quarantine
 from .routing import Router
 from .runtime import Ask, Crash, Done, Execution, Outcome, journal_entry
@@ -124,6 +126,8 @@ class Stepper(ABC):
         self.router = Router(services, worker_id=worker_id)
         #: Called with each step's duration in seconds (the metrics' histogram), if set.
         self.step_observer: Callable[[float], None] | None = None
+        #: What executions' side effects and ``ctx.state`` go through (``effects.py``).
+        self.durable = Durable(services)
 
     @abstractmethod
     def _submit(self, req: StepRequest) -> None:
@@ -370,7 +374,8 @@ class Stepper(ABC):
                             as_hash(replies[2]), replies[3] if with_journal else None)
 
     async def _start(self, rec: SessionRecord) -> tuple[Execution | None, Outcome]:
-        ex = new_execution(rec, max_result_bytes=self.settings.max_input_bytes)
+        ex = new_execution(rec, max_result_bytes=self.settings.max_input_bytes,
+                           durable=self.durable)
         if isinstance(ex, Crash):
             return None, ex
         return ex, await ex.step(None, self.settings.step_timeout_s)
@@ -378,7 +383,8 @@ class Stepper(ABC):
     async def _replay(
         self, data: Loaded, answers: list[str]
     ) -> tuple[Execution | None, Outcome]:
-        ex = new_execution(data.rec, max_result_bytes=self.settings.max_input_bytes)
+        ex = new_execution(data.rec, max_result_bytes=self.settings.max_input_bytes,
+                           durable=self.durable)
         if isinstance(ex, Crash):
             return None, ex
         self.stats.replays += 1
@@ -413,15 +419,20 @@ class Stepper(ABC):
             kind, event = "fail", b"fail"
             rest += [outcome.error, outcome.kind, outcome.traceback or ""]
         assert lock.fence is not None and lock.local.token is not None
+        # The whole custom dict, each commit: a replay rebuilds it, so it is never merged.
+        custom = pack(ctx.custom) if ctx is not None and ctx.custom else b""
+        deadlines = [q.deadline_at for q in queries if q.deadline_at is not None]
         reply = await self.scripts.commit_step(
             sid, fence=lock.fence, asked=asked_from, token=lock.local.token, holder=self.id,
             holder_channel=self._shards.of(sid).worker_nudge(self.id),
             backstop_ms=self.settings.backstop_ms,
             retention_ms=self.settings.retention_ms, journal_entry=journal_entry,
             progress=progress, llm_calls=len(queries),
-            prompt_chars=sum(len(q.prompt) for q in queries),
-            prompt_tokens=sum(estimate_tokens(len(q.prompt)) for q in queries),
-            outcome=kind, event=event, rest=rest)
+            # upstream counts the system text with the prompt, in characters and tokens
+            prompt_chars=sum(len(q.prompt) + len(q.system or "") for q in queries),
+            prompt_tokens=sum(query_tokens(q) for q in queries),
+            outcome=kind, event=event, rest=rest, custom=custom,
+            query_deadline=min(deadlines) if deadlines else None)
         if ctx is not None:
             ctx.logs.clear()
             ctx.last_progress = None

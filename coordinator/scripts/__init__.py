@@ -105,7 +105,7 @@ class Script:
 _SCRIPTS = {name: Script.load(name) for name in NAMES}
 #: The scripts whose state changes a caller is told about: with ``wait_replicas`` set, each
 #: waits for the replicas' acknowledgement before its caller hears of it.
-_TOLD = frozenset({"create", "feed", "commit_step", "terminate"})
+_TOLD = frozenset({"create", "feed", "commit_step", "terminate", "effect", "state_op"})
 
 
 @dataclass(frozen=True, slots=True)
