@@ -53,13 +53,18 @@ elseif op == 'incr' then
   if current and not string.match(current, '^%-?%d+$') then
     out = 'not_int:'
   else
-    -- INCRBY refuses (writing nothing) a sum past 64 bits; its reply would pass through a
-    -- Lua double, so the exact new value is read back as text.
+    -- INCRBY refuses (writing nothing) a sum past 64 bits, or a number it cannot read;
+    -- any other error (a refused permission) is the caller's, unrecorded. Its reply would
+    -- pass through a Lua double, so the exact new value is read back as text.
     local r = redis.pcall('INCRBY', KEYS[1], ARGV[2])
-    if type(r) == 'table' and r.err then
-      out = 'overflow:'
-    else
+    if type(r) ~= 'table' or not r.err then
       out = 'ok:' .. redis.call('GET', KEYS[1])
+    elseif string.find(tostring(r.err), 'overflow', 1, true) then
+      out = 'overflow:'
+    elseif string.find(tostring(r.err), 'not an integer', 1, true) then
+      out = 'not_int:'
+    else
+      return r
     end
   end
 else
