@@ -139,11 +139,9 @@ def text(value: Any) -> str:
     return value.decode() if isinstance(value, bytes | bytearray) else str(value)
 
 
-def estimate_tokens(text: str | int) -> int:
+def estimate_tokens(text: str) -> int:
     """algocline's estimate when the host gives no usage: four ASCII characters a token, and
     one and a half of any other (CJK text runs about that dense), each part rounded up."""
-    if isinstance(text, int):  # TRANSITION: a length, from callers not yet passing the text
-        return -(-text // 4)
     ascii_chars = len(text) if text.isascii() else len(text.encode("ascii", "ignore"))
     other = len(text) - ascii_chars
     return -(-ascii_chars // 4) + -(-(other * 2) // 3)
