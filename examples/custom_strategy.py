@@ -66,7 +66,7 @@ async def drive(reg: SessionRegistry, task: str, n: int) -> dict[str, Any]:
     assert isinstance(event, Finished)
     status = await reg.status(sid)
     return {"session_id": sid, **event.to_json(sid), "progress": status["metrics"].get("progress"),
-            "logs": [entry["msg"] for entry in status["metrics"]["recent_logs"]]}
+            "logs": [entry["message"] for entry in status["metrics"]["recent_logs"]]}
 
 
 if __name__ == "__main__":

@@ -3,7 +3,7 @@
 Run it from the repository root (after ``pip install -e .``):
 
     python examples/host_loop.py                         # cot on "What is 2+2?", embedded
-    python examples/host_loop.py reflect "Design a cache" '{"rounds": 2}'
+    python examples/host_loop.py reflect "Design a cache" '{"max_rounds": 2}'
 
 Without ``REDIS_URL`` it runs on the embedded default: an in-process Redis with two
 in-process workers, nothing else needed. With ``REDIS_URL`` (and ``ALC_NAMESPACE``, default

@@ -121,11 +121,12 @@ async def worker(services: Services, url: str, ns: str, *imports: str,
 
 
 async def test_host_loop_on_the_embedded_default() -> None:
-    ran = await run("examples/host_loop.py", "reflect", "Design a cache", '{"rounds": 2}')
+    ran = await run("examples/host_loop.py", "reflect", "Design a cache", '{"max_rounds": 2}')
     out = ran.json()
     echo = "echo: Task: Design a cache"
     assert out["status"] == "completed" and out["session_id"].startswith("s-")
-    assert out["result"] == {"answer": echo, "draft": echo, "critiques": [echo, echo]}
+    assert out["result"] == {"output": echo, "total_rounds": 2, "converged": False, "rounds": [
+        {"round": n, "critique": echo, "converged": False} for n in (1, 2)]}
     assert out["stats"]["auto"]["llm_calls"] == 5
     assert ran.stderr.count(" -> ") == 5  # each exchange shown
 
@@ -133,8 +134,9 @@ async def test_host_loop_on_the_embedded_default() -> None:
 async def test_host_loop_answers_a_batch() -> None:
     out = (await run("examples/host_loop.py", "sc", "2+2", '{"n": 3}')).json()
     assert out["status"] == "completed"
-    assert out["result"]["votes"] == {"echo: task: 2+2": 3}
-    assert out["result"]["samples"] == ["echo: Task: 2+2"] * 3
+    assert out["result"]["vote_counts"] == {"echo: original question: 2+2": 3}
+    assert out["result"]["paths"] == [{"reasoning": "echo: Question: 2+2",
+                                       "answer": "echo: Original question: 2+2"}] * 3
 
 
 @pytest.mark.slow
@@ -147,7 +149,7 @@ async def test_host_loop_on_redis_with_a_worker_process(
                      REDIS_URL=redis_url, ALC_NAMESPACE=ns)).json()
     echo = "echo: Task: What is 2+2?"
     assert out["status"] == "completed"
-    assert out["result"] == {"answer": echo, "reasoning": echo}
+    assert out["result"] == {"chain": [echo] * 3, "conclusion": echo}
     reg = SessionRegistry.from_url(redis_url, namespace=ns)
     try:  # the session lives in that Redis, not in the host
         status = await reg.status(out["session_id"])
@@ -215,10 +217,12 @@ async def test_http_client_against_serve_with_a_worker(
     one = (await run("examples/http_client.py", "reflect", "Design a cache", ALC_API=api)).json()
     echo = "echo: Task: Design a cache"
     assert one["status"] == "completed", services.logs()
-    assert one["result"] == {"answer": echo, "draft": echo, "critiques": [echo]}
+    assert one["result"] == {"output": echo, "total_rounds": 3, "converged": False, "rounds": [
+        {"round": n, "critique": echo, "converged": False} for n in (1, 2, 3)]}
     batch = (await run("examples/http_client.py", "sc", "2+2", ALC_API=api)).json()
     assert batch["status"] == "completed"
-    assert batch["result"]["samples"] == ["echo: Task: 2+2"] * 5  # sc asks 5 at once
+    # sc asks 5 paths at once, then 5 extractions at once
+    assert [p["reasoning"] for p in batch["result"]["paths"]] == ["echo: Question: 2+2"] * 5
     async with httpx.AsyncClient() as client:  # the API saw those very sessions
         seen = (await client.get(f"{api}/sessions/{batch['session_id']}")).json()
     assert seen["phase"] == "completed" and seen["result"] == batch["result"]

@@ -303,10 +303,11 @@ async def test_cli_run_embedded_without_redis_url() -> None:
     body = out.json()
     assert body["status"] == "completed", str(out)
     assert body["session_id"].startswith("s-")
-    draft = "Task: x\n\nWrite a first draft."
-    assert body["result"]["draft"] == draft  # echo: the answer is the prompt
-    assert len(body["result"]["critiques"]) == 1
-    assert body["stats"]["auto"]["llm_calls"] == 3 and body["stats"]["auto"]["rounds"] == 3
+    draft = "Task: x\n\nProvide a thorough response."
+    assert body["result"]["output"] == draft  # echo: the answer is the prompt
+    # ... so the critique repeats "output: NO_MAJOR_ISSUES" and reflect stops at round 1
+    assert len(body["result"]["rounds"]) == 1 and body["result"]["converged"] is True
+    assert body["stats"]["auto"]["llm_calls"] == 2 and body["stats"]["auto"]["rounds"] == 2
     assert "embedded" in out.stderr
 
 
@@ -341,7 +342,7 @@ async def test_cli_run_against_real_server_with_a_worker_process(
     embedded = (await run_cli("run", "reflect", "--task", "x", "--responder", "echo",
                               "--json")).json()
     assert body["result"] == embedded["result"]
-    assert body["stats"]["auto"]["rounds"] == embedded["stats"]["auto"]["rounds"] == 3
+    assert body["stats"]["auto"]["rounds"] == embedded["stats"]["auto"]["rounds"] == 2
 
 
 async def test_cli_start_continue_status_cancel_round_trip(
@@ -356,12 +357,13 @@ async def test_cli_start_continue_status_cancel_round_trip(
         assert "Traceback" not in out.stderr, str(out)
         return out.json()
 
-    started = await cli("start", "reflect", "--task", "x")
+    started = await cli("start", "reflect", "--input", '{"task": "x", "max_rounds": 1}')
     sid = started["session_id"]
     assert started == {
         "session_id": sid, "status": "needs_response", "query_id": "q-0",
-        "prompt": "Task: x\n\nWrite a first draft.",
-        "system": "You are a careful expert. Answer precisely.", "max_tokens": 1024,
+        "prompt": "Task: x\n\nProvide a thorough response.",
+        "system": "You are an expert. Produce a high-quality, detailed response.",
+        "max_tokens": 500,
     }
 
     snap = await cli("status", sid, "--pending", "full")
@@ -384,8 +386,9 @@ async def test_cli_start_continue_status_cancel_round_trip(
         "needs_response")
     done = await cli("continue", sid, "final text")
     assert done["status"] == "completed"
-    assert done["result"] == {"answer": "final text", "draft": "my draft",
-                              "critiques": ["my critique"]}
+    assert done["result"] == {"output": "final text", "total_rounds": 1, "converged": False,
+                              "rounds": [{"round": 1, "critique": "my critique",
+                                          "converged": False}]}
     assert done["stats"]["auto"]["rounds"] == 3 and done["stats"]["auto"]["llm_calls"] == 3
     finished = await cli("status", sid)
     assert (finished["state"], finished["phase"]) == ("terminal", "completed")
