@@ -131,6 +131,17 @@ def _seconds(value: str) -> float:
     return seconds
 
 
+def _ttl(value: str) -> float:
+    """A session's idle ttl in seconds: finite and > 0 (the registry bounds it above)."""
+    try:
+        seconds = float(value)
+    except ValueError:
+        seconds = math.nan
+    if not 0 < seconds < math.inf:
+        raise argparse.ArgumentTypeError(f"must be a number of seconds > 0, got {value!r}")
+    return seconds
+
+
 def _port(value: str) -> int:
     try:
         port = int(value)
@@ -231,10 +242,19 @@ def _session_inputs(sp: argparse.ArgumentParser) -> None:
     sp.add_argument("--input", default=None, metavar="JSON",
                     help="the strategy's input as a JSON object")
     sp.add_argument("--budget", default=None, metavar="JSON",
-                    help='limits, e.g. {"llm_calls": 10, "tokens": 5000, "elapsed_ms": 60000}')
+                    help='limits, e.g. {"max_llm_calls": 10, "max_tokens": 5000, '
+                         '"max_elapsed_ms": 60000} (the same as an input\'s "budget"; '
+                         'llm_calls, tokens, elapsed_ms are taken too)')
     sp.add_argument("--timeout", type=_seconds, default=None, metavar="S",
                     help="seconds to wait for each event (default: $ALC_WAIT_TIMEOUT_S or "
                          "300); the session carries on after it")
+    sp.add_argument("--ttl", type=_ttl, default=None, metavar="S",
+                    help="seconds the session may wait idle for answers before it expires "
+                         "(default: $ALC_SESSION_TTL_S or 3600)")
+    sp.add_argument("--idempotency-key", default=None, metavar="KEY",
+                    help="your own id for this start: running the command again with the "
+                         "same key (and the same strategy and input) picks up the same "
+                         "session instead of starting another")
 
 
 def _run_parser(command: _Command) -> None:
@@ -564,8 +584,9 @@ async def _start(args: argparse.Namespace) -> int:
         args.session_id = sid  # errors from here on name it
 
     async with _registry(args) as reg:
-        sid, res = await reg.start_execution(args.strategy, data, budget=budget,
-                                             timeout=args.timeout, on_created=created)
+        sid, res = await reg.start_execution(
+            args.strategy, data, budget=budget, ttl=args.ttl,
+            idempotency_key=args.idempotency_key, timeout=args.timeout, on_created=created)
         emit(event_json(sid, res))
     return outcome(res)
 
@@ -685,7 +706,8 @@ async def _run(args: argparse.Namespace) -> int:
     data, budget = _session_input(args)
     view = RunView(quiet=args.json)
     responder = make_responder(args.responder, parallel=args.parallel, show=view.ask)
-    options = RunOptions(args.strategy, timeout=args.timeout, leave_paused=args.leave_paused,
+    options = RunOptions(args.strategy, timeout=args.timeout, ttl=args.ttl,
+                         idempotency_key=args.idempotency_key, leave_paused=args.leave_paused,
                          connection=(*(["--redis", args.redis] if args.redis else []),
                                      *(["--namespace", args.namespace] if args.namespace
                                        else [])))

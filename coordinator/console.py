@@ -108,7 +108,7 @@ class RunView:
         level = str(entry.get("level", "info"))
         line = Text("  log ", style="dim")
         line.append(f"[{level}] ", style=_LOG_STYLES.get(level, ""))
-        line.append(str(entry.get("msg", "")))
+        line.append(str(entry.get("message", "")))
         self.console.print(line)
 
     def _show_progress(self, progress: Mapping[str, Any]) -> None:
@@ -233,7 +233,10 @@ def session_details(snaps: Iterable[Mapping[str, Any]]) -> list[Text]:
     (``--history``) of each session that has them."""
     lines: list[Text] = []
     for s in snaps:
-        pending, history = s.get("pending"), s.get("conversation_history")
+        # algocline keeps the history in ``metrics``; read it there or beside it
+        pending = s.get("pending")
+        history = (s.get("metrics") or {}).get("conversation_history") \
+            or s.get("conversation_history")
         if not pending and not history:
             continue
         lines.append(Text(f"{s.get('session_id')}:", style="bold"))

@@ -57,17 +57,33 @@ TokenCount = Annotated[StrictInt, Field(ge=0, le=MAX_BUDGET)]
 # -- request bodies ----------------------------------------------------------------------
 
 class Budget(BaseModel):
+    """algocline's limits (``max_*``), or our former names for them."""
+
     model_config = ConfigDict(extra="forbid")
-    llm_calls: PositiveCount | None = None
-    tokens: PositiveCount | None = None
-    elapsed_ms: PositiveCount | None = None
+    max_llm_calls: PositiveCount | None = None
+    max_tokens: PositiveCount | None = None
+    max_elapsed_ms: PositiveCount | None = None
+    llm_calls: PositiveCount | None = Field(default=None, description="= max_llm_calls")
+    tokens: PositiveCount | None = Field(default=None, description="= max_tokens")
+    elapsed_ms: PositiveCount | None = Field(default=None, description="= max_elapsed_ms")
 
 
 class StartRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
     strategy: StrictStr = Field(min_length=1, max_length=200, examples=["reflect"])
-    input: dict[str, Any] = Field(default_factory=dict, examples=[{"task": "Design a cache"}])
-    budget: Budget | None = None
+    input: dict[str, Any] = Field(
+        default_factory=dict, examples=[{"task": "Design a cache"}],
+        description="the strategy's input; algocline's limits may ride in it as "
+                    '{"budget": {"max_llm_calls", "max_tokens", "max_elapsed_ms"}}')
+    budget: Budget | None = Field(default=None, description="the same limits as input.budget")
+    ttl: float | None = Field(default=None, gt=0, examples=[3600],
+                              description="seconds the session may idle waiting for answers "
+                                          "before it expires (default: the deployment's)")
+    idempotency_key: StrictStr | None = Field(
+        default=None, min_length=1, max_length=256,
+        description="the client's id for this start: the same key (with the same strategy "
+                    "and input) within the retention returns the same session; with another "
+                    "strategy or input it is a 409 idempotency_conflict")
 
 
 class AnswerItem(BaseModel):
@@ -164,9 +180,9 @@ _SSE_EVENT: dict[str, Any] = {
                               "the stream (the session is gone) has none"},
         "data": {"type": "string", "contentMediaType": "application/json",
                  "contentSchema": {"type": "object"},
-                 "description": "log: {ts, level, msg, seq}; progress: the progress object; "
-                                "needs_response and the end: the to_json shape with "
-                                "session_id; accepted: {status, remaining, session_id}"},
+                 "description": "log: {ts, level, source, message, seq}; progress: the "
+                                "progress object; needs_response and the end: the to_json "
+                                "shape with session_id; accepted: {status, remaining, session_id}"},
     },
 }
 
@@ -313,12 +329,14 @@ def _bearer(token: str) -> Callable[..., Any]:
 
 def _session_routes(router: APIRouter, holder: _Holder, counters: ApiMetrics) -> None:
     @router.post("/sessions", status_code=201,
-                 responses={201: {"model": Event}, **_errors(413, 504)})
+                 responses={201: {"model": Event}, **_errors(409, 413, 504)})
     async def start_session(body: StartRequest, timeout: Timeout = None) -> JSONResponse:
         """Start a session; returns its first event (a pause or its end) and session_id.
-        503 `no_worker` at once when no live worker offers the strategy."""
+        503 `no_worker` at once when no live worker offers the strategy; 409
+        `idempotency_conflict` when `idempotency_key` started another strategy or input."""
         budget = body.budget.model_dump(exclude_none=True) if body.budget else None
-        out = await fronts.start(holder.get(), body.strategy, body.input, budget, timeout)
+        out = await fronts.start(holder.get(), body.strategy, body.input, budget, timeout,
+                                 ttl=body.ttl, idempotency_key=body.idempotency_key)
         return JSONResponse(out, status_code=201,
                             headers={"Location": f"/sessions/{out['session_id']}"})
 

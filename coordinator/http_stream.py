@@ -2,7 +2,8 @@
 
 Events, in the order a session makes them:
 
-- ``log``: one per strategy log entry, data ``{"ts", "level", "msg", "seq"}``;
+- ``log``: one per strategy log entry, data ``{"ts", "level", "source", "message", "seq"}``
+  (algocline's entry, numbered);
 - ``progress``: the strategy's progress object as of the pause or end that follows (sent
   with each one while the strategy has reported progress);
 - ``needs_response``: a pause (its ``to_json`` shape: the queries still unanswered);

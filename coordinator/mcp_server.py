@@ -16,6 +16,14 @@ paragraph (the docstring, dedented and unwrapped) that ends with what to do next
 result; a list of sessions is a page, never the whole namespace, so one call cannot flood
 the model's context.
 
+As in algocline: the limits of ``alc_run`` ride in ``ctx.budget`` (``max_*`` keys; our
+``budget`` argument is an alias), ``alc_advice``'s completed result is the whole ctx with the
+strategy's result in it, ``alc_status``'s ``pending_filter`` is a preset or an object naming
+the fields, a call that carries a progress token hears the session's progress as MCP
+progress notifications, and cancelling a waiting ``alc_run`` / ``alc_continue``
+(``notifications/cancelled``) cancels its session (``mcp_progress``). Starts take a ``ttl``
+and an ``idempotency_key``.
+
 With a Redis URL (``--redis`` / ``REDIS_URL``) the tools drive the shared deployment;
 without one they run on the embedded in-process Redis with in-process workers, so the
 server works on a machine with nothing else installed.
@@ -25,6 +33,7 @@ from __future__ import annotations
 
 import inspect
 import json
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from importlib import metadata
 from typing import Annotated, Any, Literal
@@ -32,10 +41,11 @@ from typing import Annotated, Any, Literal
 from mcp.server.mcpserver import Context, MCPServer
 from mcp.server.mcpserver.exceptions import ToolError
 from mcp.types import CallToolResult, InputRequiredResult, TextContent, ToolAnnotations
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, ValidationError
 
 from . import fronts
 from .errors import InvalidInput, SessionError
+from .mcp_progress import EVERY_S, InFlight, Reporter
 from .registry import SessionRegistry
 from .settings import Settings
 from .transport import Transport
@@ -73,8 +83,38 @@ INSTRUCTIONS = paragraph("""
 """)
 
 Phase = Literal["running", "paused", "completed", "failed", "cancelled"]
-PendingFilter = Literal["meta", "preview", "full"]
+PendingPreset = Literal["meta", "preview", "full"]
 PageSize = Annotated[int, Field(ge=1, le=PAGE_MAX)]
+#: A session's idle ttl: the registry bounds it (at most ten years) and says so.
+TtlSeconds = Annotated[float, Field(gt=0)]
+IdempotencyKey = Annotated[str, Field(min_length=1, max_length=256)]
+
+
+class PromptView(BaseModel):
+    """How much of each pending prompt to show: off, preview (its first chars) or full."""
+
+    model_config = ConfigDict(extra="forbid")
+    mode: Literal["off", "preview", "full"] = Field(
+        default="off", description="off (no prompt), preview (its first chars) or full.")
+    chars: StrictInt | None = Field(default=None, ge=0, le=1_000_000, description=(
+        "preview only: how many characters (default: the deployment's, 200)."))
+
+
+class PendingFields(BaseModel):
+    """algocline's pending filter object: which fields of each pending query to show."""
+
+    model_config = ConfigDict(extra="forbid")
+    query_id: StrictBool = Field(default=False, description="Show the query's id.")
+    max_tokens: StrictBool = Field(default=False, description="Show its max_tokens.")
+    system: StrictBool = Field(default=False, description="Show its system prompt.")
+    grounded: StrictBool = Field(default=False, description="Show its grounded flag.")
+    underspecified: StrictBool = Field(default=False, description="Show its underspecified flag.")
+    prompt: PromptView | None = Field(default=None, description="Show its prompt: "
+                                      '{"mode": "off" | "preview" | "full", "chars": n}.')
+
+    def to_spec(self) -> dict[str, Any]:
+        """The object as the registry takes it (algocline's field names)."""
+        return self.model_dump(exclude_none=True)
 
 
 class QueryResponse(BaseModel):
@@ -161,28 +201,121 @@ def _tool(server: MCPServer, *, read_only: bool = False) -> Callable[[ToolFn], T
     return register
 
 
-def build_server(reg: SessionRegistry) -> MCPServer:
-    """The MCP server whose tools drive ``reg``."""
+def build_server(reg: SessionRegistry, *, progress_every_s: float = EVERY_S) -> MCPServer:
+    """The MCP server whose tools drive ``reg``. A call that carries a progress token hears
+    that its session still runs every ``progress_every_s`` while it waits."""
+    in_flight = InFlight(reg)
     server: MCPServer = _Server(name="alc-coordinator", version=server_version(),
-                                instructions=INSTRUCTIONS)
-    _start_tools(server, reg)
-    _session_tools(server, reg)
+                                instructions=INSTRUCTIONS, middleware=[in_flight])
+    tools = _Tools(reg, in_flight, progress_every_s)
+    _start_tools(server, tools)
+    _session_tools(server, tools)
     _catalog(server, reg)
     return server
 
 
-def _start_tools(server: MCPServer, reg: SessionRegistry) -> None:
+#: Sessions started by ``alc_advice`` whose end is still to be reported (most recent kept).
+_ADVICE_KEPT = 10_000
+
+
+class _Tools:
+    """What the session tools share: the registry, the calls in flight (a cancel names
+    them), progress reporting, and the input of the ``alc_advice`` sessions this server
+    started, whose completed result is algocline's whole ctx."""
+
+    def __init__(self, reg: SessionRegistry, in_flight: InFlight, every_s: float) -> None:
+        self.reg, self.in_flight, self.every_s = reg, in_flight, every_s
+        self._advice: OrderedDict[str, dict[str, Any]] = OrderedDict()
+
+    async def start(self, mcp: Context[Any, Any], strategy: str, ctx: dict[str, Any] | None,
+                    budget: dict[str, Any] | None, ttl: float | None,
+                    idempotency_key: str | None, *, advice: bool = False) -> CallToolResult:
+        """Start a session and wait for its first event, reporting progress, and cancelling
+        the session if the call is cancelled."""
+        for value, what in ((strategy, "strategy"), (ctx, "ctx"), (budget, "budget"),
+                            (idempotency_key, "idempotency_key")):
+            fronts.check_wire(value, what)
+        report = Reporter(mcp, self.reg, every_s=self.every_s)
+        created: list[str] = []
+
+        async def work(track: Callable[[str], None]) -> dict[str, Any]:
+            def on_created(sid: str) -> None:
+                created.append(sid)
+                track(sid)
+                report.started(sid, strategy)
+                if advice:
+                    self._remember(sid, ctx or {})
+
+            async with report.waiting(lambda: created[0] if created else None):
+                sid, res = await self.reg.start_execution(
+                    strategy, ctx, budget=budget, ttl=ttl, idempotency_key=idempotency_key,
+                    on_created=on_created)
+            out = {"session_id": sid, **res.to_json(sid)}
+            await report.settled(sid, out)
+            return self._finish(sid, out)
+
+        return await _result(self.in_flight.run(mcp.request_id, None, work))
+
+    async def feed(self, mcp: Context[Any, Any], session_id: str, **answer: Any
+                   ) -> CallToolResult:
+        report = Reporter(mcp, self.reg, every_s=self.every_s)
+
+        async def work(_: Callable[[str], None]) -> dict[str, Any]:
+            await report.prime(session_id)
+            async with report.waiting(lambda: session_id):
+                out = await fronts.feed(self.reg, session_id, **answer)
+            await report.settled(session_id, out)
+            return self._finish(session_id, out)
+
+        return await _result(self.in_flight.run(mcp.request_id, session_id, work))
+
+    def _remember(self, sid: str, ctx: dict[str, Any]) -> None:
+        self._advice[sid] = ctx
+        self._advice.move_to_end(sid)
+        if len(self._advice) > _ADVICE_KEPT:
+            self._advice.popitem(last=False)
+
+    def _finish(self, sid: str, out: dict[str, Any]) -> dict[str, Any]:
+        """``out``, with an ``alc_advice`` session's completed result as algocline gives
+        it: the whole ctx, ``{task, ...opts, result: <the strategy's result>}``."""
+        status = out.get("status")
+        if status not in ("completed", "error", "cancelled"):
+            return out
+        ctx = self._advice.pop(sid, None)
+        if status == "completed" and ctx is not None:
+            out = {**out, "result": advice_result(ctx, out.get("result"))}
+        return out
+
+
+def advice_result(ctx: dict[str, Any], result: Any) -> dict[str, Any]:
+    """algocline's ``alc_advice`` result: ``require(strategy).run(ctx)`` returns the ctx it
+    was given with the strategy's result set on it."""
+    return {**ctx, "result": result}
+
+
+def _start_tools(server: MCPServer, tools: _Tools) -> None:
     @_tool(server)
     async def alc_run(
         strategy: Annotated[str, Field(
             description='The strategy\'s name as alc_strategies lists it, e.g. "cot", '
                         '"reflect", "sc".')],
+        request: Context[Any, Any],
         ctx: Annotated[dict[str, Any] | None, Field(
             description='The strategy\'s input (a JSON object of the parameters '
-                        'alc_strategies lists for it), e.g. {"task": "..."}.')] = None,
-        budget: Annotated[dict[str, int] | None, Field(
-            description='Optional limits on the session: {"llm_calls": n, "tokens": n, '
-                        '"elapsed_ms": n}.')] = None,
+                        'alc_strategies lists for it), e.g. {"task": "..."}; limits may ride '
+                        'in it as algocline\'s {"budget": {"max_llm_calls": n, "max_tokens": '
+                        'n, "max_elapsed_ms": n}}.')] = None,
+        budget: Annotated[dict[str, int | None] | None, Field(
+            description='Optional limits on the session, the same as ctx.budget: '
+                        '{"max_llm_calls": n, "max_tokens": n, "max_elapsed_ms": n} (also '
+                        'taken as {"llm_calls", "tokens", "elapsed_ms"}).')] = None,
+        ttl: Annotated[TtlSeconds | None, Field(
+            description="Seconds the session may wait idle for your answers before it "
+                        "expires (default: the deployment's).")] = None,
+        idempotency_key: Annotated[IdempotencyKey | None, Field(
+            description="Your own id for this start: a retry with the same key (same "
+                        "strategy and ctx) returns the same session instead of starting "
+                        "another.")] = None,
     ) -> CallToolResult:
         """Start a session of a strategy with ctx as its input, and return its first
         event. Usually that is {"status": "needs_response", "session_id", ...} with one
@@ -191,33 +324,45 @@ def _start_tools(server: MCPServer, reg: SessionRegistry) -> None:
         status is "completed" (read result), "error" (read error and type) or "cancelled".
         Call alc_strategies first if you do not know the strategy's name or input; an
         error of type no_worker means no live worker offers the strategy."""
-        return await _result(fronts.start(reg, strategy, ctx, budget))
+        return await tools.start(request, strategy, ctx, budget, ttl, idempotency_key)
 
     @_tool(server)
     async def alc_advice(
         strategy: Annotated[str, Field(
             description='The strategy\'s name as alc_strategies lists it, e.g. "reflect".')],
+        request: Context[Any, Any],
         task: Annotated[str | None, Field(
             description="The task or question the strategy works on.")] = None,
         opts: Annotated[dict[str, Any] | None, Field(
             description='Other inputs of the strategy, merged with task, e.g. '
-                        '{"rounds": 2}.')] = None,
+                        '{"rounds": 2} (a "budget" among them limits the session).')] = None,
+        ttl: Annotated[TtlSeconds | None, Field(
+            description="Seconds the session may wait idle for your answers before it "
+                        "expires (default: the deployment's).")] = None,
+        idempotency_key: Annotated[IdempotencyKey | None, Field(
+            description="Your own id for this start: a retry with the same key returns the "
+                        "same session instead of starting another.")] = None,
     ) -> CallToolResult:
-        """Apply a strategy to a task: shorthand for alc_run with ctx = {"task": task,
-        **opts}. Returns the session's first event, usually "needs_response": answer each
-        pending query with alc_continue until the status is "completed", "error" or
-        "cancelled"."""
+        """Apply a strategy to a task: alc_run with ctx = {"task": task, **opts}. Returns
+        the session's first event, usually "needs_response": answer each pending query
+        with alc_continue until the status is "completed", "error" or "cancelled". As in
+        algocline, the completed result is the whole ctx with the strategy's own result
+        in it: {"task", ...opts, "result": {...}}."""
         ctx = dict(opts or {})
         if task is not None:
             ctx["task"] = task
-        return await _result(fronts.start(reg, strategy, ctx))
+        return await tools.start(request, strategy, ctx, None, ttl, idempotency_key,
+                                 advice=True)
 
 
-def _session_tools(server: MCPServer, reg: SessionRegistry) -> None:
+def _session_tools(server: MCPServer, tools: _Tools) -> None:
+    reg = tools.reg
+
     @_tool(server)
     async def alc_continue(
         session_id: Annotated[str, Field(
             description="The session_id that alc_run or alc_advice returned.")],
+        request: Context[Any, Any],
         response: Annotated[str | None, Field(
             description="Your answer, when one query is pending (with query_id, to one of "
                         "several).")] = None,
@@ -228,7 +373,8 @@ def _session_tools(server: MCPServer, reg: SessionRegistry) -> None:
             description="Several answers at once: [{query_id, response, usage}], instead "
                         "of response.")] = None,
         usage: Annotated[dict[str, int] | None, Field(
-            description='Tokens response used, e.g. {"completion_tokens": 42}.')] = None,
+            description='Tokens your response used, e.g. {"prompt_tokens": 120, '
+                        '"completion_tokens": 42}: they replace the estimates.')] = None,
     ) -> CallToolResult:
         """Answer a paused session's pending queries: response alone when one query is
         pending, response with query_id for one of several, or responses=[{query_id,
@@ -238,17 +384,19 @@ def _session_tools(server: MCPServer, reg: SessionRegistry) -> None:
         alc_continue), or its end: "completed" (read result), "error" or "cancelled"."""
         batch = None if responses is None else [
             fronts.Answer(r.query_id, r.response, r.usage) for r in responses]
-        return await _result(fronts.feed(reg, session_id, response=response,
-                                         query_id=query_id, usage=usage, responses=batch))
+        return await tools.feed(request, session_id, response=response, query_id=query_id,
+                                usage=usage, responses=batch)
 
     @_tool(server, read_only=True)
     async def alc_status(
         session_id: Annotated[str | None, Field(
             description="The session to inspect; omit it to list sessions one page at a "
                         "time.")] = None,
-        pending_filter: Annotated[PendingFilter | None, Field(
-            description="Include the pending queries: meta (ids), preview (plus the first "
-                        "200 characters of each prompt) or full (every field).")] = None,
+        pending_filter: Annotated[PendingPreset | PendingFields | None, Field(
+            description="Include the pending queries: meta (ids), preview (plus the start "
+                        "of each prompt), full (every field), or an object naming the "
+                        "fields, e.g. {\"query_id\": true, \"prompt\": {\"mode\": "
+                        "\"preview\", \"chars\": 80}}.")] = None,
         include_history: Annotated[bool, Field(
             description="Include the last 10 exchanges (prompt and response).")] = False,
         limit: Annotated[PageSize | None, Field(
@@ -270,7 +418,9 @@ def _session_tools(server: MCPServer, reg: SessionRegistry) -> None:
         "sessions", "next_cursor"}. The page is not the whole list: while next_cursor is
         not null, call alc_status again with cursor=next_cursor and the same filters to
         read the next page. A paused session's queries are answered with alc_continue."""
-        return await _result(_status(reg, session_id, pending_filter, include_history,
+        pf = pending_filter.to_spec() if isinstance(pending_filter, PendingFields) \
+            else pending_filter
+        return await _result(_status(reg, session_id, pf, include_history,
                                      limit=limit, phase=phase, strategy=strategy,
                                      cursor=cursor))
 
@@ -286,7 +436,7 @@ def _session_tools(server: MCPServer, reg: SessionRegistry) -> None:
 
 
 async def _status(
-    reg: SessionRegistry, session_id: str | None, pending_filter: str | None,
+    reg: SessionRegistry, session_id: str | None, pending_filter: str | dict[str, Any] | None,
     include_history: bool, *, limit: int | None, phase: str | None, strategy: str | None,
     cursor: str | None,
 ) -> dict[str, Any]:

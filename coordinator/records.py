@@ -136,6 +136,8 @@ class SessionRecord:
     tries: int = 0
     last_error: str | None = None
     finished_at: int | None = None
+    #: When the current round paused (Unix ms): what its queries have waited since.
+    paused_at: int | None = None
     input: Any = None
     budget: dict[str, Any] | None = None
     result: Any = None
@@ -171,6 +173,7 @@ class SessionRecord:
                 tries=int(h.get("tries", b"0")),
                 last_error=h["last_error"].decode() if "last_error" in h else None,
                 finished_at=int(h["finished_at"]) if "finished_at" in h else None,
+                paused_at=int(h["paused_at"]) if "paused_at" in h else None,
                 error=h["error"].decode() if "error" in h else None,
                 error_type=h["error_type"].decode() if "error_type" in h else None,
                 traceback=h["traceback"].decode() if "traceback" in h else None,

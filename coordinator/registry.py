@@ -246,7 +246,8 @@ class SessionRegistry:
         expected = self._rounds.get(session_id, 0) if round is None else round
         await self.services.ready()
         tokens = estimate_tokens(response)
-        record: dict[str, Any] = {"r": response}
+        # "t": when it was answered (Redis's clock), for the conversation history
+        record: dict[str, Any] = {"r": response, "t": server_now_ms()}
         prompt_delta, provided = 0, ""
         if usage is not None:
             check_json_able(usage, what="usage", limit=64 * 1024)

@@ -61,6 +61,10 @@ def outcome(res: FeedResult) -> int:
 class RunOptions:
     strategy: str
     timeout: float | None = None
+    #: The session's idle ttl (seconds; None: the deployment's) and the start's
+    #: idempotency key (a second run with the same key drives the same session).
+    ttl: float | None = None
+    idempotency_key: str | None = None
     #: On a signal or a failed responder, leave the session rather than cancel it.
     leave_paused: bool = False
     #: The connection flags as given (``--redis URL --namespace NS``), repeated in the
@@ -146,7 +150,8 @@ class HostRun:
 
     async def _drive(self, data: dict[str, Any], budget: dict[str, int] | None) -> int:
         sid, res = await self.reg.start_execution(
-            self.options.strategy, data, budget=budget, timeout=self.options.timeout,
+            self.options.strategy, data, budget=budget, ttl=self.options.ttl,
+            idempotency_key=self.options.idempotency_key, timeout=self.options.timeout,
             on_created=self._created)
         while not isinstance(res, Finished):
             if isinstance(res, Paused):

@@ -41,7 +41,7 @@ Batcher = Callable[[list[tuple[Any, ...]]], Awaitable[list[Any]]]
 FIELDS = (
     "phase", "strategy", "started_at", "last_activity_at", "remaining", "finished_at",
     "budget", "progress", "cq_tokens", "qids", "m:llm_calls", "m:rounds", "m:prompt_tokens",
-    "m:response_tokens", "asked", "m:logs", "error_type", "custom",
+    "m:response_tokens", "asked", "m:logs", "error_type", "custom", "paused_at",
 )
 #: phase bytes -> (state, phase, terminal); looked up once per session, no enum work.
 _PHASES = {p.value.encode(): (p.state, p.value, p.terminal) for p in Phase}
@@ -50,7 +50,7 @@ _PHASES = {p.value.encode(): (p.state, p.value, p.terminal) for p in Phase}
 def _build(sid: str, fields: list[Any], logs: list[bytes], pending: Any, answered: Any,
            journal: Any, pf: PendingView | None, now: int) -> dict[str, Any]:
     (phase_b, strategy, started, last, remaining, finished, budget, progress, cq, qids,
-     calls, rounds, ptok, rtok, asked, nlogs, error_type, custom) = fields
+     calls, rounds, ptok, rtok, asked, nlogs, error_type, custom, paused_at) = fields
     known = _PHASES.get(phase_b)
     if known is None or started is None or last is None or strategy is None:
         raise CorruptState(f"session {sid} has a corrupt or incomplete hash", session_id=sid)
@@ -65,7 +65,7 @@ def _build(sid: str, fields: list[Any], logs: list[bytes], pending: Any, answere
         "rounds": int(rounds) if rounds else 0,
         "tokens": {"prompt_total": prompt_total, "response_total": response_total,
                    "total": prompt_total + response_total,
-                   "current_query": int(cq) if cq else 0},
+                   "current_query": _current_query(sid, phase, qids, cq, paused_at, last)},
         "recent_logs": _numbered(logs, int(nlogs) if nlogs else len(logs)) if logs else [],
     }
     if progress:
@@ -92,8 +92,19 @@ def _build(sid: str, fields: list[Any], logs: list[bytes], pending: Any, answere
     if pf is not None:
         snap["pending"] = [pf.project(q) for q in _pending(sid, qids, pending, answered)]
     if journal is not None:
-        snap["conversation_history"] = history(sid, journal)
+        metrics["conversation_history"] = history(sid, journal)
     return snap
+
+
+def _current_query(sid: str, phase: str, qids: bytes | None, cq: bytes | None,
+                   paused_at: bytes | None, last: bytes) -> dict[str, Any] | None:
+    """algocline's ``current_query``: what the host is being waited on (the round's first
+    query, its prompt tokens and since when), or None while nothing is."""
+    if phase != "paused" or not qids:
+        return None
+    ids = unpack(qids, what="query ids", session_id=sid)
+    return {"query_id": ids[0] if ids else None, "prompt_tokens": int(cq) if cq else 0,
+            "started_waiting_at": int(paused_at if paused_at is not None else last)}
 
 
 def _numbered(logs: list[bytes], total: int) -> list[dict[str, Any]]:
@@ -129,11 +140,18 @@ def _pending(sid: str, qids: bytes | None, flat: list[bytes] | dict[bytes, bytes
 
 
 def history(sid: str, journal_tail: list[bytes]) -> list[dict[str, Any]]:
+    """The last exchanges as algocline's ``conversation_history`` has them: text, tokens and
+    times (null where a round journaled before they were kept)."""
     exchanges: list[dict[str, Any]] = []
     for raw in journal_tail:
         entry = unpack(raw, what="journal entry", session_id=sid)
-        for qid, prompt, response in entry[1]:
-            exchanges.append({"query_id": qid, "prompt": prompt, "response": response})
+        for row in entry[1]:
+            qid, prompt, response = row[:3]
+            facts = row[3] if len(row) > 3 and isinstance(row[3], dict) else {}
+            exchanges.append({"query_id": qid, "prompt": prompt, "response": response,
+                              "prompt_tokens": facts.get("pt"),
+                              "response_tokens": facts.get("rt"),
+                              "started_at": facts.get("s"), "completed_at": facts.get("c")})
     return exchanges[-HISTORY_EXCHANGES:]
 
 

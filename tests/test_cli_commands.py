@@ -295,7 +295,7 @@ async def test_strategies_lists_what_live_workers_offer_with_their_inputs(
     out = (await table("strategies", *where)).stdout
     assert re.search(r"^mp-rounds\s+1\s+tag: str = \"\", rounds: int = 5, width: int = 3\s+"
                      r"``rounds`` rounds", out, flags=re.M), out
-    assert re.search(r"^reflect\s+1\s+task: str = \"\", rounds: int = 1\s+Draft, critique",
+    assert re.search(r"^cot\s+1\s+task: str = \"\", depth: int = 3\s+Chain of thought",
                      out, flags=re.M), out
 
 
@@ -350,6 +350,39 @@ async def test_continue_and_cancel_say_what_happened_in_the_clis_words(
     for late in (bare, named):
         assert (late["type"], late["session_id"], late["state"]) == (
             "invalid_transition", sid, "cancelled"), late
+
+
+async def test_start_and_run_take_a_ttl_and_an_idempotency_key(
+    redis_url: str, namespace: str, worker_pool: WorkerPool
+) -> None:
+    """The same key picks up the same session (``start`` twice, ``run`` then ``start``); the
+    key with another input is refused; the ttl is the session's."""
+    await worker_pool.start()
+    where = conn(redis_url, namespace)
+    data = json.dumps({"tag": "i", "rounds": 1, "width": 1})
+    first = await call("start", "mp-rounds", "--input", data, "--idempotency-key", "k1",
+                       "--ttl", "90", *where)
+    assert first["status"] == "needs_response", first
+    assert await call("start", "mp-rounds", "--input", data, "--idempotency-key", "k1",
+                      *where) == first
+    clash = await call("start", "mp-rounds", "--task", "other", "--idempotency-key", "k1",
+                       *where, code=2)
+    assert clash["type"] == "idempotency_conflict", clash
+    async with registry(redis_url, namespace) as reg:
+        sk = reg.keys.session(first["session_id"])
+        assert int(await reg.redis.execute("HGET", sk.session, "ttl_ms")) == 90_000
+
+    done = await run_cli("run", "mp-rounds", "--input", data, "--responder", "echo",
+                         "--idempotency-key", "k2", "--json", *where)
+    assert done.code == 0, str(done)
+    ran = json.loads(done.stdout)
+    assert ran["status"] == "completed", ran
+    assert await call("start", "mp-rounds", "--input", data, "--idempotency-key", "k2",
+                      *where) == ran  # the finished session, while it is retained
+
+    for bad in ("0", "-5", "nan", "soon"):
+        refused = await call("start", "mp-rounds", "--ttl", bad, *where, code=2)
+        assert refused["type"] == "invalid_input" and "--ttl" in refused["error"], refused
 
 
 @pytest.mark.slow

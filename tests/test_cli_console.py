@@ -27,7 +27,8 @@ def view(*, quiet: bool = False, terminal: bool = False) -> tuple[RunView, io.St
 
 
 def logs(*seqs: int) -> list[dict[str, object]]:
-    return [{"ts": 0, "level": "info", "msg": f"line {n}", "seq": n} for n in seqs]
+    return [{"ts": 0, "level": "info", "source": "ctx.log", "message": f"line {n}", "seq": n}
+            for n in seqs]
 
 
 def test_each_log_line_shows_once_in_order_as_the_window_slides() -> None:
@@ -42,7 +43,8 @@ def test_progress_shows_once_per_change_and_strategy_text_is_not_markup() -> Non
     shown, out = view()
     step = {"step": 1, "total": 2, "message": "[bold red]draft[/bold red]"}
     shown.update({"progress": step, "recent_logs": [
-        {"level": "warning", "msg": "[link=x]not a link[/link]", "seq": 1}]})
+        {"level": "warning", "source": "ctx.log", "message": "[link=x]not a link[/link]",
+         "seq": 1}]})
     shown.update({"progress": dict(step)})
     shown.update({"progress": {"step": 2, "total": 2, "message": None}})
     assert out.getvalue().splitlines() == [

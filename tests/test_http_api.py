@@ -202,8 +202,8 @@ async def answer_all(c: httpx.AsyncClient, event: dict[str, Any], text: str) -> 
 # -- shapes --------------------------------------------------------------------------------
 
 async def test_start_and_answer_reflect_to_completion(client: httpx.AsyncClient) -> None:
-    res = await client.post("/sessions", json={"strategy": "reflect",
-                                               "input": {"task": "Design a cache"}})
+    res = await client.post("/sessions", json={"strategy": "reflect", "input": {
+        "task": "Design a cache", "max_rounds": 1}})
     assert res.status_code == 201, res.text
     first = res.json()
     sid = first["session_id"]
@@ -214,12 +214,39 @@ async def test_start_and_answer_reflect_to_completion(client: httpx.AsyncClient)
 
     final = await answer_all(client, first, "fine")
     assert final == {"status": "completed", "result": final["result"], "stats": final["stats"]}
-    assert final["result"]["answer"] == "fine"
-    assert final["stats"]["llm_calls"] == 3
+    assert final["result"]["output"] == "fine"
+    assert final["stats"]["auto"]["llm_calls"] == 3
 
     snap = (await client.get(f"/sessions/{sid}")).json()
     assert snap["session_id"] == sid and snap["phase"] == "completed"
     assert snap["result"] == final["result"]  # retained after the end
+
+
+async def test_start_takes_a_ttl_an_idempotency_key_and_algoclines_budget(
+    client: httpx.AsyncClient, stack: Stack
+) -> None:
+    body = {"strategy": "cot", "input": {"task": "t", "budget": {"max_llm_calls": 7}},
+            "ttl": 90, "idempotency_key": "http-k1"}
+    first = await client.post("/sessions", json=body)
+    assert first.status_code == 201, first.text
+    again = await client.post("/sessions", json=body)
+    assert again.status_code == 201 and again.json() == first.json()
+    sid = first.json()["session_id"]
+    clash = await client.post("/sessions", json={**body, "input": {"task": "other"}})
+    assert error(clash, 409, "idempotency_conflict")
+    snap = (await client.get(f"/sessions/{sid}")).json()
+    assert snap["metrics"]["budget_remaining"] == {"llm_calls": 6, "tokens": None,
+                                                   "elapsed_ms": None}
+    async with stack.registry() as reg:
+        assert int(await reg.redis.execute("HGET", reg.keys.session(sid).session,
+                                           "ttl_ms")) == 90_000
+    ours = await client.post("/sessions", json={"strategy": "cot", "input": {"task": "t"},
+                                                "budget": {"max_tokens": 500}})
+    snap = (await client.get(f"/sessions/{ours.json()['session_id']}")).json()
+    assert snap["metrics"]["budget_remaining"]["llm_calls"] is None
+    for bad in ({"ttl": 0}, {"ttl": -1}, {"idempotency_key": ""}, {"ttl": "soon"}):
+        error(await client.post("/sessions", json={"strategy": "cot", **bad}), 422,
+              "invalid_input")
 
 
 async def test_batch_partial_and_sole_pending_rules(client: httpx.AsyncClient) -> None:
@@ -244,9 +271,15 @@ async def test_batch_partial_and_sole_pending_rules(client: httpx.AsyncClient) -
 
     rest = await client.post(f"/sessions/{sid}/responses", json={"responses": [
         {"query_id": "q-0", "response": "4"}, {"query_id": "q-2", "response": "5"}]})
-    done = rest.json()
+    extract = rest.json()  # sc: one answer extraction per path, then a consensus
+    assert [q["id"] for q in extract["queries"]] == ["q-0", "q-1", "q-2"], extract
+    consensus = (await client.post(f"/sessions/{sid}/responses", json={"responses": [
+        {"query_id": q, "response": a} for q, a in (("q-0", "4"), ("q-1", "4"), ("q-2", "5"))]
+    })).json()
+    assert consensus["status"] == "needs_response" and consensus["query_id"] == "q-0"
+    done = (await client.post(f"/sessions/{sid}/responses", json={"response": "4"})).json()
     assert done["status"] == "completed", done
-    assert done["result"]["answer"] == "4" and done["result"]["votes"] == {"4": 2, "5": 1}
+    assert done["result"]["answer"] == "4" and done["result"]["vote_counts"] == {"4": 2, "5": 1}
 
 
 async def test_list_and_status_options(client: httpx.AsyncClient) -> None:
@@ -259,13 +292,13 @@ async def test_list_and_status_options(client: httpx.AsyncClient) -> None:
     assert listed[sid]["phase"] == "paused" and listed[sid]["pending_queries"] == 1
     [pending] = listed[sid]["pending"]
     assert pending["query_id"] == "q-0" and len(pending["prompt_preview"]) == 200
-    assert "conversation_history" not in listed[sid]
+    assert "conversation_history" not in listed[sid]["metrics"]
 
     await client.post(f"/sessions/{sid}/responses", json={"response": "step 1"})
     snap = (await client.get(f"/sessions/{sid}",
                              params={"pending": "full", "history": "true"})).json()
-    assert snap["pending"][0]["prompt"].endswith("one or two sentences.")
-    assert snap["conversation_history"][0]["response"] == "step 1"
+    assert snap["pending"][0]["prompt"].endswith("Build on previous reasoning. 1-2 sentences.")
+    assert snap["metrics"]["conversation_history"][0]["response"] == "step 1"
     error(await client.get("/sessions", params={"pending": "all"}), 422, "invalid_input")
 
 
@@ -572,7 +605,7 @@ def key(event_id: str) -> tuple[int, ...]:
 
 async def test_events_stream_each_event_once_as_it_happens(client: httpx.AsyncClient) -> None:
     first = (await client.post("/sessions", json={"strategy": "reflect", "input": {
-        "task": "t", "rounds": 2}})).json()
+        "task": "t", "max_rounds": 2}})).json()
     sid = first["session_id"]
     stream = RawStream(client.app, f"/sessions/{sid}/events")  # type: ignore[attr-defined]
     try:
@@ -692,15 +725,15 @@ async def test_two_api_processes_two_workers_alternating(
 
         await assert_eventually(healthy, timeout=WAIT_S, message="2 APIs see 2 workers: "
                                 + procs.log("api-0") + procs.log("api-1"))
-        jobs = [*(("reflect", {"task": f"job {i}", "rounds": 2}) for i in range(4)),
+        jobs = [*(("cot", {"task": f"job {i}", "depth": 4}) for i in range(4)),
                 *(("sc", {"task": f"vote {i}", "n": 3}) for i in range(3)),
                 ("cot", {"task": "think"})]
         results = await asyncio.gather(*(drive(Alternating(clients, n), strategy, input)
                                          for n, (strategy, input) in enumerate(jobs)))
         assert all(r["status"] == "completed" for r in results), results
         for r in results[:4]:
-            assert r["result"]["answer"].startswith("re: ")
-            assert r["stats"]["llm_calls"] == 5
+            assert r["result"]["conclusion"].startswith("re: ")
+            assert r["stats"]["auto"]["llm_calls"] == 5
         for r in results:  # each API reads every session's retained result
             for c in clients:
                 snap = (await c.get(f"/sessions/{r['session_id']}")).json()
@@ -720,7 +753,8 @@ async def events_across_apis_and_graceful_shutdown(
     """A stream on API 0 shows what is fed through API 1, as it happens; SIGTERM to API 0
     refuses new connections but lets the open stream run to the session's end."""
     a, b = clients
-    first = (await b.post("/sessions", json={"strategy": "cot", "input": {"task": "t"}})).json()
+    first = (await b.post("/sessions", json={"strategy": "cot", "input": {"task": "t",
+                                                                        "depth": 1}})).json()
     sid = first["session_id"]
     async with a.stream("GET", f"/sessions/{sid}/events") as stream:
         assert stream.status_code == 200
@@ -832,7 +866,7 @@ def _fuzz_sessions(schema: Any) -> tuple[str, str]:
     under test."""
     op = schema["/sessions"]["POST"]
     paused = op.Case(body={"strategy": "sc", "input": {"task": "fuzz", "n": 64}}).call().json()
-    done = op.Case(body={"strategy": "cot", "input": {"task": "fuzz"}}).call().json()
+    done = op.Case(body={"strategy": "cot", "input": {"task": "fuzz", "depth": 1}}).call().json()
     sid = done["session_id"]
     feed = schema["/sessions/{session_id}/responses"]["POST"]
     for _ in range(2):

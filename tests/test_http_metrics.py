@@ -61,8 +61,9 @@ async def test_scrape_before_and_after_a_session(redis_url: str,
         assert ("alc_dead_letters", frozenset()) in before
         assert ("alc_worker_steps_total", frozenset({("worker", wid)})) in before
 
-        first = (await c.post("/sessions", json={"strategy": "sc",
-                                                 "input": {"task": "2+2", "n": 2}})).json()
+        # one round of two queries, then the end
+        first = (await c.post("/sessions", json={"strategy": "mp-rounds", "input": {
+            "tag": "m", "rounds": 1, "width": 2}})).json()
         sid = first["session_id"]
         done = (await c.post(f"/sessions/{sid}/responses", json={"responses": [
             {"query_id": "q-0", "response": "4"}, {"query_id": "q-1", "response": "4"}]})).json()

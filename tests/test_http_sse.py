@@ -124,7 +124,7 @@ async def test_stream_shows_progress_pause_accepted_log_and_end(
         async with events(c, sid) as s:
             head = await s.until("needs_response")
             assert [e.event for e in head] == ["progress", "needs_response"]
-            assert head[0].data == {"step": 1, "total": 1, "message": "sampling 3 answers"}
+            assert head[0].data == {"step": 1, "total": 3, "message": "sampling 3 paths"}
             assert head[1].data == first
 
             assert await feed(c, sid, "q-0", "4") == {"status": "accepted", "remaining": 2}
@@ -135,13 +135,25 @@ async def test_stream_shows_progress_pause_accepted_log_and_end(
             ev = await s.next()
             assert ev is not None and ev.event == "accepted" and ev.data["remaining"] == 1
 
-            final = await feed(c, sid, "q-1", "5")
+            extract = await feed(c, sid, "q-1", "5")  # sc: then one extraction per path
+            assert extract["status"] == "needs_response" and len(extract["queries"]) == 3
+            await s.until("needs_response")
+            for qid, text, left in (("q-0", "4", 2), ("q-2", "4", 1)):
+                await feed(c, sid, qid, text)
+                ev = await s.next()
+                assert ev is not None and ev.event == "accepted" and ev.data["remaining"] == left
+            consensus = await feed(c, sid, "q-1", "5")
+            mid = await s.until("needs_response")
+            assert [e.event for e in mid] == ["log", "progress", "needs_response"]
+            log = mid[0].data
+            assert set(log) == {"ts", "level", "source", "message", "seq"}
+            assert log["level"] == "info" and log["seq"] == 1 and log["source"] == "ctx.log"
+            assert "vote: 2 of 3" in log["message"]
+            assert mid[-1].data == {"session_id": sid, **consensus}
+            final = await feed(c, sid, "q-0", "4")
             assert final["status"] == "completed"
             tail = await s.until("completed")
-            assert [e.event for e in tail] == ["log", "progress", "completed"]
-            log = tail[0].data
-            assert set(log) == {"ts", "level", "msg", "seq"}
-            assert log["level"] == "info" and log["seq"] == 1 and "vote: 2 of 3" in log["msg"]
+            assert [e.event for e in tail] == ["progress", "completed"]
             assert tail[-1].data == {"session_id": sid, **final}
             assert await s.next() is None  # the stream closes after the end
             assert ordered(s.seen)
@@ -154,7 +166,8 @@ async def test_reconnect_with_last_event_id_misses_nothing_and_repeats_nothing(
     while the round is still open; stream B stays connected throughout. A's two
     connections together see exactly what B sees: same ids, same events, none twice."""
     async with api(redis_url, worker_pool) as c:
-        first = await start(c, "sc", task="2+2", n=4)
+        # one round of 4 queries, then the end (sc's later rounds would move on meanwhile)
+        first = await start(c, "mp-rounds", tag="r", rounds=1, width=4)
         sid = first["session_id"]
         async with events(c, sid) as b:
             async with events(c, sid) as a1:
@@ -191,7 +204,7 @@ async def test_reconnect_after_rounds_moved_on_gets_what_is_retained(
     current pause (an earlier round's pause is no longer retained), with the ids a fresh
     connection gives the same events: ids come from the session, not the connection."""
     async with api(redis_url, worker_pool) as c:
-        first = await start(c, "reflect", task="t", rounds=1)
+        first = await start(c, "reflect", task="t", max_rounds=1)
         sid = first["session_id"]
         async with events(c, sid) as a1:
             await a1.until("needs_response")
@@ -204,7 +217,7 @@ async def test_reconnect_after_rounds_moved_on_gets_what_is_retained(
             shown = await fresh.until("needs_response")
             assert resumed == shown
             assert [e.event for e in resumed] == ["log", "progress", "needs_response"]
-            assert resumed[0].data["msg"] == "critique 1 received"
+            assert resumed[0].data["message"] == "critique 1 received"
             assert resumed[0].data["seq"] == 1
             assert resumed[1].data["message"] == "revision 1"
             assert resumed[2].data == revision

@@ -14,6 +14,7 @@ from typing import Any
 
 from mcp import Client
 
+import tests.strategies_mp  # noqa: F401  (registers mp-rounds and mp-slow)
 from coordinator.mcp_server import build_server
 from tests.conftest import FakeCluster
 from tests.test_mcp import TOOLS, call, call_error
@@ -94,14 +95,14 @@ async def test_strategies_lists_what_live_workers_offer_with_their_inputs(
         resource = await client.read_resource("alc://strategies")
     by_name = {s["name"]: s for s in listed["strategies"]}
     assert [s["name"] for s in listed["strategies"]] == sorted(by_name)
-    assert {"cot", "reflect", "sc"} <= set(by_name)
-    reflect = by_name["reflect"]
-    assert reflect["workers"] == 2
-    assert reflect["description"].startswith("Draft, critique, revise")
-    params = {p["name"]: p for p in reflect["params"]}
-    assert params["rounds"]["default"] == 1 and params["rounds"]["required"] is False
+    assert {"cot", "reflect", "sc", "mp-rounds"} <= set(by_name)
+    rounds = by_name["mp-rounds"]
+    assert rounds["workers"] == 2
+    assert rounds["description"].startswith("``rounds`` rounds of ``width`` queries each")
+    params = {p["name"]: p for p in rounds["params"]}
+    assert params["rounds"]["default"] == 5 and params["rounds"]["required"] is False
     assert params["rounds"]["annotation"] == "int"
-    assert {p["name"]: p["default"] for p in by_name["sc"]["params"]}["n"] == 5
+    assert params["width"]["default"] == 3
     [content] = resource.contents
     assert json.loads(content.text) == listed  # type: ignore[union-attr]
 
@@ -126,8 +127,9 @@ async def test_no_live_worker_is_a_no_worker_error_and_an_empty_list(
 
 
 async def start_many(client: Client, strategy: str, n: int) -> list[str]:
-    return [(await call(client, "alc_run", strategy=strategy, ctx={"task": f"t{i}"}))[
-        "session_id"] for i in range(n)]
+    return [(await call(client, "alc_run", strategy=strategy,
+                        ctx={"tag": f"t{i}", "rounds": 1, "width": 1}))["session_id"]
+            for i in range(n)]
 
 
 async def pages(client: Client, **filters: Any) -> list[dict[str, Any]]:
@@ -144,11 +146,10 @@ async def test_status_without_a_session_is_one_bounded_page_with_counts(
 ) -> None:
     await fake_cluster.worker()
     async with connect(fake_cluster.registry()) as client:
-        cots = await start_many(client, "cot", 23)
-        reflects = await start_many(client, "reflect", 3)
+        cots = await start_many(client, "mp-rounds", 23)
+        reflects = await start_many(client, "mp-slow", 3)
         done = cots[0]
-        for text in ("steps", "4"):
-            await call(client, "alc_continue", session_id=done, response=text)
+        await call(client, "alc_continue", session_id=done, response="4")
 
         first = await call(client, "alc_status")
         assert set(first) == {"active_sessions", "counts", "sessions", "next_cursor"}
@@ -165,7 +166,7 @@ async def test_status_without_a_session_is_one_bounded_page_with_counts(
         assert [len(p["sessions"]) for p in small] == [7, 7, 7, 4]
         assert {s["phase"] for p in small for s in p["sessions"]} == {"paused"}
 
-        by_strategy = [s for p in await pages(client, strategy="reflect", limit=2)
+        by_strategy = [s for p in await pages(client, strategy="mp-slow", limit=2)
                        for s in p["sessions"]]
         assert sorted(s["session_id"] for s in by_strategy) == sorted(reflects)
 
@@ -188,3 +189,11 @@ async def test_status_arguments_are_checked(registry: Any) -> None:
         assert bad_cursor["type"] == "invalid_input"
         missing = await call_error(client, "alc_status", session_id="s-0-0")
         assert missing["type"] == "not_found"
+        for shape in ({"prompt_text": True}, {"prompt": {"mode": "some"}},
+                      {"prompt": {"mode": "preview", "chars": -1}}, {"query_id": "yes"}):
+            err = await call_error(client, "alc_status", pending_filter=shape)
+            assert err["type"] == "invalid_input" and "pending_filter" in err["error"], shape
+        for start in ({"ttl": 0}, {"ttl": -2}, {"idempotency_key": ""},
+                      {"budget": {"max_llm_calls": 1.5}}):
+            err = await call_error(client, "alc_run", strategy="mp-rounds", **start)
+            assert err["type"] == "invalid_input", start

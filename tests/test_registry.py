@@ -176,6 +176,11 @@ STATS_KEYS = {
 }
 
 
+def text_of(exchange: dict[str, Any]) -> dict[str, Any]:
+    """An exchange of the conversation history without its tokens and times."""
+    return {k: exchange[k] for k in ("query_id", "prompt", "response")}
+
+
 def est(text: str) -> int:
     """algocline's token estimate: ASCII four characters a token, other text 1.5."""
     ascii_chars = sum(c.isascii() for c in text)
@@ -802,15 +807,18 @@ async def test_snapshot_shape_and_metrics(registry: SessionRegistry, worker: Any
     assert set(metrics) == METRIC_KEYS
     assert metrics["llm_calls"] == 3 and metrics["rounds"] == 0
     assert metrics["recent_logs"] == []
+    current = {"query_id": "q-0", "prompt_tokens": 4,
+               "started_waiting_at": metrics["tokens"]["current_query"]["started_waiting_at"]}
     assert metrics["tokens"] == {"prompt_total": 4, "response_total": 0, "total": 4,
-                                 "current_query": 4}
+                                 "current_query": current}
+    assert snap["started_at"] <= current["started_waiting_at"] <= snap["last_activity_at"]
     assert isinstance(metrics["elapsed_ms"], int) and metrics["elapsed_ms"] >= 0
 
     await registry.feed_response(sid, "q-0", "xxxxx")
     snap = (await registry.list_snapshots())[sid]
     assert snap["pending_queries"] == 2
     assert snap["metrics"]["tokens"] == {"prompt_total": 4, "response_total": 2, "total": 6,
-                                         "current_query": 4}
+                                         "current_query": current}
     json.dumps(snaps)
 
 
@@ -888,23 +896,32 @@ async def test_conversation_history_only_on_request_last_ten(
     for r in range(3):
         for i in range(4):
             await registry.feed_response(sid, f"q-{i}", f"ans r{r} i{i}")
-    assert "conversation_history" not in (await registry.list_snapshots())[sid]
-    history = (await registry.list_snapshots(include_history=True))[sid]["conversation_history"]
+    assert "conversation_history" not in (await registry.list_snapshots())[sid]["metrics"]
+    history = (await registry.list_snapshots(include_history=True))[sid]["metrics"][
+        "conversation_history"]
     expected = [{"query_id": f"q-{i}", "prompt": f"r{r} i{i}", "response": f"ans r{r} i{i}"}
                 for r in range(3) for i in range(4)]
-    assert history == expected[-10:]
+    assert [text_of(h) for h in history] == expected[-10:]
     status = await registry.status(sid, include_history=True)
-    assert status["conversation_history"] == expected[-10:]
+    assert [text_of(h) for h in status["metrics"]["conversation_history"]] == expected[-10:]
+    for h in history:  # algocline's fields: tokens (estimated here) and times
+        assert (h["prompt_tokens"], h["response_tokens"]) == (est(h["prompt"]),
+                                                              est(h["response"]))
+        assert 0 < h["started_at"] <= h["completed_at"]
 
 
 async def test_conversation_history_shorter_than_ten(registry: SessionRegistry,
                                                      worker: Any) -> None:
     sid, _ = await paused(registry, "treg-rounds", {"rounds": 3})
-    assert (await registry.status(sid, include_history=True))["conversation_history"] == []
-    await registry.feed_response(sid, "q-0", "one")
+    status = await registry.status(sid, include_history=True)
+    assert status["metrics"]["conversation_history"] == []
+    await registry.feed_response(sid, "q-0", "one", {"prompt_tokens": 7,
+                                                     "completion_tokens": 3})
     snap = (await registry.list_snapshots("meta", include_history=True))[sid]
-    assert snap["conversation_history"] == [
-        {"query_id": "q-0", "prompt": "r0 i0", "response": "one"}]
+    [entry] = snap["metrics"]["conversation_history"]
+    assert {**entry, "started_at": 0, "completed_at": 0} == {
+        "query_id": "q-0", "prompt": "r0 i0", "response": "one", "prompt_tokens": 7,
+        "response_tokens": 3, "started_at": 0, "completed_at": 0}
     assert snap["pending"] == [{"query_id": "q-0", "max_tokens": 1024}]
 
 

@@ -135,7 +135,8 @@ async def run_whole_flow(url: str, namespace: str, tmp_path: Path) -> list[str]:
             assert isinstance(ev, Finished) and ev.state is Phase.COMPLETED, ev
             assert ev.result["rounds"][1][0] == answer_for("session flow: round 1, item 0")
             status = await reg.status(sid, "full", include_history=True)
-            assert status["phase"] == "completed" and len(status["conversation_history"]) == 4
+            assert status["phase"] == "completed"
+            assert len(status["metrics"]["conversation_history"]) == 4
 
             other, ev = await reg.start_execution(
                 "mp-rounds", {"tag": "one", "rounds": 1, "width": 1}, timeout=WAIT_S)

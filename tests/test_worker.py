@@ -311,7 +311,8 @@ async def test_replay_keeps_logs_progress_and_history_single(
     assert [e["message"] for e in snap["metrics"]["recent_logs"]] == \
         [f"asking {i}" for i in range(4)]
     assert snap["metrics"]["progress"] == {"step": 4, "total": 4, "message": "step 3"}
-    assert snap["conversation_history"] == [
+    assert [{k: h[k] for k in ("query_id", "prompt", "response")}
+            for h in snap["metrics"]["conversation_history"]] == [
         {"query_id": "q-0", "prompt": p, "response": r}
         for p, r in zip(chain_prompts("rl", ["x", "y", "z"]), ["x", "y", "z"], strict=True)
     ]

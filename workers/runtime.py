@@ -20,7 +20,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-from coordinator.codec import check_json_able, pack, pack_checked
+from coordinator.codec import check_json_able, estimate_tokens, pack, pack_checked, unpack
 from coordinator.errors import (
     FAILURE_TYPES,
     CorruptState,
@@ -117,10 +117,42 @@ def digest(queries: list[LlmQuery]) -> bytes:
     return hashlib.blake2b(pack(records), digest_size=8).digest()
 
 
-def journal_entry(queries: list[LlmQuery], answers: list[str]) -> bytes:
-    """One answered round as the journal keeps it: its digest, then (id, prompt, answer)."""
-    return pack([digest(queries), [[q.id, q.prompt, a]
-                                   for q, a in zip(queries, answers, strict=True)]])
+def journal_entry(queries: list[LlmQuery], answers: list[str],
+                  facts: list[dict[str, Any]] | None = None) -> bytes:
+    """One answered round as the journal keeps it: its digest, then (id, prompt, answer,
+    facts) per exchange; ``facts`` (``exchange_facts``) is what the conversation history
+    shows besides the text: tokens and times."""
+    rows: list[list[Any]] = [[q.id, q.prompt, a]
+                             for q, a in zip(queries, answers, strict=True)]
+    if facts is not None:
+        for row, fact in zip(rows, facts, strict=True):
+            row.append(fact)
+    return pack([digest(queries), rows])
+
+
+def exchange_facts(queries: list[LlmQuery], answers: list[str], raw: dict[Any, bytes],
+                   paused_at: int | None) -> list[dict[str, Any]]:
+    """Each exchange's tokens (the host's counts when it gave them, else the estimates) and
+    times (asked: the round's pause; answered: the feed), as algocline's history has them.
+    ``raw`` maps query ids (str or bytes) to the stored answer records."""
+    out = []
+    for q, answer in zip(queries, answers, strict=True):
+        record = raw.get(q.id, raw.get(q.id.encode()))
+        rec: dict[str, Any] = {}
+        if record is not None:
+            with contextlib.suppress(Exception):
+                decoded = unpack(record, what="answer")
+                rec = decoded if isinstance(decoded, dict) else {}
+        found = rec.get("u")
+        usage: dict[str, Any] = found if isinstance(found, dict) else {}
+        prompt = usage.get("prompt_tokens")
+        completion = usage.get("completion_tokens")
+        out.append({
+            "pt": prompt if isinstance(prompt, int) else
+            estimate_tokens(q.prompt) + (estimate_tokens(q.system) if q.system else 0),
+            "rt": completion if isinstance(completion, int) else estimate_tokens(answer),
+            "s": paused_at, "c": rec.get("t")})
+    return out
 
 
 @dataclass(frozen=True, slots=True)
@@ -154,6 +186,9 @@ class Execution:
         #: Rounds asked so far; equals the session's ``asked`` while in step with it.
         self.asked = 0
         self.last_queries: list[LlmQuery] = []
+        #: When its last round paused (Unix ms, Redis's clock, as near as this worker knows
+        #: it): the history's "asked at" of that round's exchanges.
+        self.paused_at: int | None = None
         #: Set by ``close``: the strategy was cut off and may ask nothing more.
         self._closed = False
 

@@ -18,7 +18,16 @@ from coordinator.records import SessionRecord, decode_queries
 
 from . import catalog
 from .effects import Durable
-from .runtime import Ask, Crash, Execution, JournalRound, Outcome, digest, journal_entry
+from .runtime import (
+    Ask,
+    Crash,
+    Execution,
+    JournalRound,
+    Outcome,
+    digest,
+    exchange_facts,
+    journal_entry,
+)
 
 
 @dataclass(slots=True)
@@ -54,7 +63,8 @@ def round_answers(data: Loaded) -> tuple[list[str] | None, bytes]:
         raise CorruptState(f"session {rec.sid} is running round {rec.asked} but no question "
                            "of it is recorded", session_id=rec.sid)
     answers = [_answer(rec, q.id, data.answers.get(q.id.encode())) for q in queries]
-    return answers, journal_entry(queries, answers)
+    facts = exchange_facts(queries, answers, data.answers, rec.paused_at)
+    return answers, journal_entry(queries, answers, facts)
 
 
 def _answer(rec: SessionRecord, qid: str, raw: bytes | None) -> str:

@@ -34,7 +34,7 @@ from coordinator.keys import JOB_GROUP
 from coordinator.locks import FencedLock
 from coordinator.logs import about
 from coordinator.models import LlmQuery
-from coordinator.records import SessionRecord, as_hash
+from coordinator.records import SessionRecord, as_hash, server_now_ms
 from coordinator.scripts import Lease, StepBegin
 from coordinator.services import Services
 from coordinator.states import Phase
@@ -45,7 +45,7 @@ from .context import query_tokens
 from .effects import Durable
 from .quarantine import Quarantine
 from .routing import Router
-from .runtime import Ask, Crash, Done, Execution, Outcome, journal_entry
+from .runtime import Ask, Crash, Done, Execution, Outcome, exchange_facts, journal_entry
 from .state import Loaded, new_execution, read_journal, replay, round_answers
 
 log = logging.getLogger(__name__)
@@ -315,7 +315,8 @@ class Stepper(ABC):
                        for q in queries]
         except (KeyError, TypeError, SessionError):
             return None
-        return _Handed(live, h.asked, answers, journal_entry(queries, answers))
+        facts = exchange_facts(queries, answers, h.answers, live.paused_at)
+        return _Handed(live, h.asked, answers, journal_entry(queries, answers, facts))
 
     # -- reading the session (paths 2 to 4) ---------------------------------------------------
 
@@ -440,6 +441,7 @@ class Stepper(ABC):
         if reply.code == "OK":
             lock.mark_released()
             if isinstance(outcome, Ask) and ex is not None:
+                ex.paused_at = server_now_ms()
                 self._keep_live(sid, ex)
             elif isinstance(outcome, Crash):
                 self._log_failure(sid, outcome)

@@ -143,7 +143,7 @@ redis.call('ZREM', KEYS[13], ARGV[1])
 local add
 if outcome == 'pause' then
   local n = tonumber(ARGV[i + 1])
-  add = {'phase', 'paused', 'asked', asked + 1, 'remaining', n, 'expected', n,
+  add = {'phase', 'paused', 'asked', asked + 1, 'remaining', n, 'expected', n, 'paused_at', now,
     'qids', ARGV[i], 'cq_tokens', ARGV[18], 'm:pauses', tonumber(f[9] or '0') + 1}
   each_chunk('HSET', KEYS[2], i + 2, i + 1 + 2 * n)
   redis.call('ZADD', KEYS[6], now, ARGV[1])
