@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hmac
 import ipaddress
+import json
 import logging
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -158,10 +159,23 @@ class StrategyList(BaseModel):
 
 
 Phase = Literal["running", "paused", "completed", "failed", "cancelled"]
-PendingView = Literal["meta", "preview", "full"]
+_PENDING = Query(max_length=2000, description=(
+    "show each pending query: meta (id, max_tokens), preview (+ the prompt's first 200 "
+    "characters), full, or algocline's object as JSON, e.g. "
+    '{"query_id": true, "system": true, "prompt": {"mode": "preview", "chars": 80}}'))
 
-_PENDING = Query(description="show each pending query: meta (id, max_tokens), preview "
-                 "(+ the prompt's first 200 characters) or full")
+
+def _pending_spec(raw: str | None) -> str | dict[str, Any] | None:
+    """A ``pending`` query parameter: a preset name, or algocline's filter object as JSON."""
+    if raw is None or not raw.lstrip().startswith("{"):
+        return raw
+    try:
+        spec = json.loads(raw)
+    except ValueError:
+        raise InvalidInput("pending is neither meta, preview, full nor a JSON object") from None
+    if not isinstance(spec, dict):
+        raise InvalidInput("pending must be a preset name or a JSON object")
+    return spec
 _HISTORY = Query(description="add the last 10 exchanges (conversation_history)")
 
 #: One event of GET /sessions/{id}/events (keep-alive comments are not events).
@@ -362,25 +376,26 @@ def _session_routes(router: APIRouter, holder: _Holder, counters: ApiMetrics) ->
         limit: Annotated[int, Query(ge=1, le=1000, description="most sessions per page")] = 100,
         cursor: Annotated[str | None, Query(min_length=1, max_length=1000, description=(
             "next_cursor of the page before"))] = None,
-        pending: Annotated[PendingView | None, _PENDING] = None,
+        pending: Annotated[str | None, _PENDING] = None,
         history: Annotated[bool, _HISTORY] = False,
     ) -> JSONResponse:
         """A page of sessions in every phase (finished ones while retained), newest activity
         first, with the count per phase; follow `next_cursor` until it is null (a page
         filtered by strategy may hold fewer than `limit`)."""
         return JSONResponse(await fronts.sessions(
-            holder.get(), phase, strategy, limit, cursor, pending_filter=pending,
+            holder.get(), phase, strategy, limit, cursor, pending_filter=_pending_spec(pending),
             include_history=history))
 
     @router.get("/sessions/{session_id}", responses={200: {"description": "snapshot"},
                                                      **_errors(404)})
     async def get_session(
         session_id: SessionId,
-        pending: Annotated[PendingView | None, _PENDING] = None,
+        pending: Annotated[str | None, _PENDING] = None,
         history: Annotated[bool, _HISTORY] = False,
     ) -> JSONResponse:
         """One session's snapshot; a finished one's carries its result while retained."""
-        return JSONResponse(await fronts.observe(holder.get(), session_id, pending, history))
+        return JSONResponse(await fronts.observe(holder.get(), session_id,
+                                                 _pending_spec(pending), history))
 
     @router.delete("/sessions/{session_id}",
                    responses={200: {"model": Event}, **_errors(404, 409)})

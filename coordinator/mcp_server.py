@@ -232,9 +232,12 @@ class _Tools:
                     idempotency_key: str | None, *, advice: bool = False) -> CallToolResult:
         """Start a session and wait for its first event, reporting progress, and cancelling
         the session if the call is cancelled."""
-        for value, what in ((strategy, "strategy"), (ctx, "ctx"), (budget, "budget"),
-                            (idempotency_key, "idempotency_key")):
-            fronts.check_wire(value, what)
+        try:  # refused arguments are the coordinator's error JSON, not a tool crash
+            for value, what in ((strategy, "strategy"), (ctx, "ctx"), (budget, "budget"),
+                                (idempotency_key, "idempotency_key")):
+                fronts.check_wire(value, what)
+        except SessionError as exc:
+            return _error(exc)
         report = Reporter(mcp, self.reg, every_s=self.every_s)
         created: list[str] = []
 

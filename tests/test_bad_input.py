@@ -1288,7 +1288,8 @@ MCP_CASES: list[tuple[str, str, dict[str, Any], str]] = [
     ("run-ctx-over-1MiB", "alc_run", {"strategy": "tbad-ask", "ctx": {"t": "x" * MIB}},
      f"over the limit of {MIB} bytes"),
     ("run-unknown-argument", "alc_run", {"strategy": "tbad-ask", "input": {"n": 2}},
-     "alc_run takes no argument 'input'; its arguments are budget, ctx, strategy"),
+     "alc_run takes no argument 'input'; its arguments are budget, ctx, idempotency_key, "
+     "strategy, ttl"),
     ("advice-opts-not-an-object", "alc_advice", {"strategy": "tbad-ask", "opts": "x"},
      "alc_advice: opts: Input should be a valid dictionary"),
     ("advice-task-not-a-string", "alc_advice", {"strategy": "tbad-ask", "task": 5},
@@ -1313,7 +1314,7 @@ MCP_CASES: list[tuple[str, str, dict[str, Any], str]] = [
      {"session_id": "s-0-x", "query_id": "q-0", "response": "x" * (MIB + 1)},
      f"over the limit of {MIB} bytes"),
     ("status-pending-unknown", "alc_status", {"pending_filter": "everything"},
-     "alc_status: pending_filter: Input should be 'meta', 'preview' or 'full'"),
+     "Input should be 'meta', 'preview' or 'full'"),
     ("status-history-not-a-bool", "alc_status", {"include_history": "maybe"},
      "alc_status: include_history"),
     ("cancel-session-not-a-string", "alc_cancel", {"session_id": 5},

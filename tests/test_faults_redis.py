@@ -165,7 +165,7 @@ async def read_truth(client: Redis, keys: Keys, sid: str) -> Truth:
     rounds = []
     for entry in journal:
         _digest, triples = unpack(entry)
-        rounds.append({qid: response for qid, _prompt, response in triples})
+        rounds.append({row[0]: row[2] for row in triples})  # (id, prompt, answer, facts)
     return Truth(
         exists=True,
         phase=Phase(raw[b"phase"].decode()),

@@ -417,8 +417,13 @@ def test_unpack_garbage_is_corrupt_state() -> None:
         unpack(b"\xc1", what="thing", session_id=SID)
 
 
-def test_estimate_tokens_is_four_chars_a_token_rounded_up() -> None:
-    assert [estimate_tokens(n) for n in (0, 1, 4, 5, 8)] == [0, 1, 1, 2, 2]
+def test_estimate_tokens_is_algoclines() -> None:
+    """Four ASCII characters a token and 1.5 of other text, each part rounded up (the
+    cases of algocline's own tokens.rs tests)."""
+    assert [estimate_tokens("x" * n) for n in (0, 1, 4, 5, 8)] == [0, 1, 1, 2, 2]
+    assert estimate_tokens("hello world") == 3
+    assert estimate_tokens("あいう") == 2
+    assert estimate_tokens("hello あ") == 3
 
 
 # -- settings ---------------------------------------------------------------------------------

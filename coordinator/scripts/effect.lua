@@ -23,14 +23,15 @@ if (prefix ~= 'fx:' and prefix ~= 'st:') or #ARGV[1] < 4 then
 end
 if ARGV[2] == '' then return {'BAD_ARG', 'value'} end
 local f = redis.call('HMGET', KEYS[1], 'phase', ARGV[1])
-if not f[1] then
+local phase = f[1]
+if not phase then
   return {'NOT_FOUND'}
 end
 if f[2] then
   return {'RECORDED', f[2]}
 end
-if f[1] ~= 'running' then
-  return {'INVALID_TRANSITION', f[1]}
+if phase ~= 'running' then
+  return {'INVALID_TRANSITION', phase}
 end
 redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
 return {'OK', ARGV[2]}
