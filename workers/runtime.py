@@ -151,8 +151,16 @@ def exchange_facts(queries: list[LlmQuery], answers: list[str], raw: dict[Any, b
             "pt": prompt if isinstance(prompt, int) else
             estimate_tokens(q.prompt) + (estimate_tokens(q.system) if q.system else 0),
             "rt": completion if isinstance(completion, int) else estimate_tokens(answer),
-            "s": paused_at, "c": rec.get("t")})
+            # the answer's time is the host-side process's reading of Redis's clock, the
+            # pause's Redis's own: never show an answer before its question
+            "s": paused_at, "c": _not_before(rec.get("t"), paused_at)})
     return out
+
+
+def _not_before(at: Any, start: int | None) -> int | None:
+    if not isinstance(at, int):
+        return None
+    return at if start is None else max(at, start)
 
 
 @dataclass(frozen=True, slots=True)
