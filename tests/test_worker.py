@@ -242,9 +242,11 @@ async def test_a_start_step_reads_the_session_once(
 
 
 #: What a worker sends on its own schedule, not a step's: the GC sweep (of every shard),
-#: the heartbeat and the rescue look.
+#: the heartbeat, the rescue look, and the intake's bounded re-read of the stream (it covers a
+#: lost wake-up; that the step itself read nothing is shown by its path: a live resume, no
+#: replay, one fence).
 _BACKGROUND = {"TIME", "ZRANGEBYSCORE", "ZREMRANGEBYSCORE", "XINFO", "EXISTS", "ZRANGE", "ZREM",
-               "SET", "ZADD", "XPENDING", "PUBSUB"}
+               "SET", "ZADD", "XPENDING", "PUBSUB", "XREADGROUP"}
 
 
 def _gc_lock_call(worker: Worker, args: tuple[Any, ...]) -> bool:
