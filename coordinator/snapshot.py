@@ -109,9 +109,9 @@ def _current_query(sid: str, phase: str, qids: bytes | None, cq: bytes | None,
 
 def _numbered(logs: list[bytes], total: int) -> list[dict[str, Any]]:
     """The kept log entries (algocline's ``{ts, level, source, message}``), each with its
-    ``seq``: its number among every entry the session
-    ever logged (the list keeps the last few), so a reader that saw up to N knows what is
-    new. ``total`` counts them all (``m:logs``)."""
+    ``seq``: its number among every entry the session ever logged (the list keeps the last
+    few), so a reader that saw up to N knows what is new. ``total`` counts them all
+    (``m:logs``)."""
     first = total - len(logs) + 1
     out = []
     for n, raw in enumerate(logs):
