@@ -20,7 +20,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-from coordinator.codec import check_json_able, estimate_tokens, pack, pack_checked, unpack
+from coordinator.codec import check_json_able, estimate_tokens, pack, pack_checked
 from coordinator.errors import (
     FAILURE_TYPES,
     CorruptState,
@@ -130,19 +130,15 @@ def journal_entry(queries: list[LlmQuery], answers: list[str],
     return pack([digest(queries), rows])
 
 
-def exchange_facts(queries: list[LlmQuery], answers: list[str], raw: dict[Any, bytes],
-                   paused_at: int | None) -> list[dict[str, Any]]:
+def exchange_facts(queries: list[LlmQuery], answers: list[str],
+                   records: list[dict[str, Any]], paused_at: int | None
+                   ) -> list[dict[str, Any]]:
     """Each exchange's tokens (the host's counts when it gave them, else the estimates) and
     times (asked: the round's pause; answered: the feed), as algocline's history has them.
-    ``raw`` maps query ids (str or bytes) to the stored answer records."""
+    ``records``: the round's answer records as ``feed`` stored them (decoded once, by the
+    caller that read the answers from them), in query order."""
     out = []
-    for q, answer in zip(queries, answers, strict=True):
-        record = raw.get(q.id, raw.get(q.id.encode()))
-        rec: dict[str, Any] = {}
-        if record is not None:
-            with contextlib.suppress(Exception):
-                decoded = unpack(record, what="answer")
-                rec = decoded if isinstance(decoded, dict) else {}
+    for q, answer, rec in zip(queries, answers, records, strict=True):
         found = rec.get("u")
         usage: dict[str, Any] = found if isinstance(found, dict) else {}
         prompt = usage.get("prompt_tokens")

@@ -11,6 +11,7 @@ fails the session as non-deterministic rather than resume from a state nobody an
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 from coordinator.codec import unpack
 from coordinator.errors import CorruptState, NotFound, SessionError
@@ -62,13 +63,14 @@ def round_answers(data: Loaded) -> tuple[list[str] | None, bytes]:
     if not queries:
         raise CorruptState(f"session {rec.sid} is running round {rec.asked} but no question "
                            "of it is recorded", session_id=rec.sid)
-    answers = [_answer(rec, q.id, data.answers.get(q.id.encode())) for q in queries]
-    facts = exchange_facts(queries, answers, data.answers, rec.paused_at)
+    records = [_record(rec, q.id, data.answers.get(q.id.encode())) for q in queries]
+    answers = [str(r["r"]) for r in records]  # as a handoff's answers are read (step.py)
+    facts = exchange_facts(queries, answers, records, rec.paused_at)
     return answers, journal_entry(queries, answers, facts)
 
 
-def _answer(rec: SessionRecord, qid: str, raw: bytes | None) -> str:
-    """The text of one stored answer (``{"r": text, "u": usage?}`` as ``feed`` packs it)."""
+def _record(rec: SessionRecord, qid: str, raw: bytes | None) -> dict[str, Any]:
+    """One stored answer (``{"r": text, "u": usage?, "t": time}`` as ``feed`` packs it)."""
     if raw is None:
         raise CorruptState(f"session {rec.sid} is running round {rec.asked} but "
                            f"query {qid} has no answer", session_id=rec.sid, query_id=qid)
@@ -77,7 +79,7 @@ def _answer(rec: SessionRecord, qid: str, raw: bytes | None) -> str:
         raise CorruptState(f"session {rec.sid}: the answer to query {qid} of round "
                            f"{rec.asked} is not an answer ({record!r:.200})",
                            session_id=rec.sid, query_id=qid)
-    return str(record["r"])  # as a handoff's answers are read (step.py)
+    return record
 
 
 def new_execution(rec: SessionRecord, *, max_result_bytes: int,

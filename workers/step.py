@@ -311,11 +311,12 @@ class Stepper(ABC):
             return None
         queries = live.last_queries
         try:
-            answers = [str(unpack(h.answers[q.id], what="answer", session_id=h.sid)["r"])
+            records = [unpack(h.answers[q.id], what="answer", session_id=h.sid)
                        for q in queries]
+            answers = [str(rec["r"]) for rec in records]
         except (KeyError, TypeError, SessionError):
             return None
-        facts = exchange_facts(queries, answers, h.answers, live.paused_at)
+        facts = exchange_facts(queries, answers, records, live.paused_at)
         return _Handed(live, h.asked, answers, journal_entry(queries, answers, facts))
 
     # -- reading the session (paths 2 to 4) ---------------------------------------------------
