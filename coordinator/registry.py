@@ -19,7 +19,7 @@ from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any
 
-from . import listing, snapshot
+from . import fleet, listing, snapshot
 from .codec import check_json_able, check_text, estimate_tokens, pack, text, unpack
 from .errors import (
     CorruptState,
@@ -571,22 +571,7 @@ class SessionRegistry:
         memory) and counters since the worker started (``steps``, ``replays``,
         ``fenced_rejections``, ``dead_letters``, ...). As fresh as the last heartbeat (every
         third of ``heartbeat_ttl_ms``); a report that does not decode shows as ``{}``."""
-        ids = sorted(await self.workers())
-        if not ids:
-            return {}
-        # one GET each, not an MGET: on a Cluster the keys live in many slots
-        blobs = checked(await self.redis.execute_many([("GET", self.keys.worker(wid))
-                                                       for wid in ids]))
-        out: dict[str, dict[str, Any]] = {}
-        for wid, blob in zip(ids, blobs, strict=True):
-            if blob is None:
-                continue  # its heartbeat expired: dead, or cut off from Redis
-            try:
-                report = unpack(blob, what="worker report")
-            except CorruptState:
-                report = None
-            out[wid] = report if isinstance(report, dict) else {}
-        return out
+        return await fleet.live_reports(self.redis, self.keys)
 
     async def dead_letters(self, count: int = 20) -> tuple[int, list[dict[str, str]]]:
         """How many jobs were dead-lettered, and the newest ``count`` of them (over every

@@ -21,8 +21,7 @@ import logging
 import random
 from typing import Any
 
-from coordinator.codec import unpack
-from coordinator.errors import CorruptState
+from coordinator.fleet import live_reports
 from coordinator.keys import JOB_GROUP, Keys
 from coordinator.logs import about
 from coordinator.services import Services
@@ -69,20 +68,7 @@ class Router:
         now = asyncio.get_running_loop().time()
         if now - self._read_at < REPORTS_TTL_S:
             return self._reports, False
-        ids = [_text(m) for m in await self.redis.execute("ZRANGE", self.keys.workers, 0, -1)]
-        # one GET each, not an MGET: on a Cluster the keys live in many slots
-        blobs = checked(await self.redis.execute_many(
-            [("GET", self.keys.worker(wid)) for wid in ids])) if ids else []
-        reports: dict[str, dict[str, Any]] = {}
-        for wid, blob in zip(ids, blobs, strict=True):
-            if blob is None:
-                continue  # its heartbeat expired: not live
-            try:
-                report = unpack(blob, what="worker report")
-            except CorruptState:
-                continue
-            if isinstance(report, dict):
-                reports[wid] = report
+        reports = await live_reports(self.redis, self.keys)
         self._reports, self._read_at = reports, now
         return reports, True
 
@@ -110,6 +96,3 @@ class Router:
         """Tell ``target`` to step ``sid`` now (its job is pending on it already)."""
         await self.redis.execute("SPUBLISH", shard.worker_nudge(target), sid)
 
-
-def _text(value: Any) -> str:
-    return value.decode(errors="replace") if isinstance(value, bytes) else str(value)
