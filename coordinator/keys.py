@@ -78,6 +78,9 @@ Channels (sharded pub/sub: SPUBLISH / SSUBSCRIBE; they only wake, the keys hold 
 each is in the slot of the script that publishes on it)
 
 - ``ns:{sid}:events``: a session settled (paused / finished) or became ready to resume.
+- ``ns:{sid}:sync``: nobody listens; with durability on (``wait_replicas``) a host publishes
+  on it just before ``WAIT``, so the ``WAIT`` covers every write before it on that primary
+  (the step it is about to report included), whichever connection made them.
 - ``ns:worker:<id>:nudge`` (per shard): "a session you hold is ready / cancelled" (payload:
   sid), or a handoff: "it is ready, lock A is taken for you, here are the answers"
   (``coordinator.events.Handoff``, written by ``feed.lua``).
@@ -110,6 +113,7 @@ SUFFIX = {
 
 @dataclass(frozen=True, slots=True)
 class SessionKeys:
+    "sync": ":sync",
     session: str
     pending: str
     answers: str
@@ -124,6 +128,7 @@ class SessionKeys:
         """The data keys, in the order the Lua scripts expect them as KEYS[1..5]."""
         return [self.session, self.pending, self.answers, self.journal, self.logs]
 
+    sync: str
 
 @dataclass(frozen=True, slots=True)
 class Keys:
@@ -237,3 +242,4 @@ def _session_keys(namespace: str, sid: str) -> SessionKeys:
         fed=base + SUFFIX["fed"],
         fed_prev=base + SUFFIX["fed_prev"],
     )
+        sync=base + SUFFIX["sync"],

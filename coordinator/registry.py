@@ -339,7 +339,7 @@ class SessionRegistry:
             if check:
                 event, after_asked = await self._read_event(sid)
                 if event is not None:
-                    return event
+                    return await self._durable(sid, event)
             left = deadline - time.monotonic()
             if left <= 0:
                 raise WaitTimeout(
@@ -356,8 +356,19 @@ class SessionRegistry:
                 paused = parse_pause(msg, after_asked or 0)
                 if paused is not None:
                     self._shown(sid, paused)
-                    return paused
+                    return await self._durable(sid, paused)
             check = True
+
+    async def _durable(self, sid: str, event: FeedResult) -> FeedResult:
+        """``event``, once it can no longer be lost: with durability on (``wait_replicas``)
+        a host is told a pause or an end only after enough replicas hold it. The step that
+        made it waited for them too, but it published first (inside its script), so without
+        this a host could be told "completed" and find it paused after a failover."""
+        if self.settings.wait_replicas > 0:
+            await self.redis.confirm_replicated(
+                self.keys.session(sid).sync, replicas=self.settings.wait_replicas,
+                wait_ms=self.settings.wait_replicas_timeout_ms)
+        return event
 
     async def _read_event(self, sid: str) -> tuple[FeedResult | None, int]:
         """The settled event now (None while running) and the round the session is in."""

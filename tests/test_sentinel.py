@@ -99,8 +99,8 @@ async def test_with_wait_replicas_every_acknowledged_change_is_on_the_replica(
 ) -> None:
     """``wait_replicas=1``: a session runs as usual, and what a caller was told is on the
     replica by then; with the replica frozen, a feed is applied but the caller gets the
-    typed ``NotReplicated`` (not a hang, not a raw error), and the session carries on once
-    the replica is back."""
+    typed ``NotReplicated`` (not a hang, not a raw error), so does a caller waiting for the
+    pause a worker then commits, and the session carries on once the replica is back."""
     sentinel_group.wait_linked()
 
     def replicating() -> bool:  # the replica acknowledges writes (settled after a failover)
@@ -125,6 +125,12 @@ async def test_with_wait_replicas_every_acknowledged_change_is_on_the_replica(
         try:
             with pytest.raises(NotReplicated, match="replica"):
                 await reg.feed_response(sid, "q-0", answer_for(event.queries[0].prompt))
+            # A worker applies the round on the primary, but no host is told its next pause
+            # while the replica lacks it: a failover now would take it back.
+            with pytest.raises(NotReplicated, match="replica"):
+                await reg.wait_event(sid, timeout=20)
+            assert await reg.redis.execute("HGET", reg.keys.session(sid).session,
+                                           "asked") == b"2", "the worker's step never landed"
         finally:
             replica.resume()
         event = await reg.wait_event(sid, timeout=20)  # the answer was applied all the same

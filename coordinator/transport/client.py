@@ -232,13 +232,34 @@ class Transport:
             reply, acked = await self.execute_many([command, wait], timeout=budget)
         if isinstance(reply, ResponseError):
             raise _refusal(reply, "a script") from None
+        self._check_acked(acked, replicas, wait_ms, "applied the write")
+        return reply
+
+    async def confirm_replicated(self, channel: str, *, replicas: int, wait_ms: int,
+                                 timeout: float | None = None) -> None:
+        """Wait until ``replicas`` replicas hold every write made so far on the primary of
+        ``channel``'s slot, by any connection; ``NotReplicated`` when fewer confirm in time.
+
+        ``WAIT`` counts up to the last write of *its own* connection, so this one first
+        makes a write of its own that changes nothing (``SPUBLISH`` on ``channel``, which
+        nobody reads; it is replicated like any write): what another process committed
+        before it (a worker's step that a host is about to report) is then covered."""
+        command = ("SPUBLISH", channel, b"")
+        wait = ("WAIT", replicas, wait_ms)
+        budget = None if timeout is None else timeout + wait_ms / 1000
+        if self._router is not None:  # one unit: WAIT on the SPUBLISH's connection
+            _, acked = await self._routed([Unit([command, wait], None)], budget, "a sync")
+        else:
+            _, acked = await self.execute_many([command, wait], timeout=budget)
+        self._check_acked(acked, replicas, wait_ms, "holds the state")
+
+    def _check_acked(self, acked: Any, replicas: int, wait_ms: int, done: str) -> None:
         if isinstance(acked, Exception) or int(acked) < replicas:
             raise NotReplicated(
-                f"redis at {self.safe_url} applied the write, but only {acked} of {replicas} "
+                f"redis at {self.safe_url} {done}, but only {acked} of {replicas} "
                 f"replica(s) confirmed it within {wait_ms} ms; a failover now could lose it: "
                 "re-read the session before repeating it", url=self.safe_url,
                 cause=f"WAIT {replicas} {wait_ms} -> {acked}")
-        return reply
 
     async def execute_raw(self, command: tuple[Any, ...], timeout: float | None, *,
                           node: str | None = None) -> Any:
