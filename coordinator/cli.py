@@ -374,13 +374,16 @@ def _observer_parsers(command: _Command) -> None:
 
 
 def _front_parsers(command: _Command) -> None:
-    sv = command("serve", "serve the HTTP API (needs the [api] extra)",
+    sv = command("serve", "serve the HTTP API and the web console (needs the [api] extra)",
                  "The host calls over HTTP and SSE, with OpenAPI docs at /docs and "
-                 "Prometheus metrics at /metrics.",
+                 "Prometheus metrics at /metrics; people open the console at /ui.",
                  "coordinator serve --redis $URL",
+                 "coordinator serve --import my_strategies   # embedded, console at /ui",
                  "coordinator serve --redis $URL --host 0.0.0.0 --token $ALC_API_TOKEN "
                  "--log-format json")
-    _connection(sv)
+    _connection(sv, embedded=True)
+    sv.add_argument("--import", dest="modules", action="append", default=[], metavar="MODULE",
+                    help="embedded mode: import MODULE for its strategies (repeatable)")
     sv.add_argument("--host", default="127.0.0.1",
                     help="bind address (default 127.0.0.1; any other needs a token)")
     sv.add_argument("--port", type=_port, default=8000, help="TCP port (default 8000)")
@@ -469,7 +472,7 @@ async def _registry(args: argparse.Namespace) -> AsyncIterator[SessionRegistry]:
     settings = _settings(args)
     if settings.url is None:
         raise InvalidInput("no Redis URL: pass --redis URL or set REDIS_URL "
-                           "(only `coordinator run` and `mcp` have an embedded default)")
+                           "(only `coordinator run`, `serve` and `mcp` have an embedded default)")
     transport = Transport.from_url(settings.url, timeout_s=settings.redis_timeout_s,
                                    allow_eviction=settings.allow_eviction)
     async with SessionRegistry(transport, settings=settings) as reg:
@@ -563,7 +566,8 @@ async def _serve(args: argparse.Namespace) -> int:
     from .http_api import serve
 
     configure_logging(args.log_level, args.log_format)
-    await serve(_settings(args), args.host, args.port, args.token, log_level=args.log_level)
+    await serve(_settings(args), args.host, args.port, args.token, log_level=args.log_level,
+                modules=args.modules)
     return 0
 
 

@@ -108,11 +108,16 @@ async def feed(
     usage: dict[str, int] | None = None,
     responses: Sequence[Answer] | None = None,
     timeout: float | None = None,
+    round: int | None = None,
 ) -> dict[str, Any]:
     """algocline's three ``alc_continue`` modes: a bare response (to the one pending query),
     a response to ``query_id``, or a batch. A batch is fed in order; the result is the last
     feed's (``accepted`` while answers remain, else the next event). A failing answer stops
-    the batch: the answers before it stay recorded, and the error names its query."""
+    the batch: the answers before it stay recorded, and the error names its query.
+    ``round`` (the snapshot's ``round``) pins every answer to that round: a session at
+    another one refuses it (``StaleRound``) and nothing is written, so an answer typed
+    against a page that went stale (another tab answered) never lands on the next round's
+    ``q-0``."""
     check_wire(session_id, "session_id")
     check_wire(query_id, "query_id")
     check_wire(response, "response")
@@ -125,16 +130,18 @@ async def feed(
         if response is not None or query_id is not None:
             raise InvalidInput("give either `responses` (a batch) or `response` "
                                "(with an optional `query_id`), not both")
-        return await _feed_batch(reg, session_id, responses, timeout)
+        return await _feed_batch(reg, session_id, responses, timeout, round)
     if response is None:
         raise InvalidInput("either `response` or `responses` must be provided")
     qid = query_id if query_id is not None else await reg.resolve_sole_pending_id(session_id)
-    res = await reg.feed_response(session_id, qid, response, usage, timeout=timeout)
+    res = await reg.feed_response(session_id, qid, response, usage, round=round,
+                                  timeout=timeout)
     return res.to_json(session_id)
 
 
 async def _feed_batch(
-    reg: SessionRegistry, session_id: str, answers: Sequence[Answer], timeout: float | None
+    reg: SessionRegistry, session_id: str, answers: Sequence[Answer], timeout: float | None,
+    round: int | None = None,
 ) -> dict[str, Any]:
     if not answers:
         raise InvalidInput("`responses` is empty: give at least one {query_id, response}")
@@ -147,7 +154,7 @@ async def _feed_batch(
     res: FeedResult | None = None
     for a in answers:
         res = await reg.feed_response(session_id, a.query_id, a.response, a.usage,
-                                      timeout=timeout)
+                                      round=round, timeout=timeout)
     assert res is not None
     return res.to_json(session_id)
 
@@ -205,3 +212,13 @@ async def live_workers(reg: SessionRegistry) -> list[str]:
     """Workers whose heartbeat key still exists: the index alone keeps dead workers until
     the next sweep, and only the key's TTL says a worker is alive now."""
     return sorted(await reg.worker_stats())
+
+
+async def workers(reg: SessionRegistry, dead: int = 20) -> dict[str, Any]:
+    """The fleet as an operator's page shows it: each live worker's last heartbeat report
+    under its ``worker_id`` (sorted by id), the dead-letter total and the newest ``dead``
+    dead letters (over every shard, newest first)."""
+    stats = await reg.worker_stats()
+    total, letters = await reg.dead_letters(dead)
+    return {"workers": [{"worker_id": wid, **stats[wid]} for wid in sorted(stats)],
+            "dead_letter_count": total, "dead_letters": letters}

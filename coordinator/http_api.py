@@ -10,8 +10,8 @@ request bodies FastAPI rejects get the same shape (422), never a bare 500.
 
 Around the routes, each in its module: the body-size bound (``http_limits``, outermost but
 one, so a huge body is refused before it is read), request counting for ``/metrics``
-(``metrics``), the offline ``/docs`` (``http_docs``) and the resumable event stream
-(``http_stream``).
+(``metrics``), the offline ``/docs`` (``http_docs``), the resumable event stream
+(``http_stream``) and the namespace's activity stream (``http_activity``).
 """
 
 from __future__ import annotations
@@ -34,6 +34,7 @@ from starlette.exceptions import HTTPException
 
 from . import fronts
 from .errors import InvalidInput, SessionError
+from .http_activity import activity_stream
 from .http_docs import mount_docs
 from .http_limits import PAYLOAD_TOO_LARGE, BodyLimit
 from .http_stream import EVENT_ID, event_stream, parse_event_id
@@ -41,6 +42,7 @@ from .metrics import ApiMetrics, CountRequests, scrape
 from .registry import MAX_BUDGET, SessionRegistry
 from .settings import Settings
 from .transport import Target, Transport
+from .webui import mount_console
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +55,8 @@ Timeout = Annotated[float | None, Query(ge=1.0, le=3600.0,
                                         description="seconds to wait for the next event")]
 PositiveCount = Annotated[StrictInt, Field(gt=0, le=MAX_BUDGET)]
 TokenCount = Annotated[StrictInt, Field(ge=0, le=MAX_BUDGET)]
+#: A round number as the scripts take it (a whole number below 2**48).
+Round = Annotated[StrictInt, Field(gt=0, lt=2**48)]
 
 
 # -- request bodies ----------------------------------------------------------------------
@@ -102,6 +106,11 @@ class FeedRequest(BaseModel):
     query_id: StrictStr | None = Field(default=None, min_length=1, max_length=200)
     usage: dict[str, TokenCount] | None = None
     responses: list[AnswerItem] | None = Field(default=None, min_length=1)
+    round: Round | None = Field(
+        default=None, examples=[1],
+        description="the round the answers are for (the snapshot's `round`): a session at "
+                    "another round refuses them with 409 `stale_round` and nothing is "
+                    "written; for a batch it applies to every item")
 
 
 # -- documented results (for /openapi.json; handlers return the to_json dicts as they are) -
@@ -156,6 +165,35 @@ class Strategy(BaseModel):
 class StrategyList(BaseModel):
     model_config = ConfigDict(extra="allow")
     strategies: list[Strategy]
+
+
+class WorkerReport(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    worker_id: str
+    at: int | None = Field(default=None, description="its last heartbeat (Unix ms)")
+    concurrency: int | None = Field(default=None, description="steps it runs at once")
+    busy: int | None = Field(default=None, description="steps in flight")
+    live: int | None = Field(default=None, description="executions held in memory")
+    steps: int | None = Field(default=None, description="steps since it started")
+    replays: int | None = Field(default=None, description="replays since it started")
+    strategies: list[str] | None = Field(default=None, description="what it offers")
+
+
+class DeadLetter(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    id: str = Field(description="the stream entry id (its ms time first)")
+    sid: str | None = None
+    job: str | None = None
+    reason: str | None = None
+    error: str | None = None
+    at: str | None = Field(default=None, description="when (Unix ms)")
+
+
+class Fleet(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    workers: list[WorkerReport] = Field(description="live workers (heartbeat present), by id")
+    dead_letter_count: int = Field(description="jobs in the dead-letter streams")
+    dead_letters: list[DeadLetter] = Field(description="the newest ones, newest first")
 
 
 Phase = Literal["running", "paused", "completed", "failed", "cancelled"]
@@ -219,18 +257,35 @@ def is_loopback(host: str) -> bool:
 
 async def serve(
     settings: Settings, host: str, port: int, token: str | None, *,
-    log_level: str = "info", grace_s: int = 10,
+    log_level: str = "info", grace_s: int = 10, modules: list[str] | None = None,
 ) -> None:
     """Run the API under uvicorn until SIGTERM/SIGINT, then drain: stop accepting, let
-    in-flight requests finish for up to ``grace_s`` seconds, close the registry."""
-    import uvicorn
+    in-flight requests finish for up to ``grace_s`` seconds, close the registry.
 
+    Without a Redis URL it serves the embedded default (``coordinator.embedded``: an
+    in-process Redis with two in-process workers importing ``modules``), so the console at
+    ``/ui`` works on a machine with nothing else installed; its sessions die with it."""
     if not token and not is_loopback(host):
         raise InvalidInput(
             f"refusing to serve on {host} without a bearer token: anyone who can reach it "
             "could drive and cancel sessions. Pass --token TOKEN or set ALC_API_TOKEN "
             "(or bind 127.0.0.1)")
-    app = create_app(settings, token or None)
+    if settings.url is not None:
+        await _run_uvicorn(create_app(settings, token or None), host, port, log_level, grace_s)
+        return
+    from .embedded import embedded
+
+    async with embedded(settings, modules=modules) as reg:
+        log.warning("no Redis URL given: serving the embedded in-process Redis with 2 "
+                    "workers; its sessions are gone when the server stops")
+        await _run_uvicorn(create_app(lambda: reg, token or None), host, port, log_level,
+                           grace_s)
+
+
+async def _run_uvicorn(app: FastAPI, host: str, port: int, log_level: str,
+                       grace_s: int) -> None:
+    import uvicorn
+
     # log_config None: uvicorn keeps the handlers ``coordinator.logs.configure_logging`` set
     # (so ``--log-format json`` covers its lines too) instead of installing its own.
     config = uvicorn.Config(app, host=host, port=port, log_level=log_level.lower(),
@@ -304,10 +359,12 @@ def create_app(
     router = APIRouter(dependencies=deps)
     _session_routes(router, holder, counters)
     _event_route(router, holder, keepalive_s)
+    _activity_route(router, holder, keepalive_s)
     _observer_routes(router, holder, counters)
     app.include_router(router)
     _health_route(app, holder)
     mount_docs(app)
+    mount_console(app)
     _error_handlers(app)
     # Outermost last: requests are counted whatever answers them, the size refusal included.
     app.add_middleware(BodyLimit, limit=lambda: holder.get().settings.max_request_bytes)
@@ -359,12 +416,14 @@ def _session_routes(router: APIRouter, holder: _Holder, counters: ApiMetrics) ->
     async def feed_responses(
         session_id: SessionId, body: FeedRequest, timeout: Timeout = None
     ) -> JSONResponse:
-        """Answer pending queries: `accepted` while answers remain, else the next event."""
+        """Answer pending queries: `accepted` while answers remain, else the next event.
+        With `round`, answers for a round the session has left are refused (409
+        `stale_round`) and nothing is written."""
         batch = None if body.responses is None else [
             fronts.Answer(a.query_id, a.response, a.usage) for a in body.responses]
         out = await fronts.feed(holder.get(), session_id, response=body.response,
                                 query_id=body.query_id, usage=body.usage, responses=batch,
-                                timeout=timeout)
+                                timeout=timeout, round=body.round)
         counters.feeds.inc(1 if batch is None else len(batch))
         return JSONResponse(out)
 
@@ -427,12 +486,59 @@ def _event_route(router: APIRouter, holder: _Holder, keepalive_s: float) -> None
             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
 
+#: One event of GET /events (keep-alive comments are not events).
+_ACTIVITY_EVENT: dict[str, Any] = {
+    "type": "object",
+    "required": ["event", "data"],
+    "properties": {
+        "event": {"type": "string", "enum": ["counts", "session", "error"],
+                  "description": "counts: sessions per phase (on connect, then after "
+                                 "changes, at most ~4 a second); session: one session "
+                                 "changed phase; error: Redis could not be read (the stream "
+                                 "ends)"},
+        "data": {"type": "string", "contentMediaType": "application/json",
+                 "contentSchema": {"type": "object"},
+                 "description": 'counts: {"counts": {"running": n, "paused": n, ...}, '
+                                '"active_sessions": n}; session: {"session_id", "phase"}'},
+    },
+}
+
+
+def _activity_route(router: APIRouter, holder: _Holder, keepalive_s: float) -> None:
+    @router.get("/events", response_class=StreamingResponse,
+                responses={200: {"content": {"text/event-stream": {"schema": _ACTIVITY_EVENT}},
+                                 "description": "server-sent events"}, **_errors()})
+    async def namespace_events() -> StreamingResponse:
+        """Server-sent events for the whole namespace: `counts` (sessions per phase and
+        `active_sessions`) on connect and, coalesced to at most about 4 a second, after
+        changes; `session` ({session_id, phase}) for every phase change (started, paused,
+        answered and running again, finished, cancelled, expired). No ids: a reconnecting
+        client gets fresh counts. Keep-alive comments while nothing happens."""
+        reg = holder.get()
+        await reg.services.ready()  # Redis unreachable: a 503 now, not a broken 200 stream
+        return StreamingResponse(
+            activity_stream(reg, keepalive_s), media_type="text/event-stream",
+            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+
 def _observer_routes(router: APIRouter, holder: _Holder, counters: ApiMetrics) -> None:
     @router.get("/strategies", responses={200: {"model": StrategyList}, **_errors()})
     async def list_strategies() -> JSONResponse:
         """The strategies live workers offer, by name: description, input parameters (from
         each strategy function's signature and docstring) and how many workers offer it."""
         return JSONResponse(await fronts.strategies(holder.get()))
+
+    @router.get("/workers", responses={200: {"model": Fleet}, **_errors()})
+    async def list_workers(
+        dead: Annotated[int, Query(ge=1, le=1000, description=(
+            "how many of the newest dead letters to show"))] = 20,
+    ) -> JSONResponse:
+        """The live workers (heartbeat key present), each as its last heartbeat reported it
+        (`worker_id`, `at`, `concurrency`, `busy`, `live`, `steps`, `replays`, the other
+        counters since it started, `strategies`), sorted by id; `dead_letter_count`, the
+        jobs in the dead-letter streams; and `dead_letters`, the newest `dead` of them over
+        every shard, newest first (`id`, `sid`, `job`, `reason`, `error`, `at`)."""
+        return JSONResponse(await fronts.workers(holder.get(), dead))
 
     @router.get("/metrics", response_class=Response, responses={
         200: {"content": {"text/plain": {"schema": {"type": "string"}}},

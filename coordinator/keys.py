@@ -81,6 +81,11 @@ each is in the slot of the script that publishes on it)
 - ``ns:{sid}:sync``: nobody listens; with durability on (``wait_replicas``) a host publishes
   on it just before ``WAIT``, so the ``WAIT`` covers every write before it on that primary
   (the step it is about to report included), whichever connection made them.
+- ``ns:activity`` (per shard): a session of the shard changed phase; payload
+  ``<sid> <phase>`` (``create.lua``: running; ``commit_step.lua``: paused, completed or
+  failed; ``feed.lua``'s last answer of a round: running; ``terminate.lua``: cancelled or
+  failed, an expiry included). The namespace-wide event stream (``coordinator.http_activity``)
+  listens on every shard's; nothing else does, so a session's own waiters never hear it.
 - ``ns:worker:<id>:nudge`` (per shard): "a session you hold is ready / cancelled" (payload:
   sid), or a handoff: "it is ready, lock A is taken for you, here are the answers"
   (``coordinator.events.Handoff``, written by ``feed.lua``).
@@ -108,12 +113,12 @@ SUFFIX = {
     "channel": ":events",
     "fed": ":fed",
     "fed_prev": ":fed:prev",
+    "sync": ":sync",
 }
 
 
 @dataclass(frozen=True, slots=True)
 class SessionKeys:
-    "sync": ":sync",
     session: str
     pending: str
     answers: str
@@ -123,12 +128,12 @@ class SessionKeys:
     channel: str
     fed: str
     fed_prev: str
+    sync: str
 
     def all_data(self) -> list[str]:
         """The data keys, in the order the Lua scripts expect them as KEYS[1..5]."""
         return [self.session, self.pending, self.answers, self.journal, self.logs]
 
-    sync: str
 
 @dataclass(frozen=True, slots=True)
 class Keys:
@@ -226,6 +231,12 @@ class Keys:
     def dead_letters(self) -> str:
         return f"{self._prefix}:dead"
 
+    @property
+    def activity(self) -> str:
+        """The shard's phase-change channel (in the shard's slot, so every session script
+        of the shard may publish on it)."""
+        return f"{self._prefix}:activity"
+
 
 @functools.lru_cache(maxsize=16384)
 def _session_keys(namespace: str, sid: str) -> SessionKeys:
@@ -241,5 +252,5 @@ def _session_keys(namespace: str, sid: str) -> SessionKeys:
         channel=base + SUFFIX["channel"],
         fed=base + SUFFIX["fed"],
         fed_prev=base + SUFFIX["fed_prev"],
-    )
         sync=base + SUFFIX["sync"],
+    )

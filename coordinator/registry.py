@@ -431,7 +431,11 @@ class SessionRegistry:
         pending_filter: FilterSpec = None,
         include_history: bool = False,
     ) -> dict[str, Any]:
-        """One session's snapshot, live or finished (within retention), with its result."""
+        """One session's snapshot, live or finished (within retention), with its result, the
+        ``input`` it was started with and, while paused, ``round_query_ids``: every query id
+        of the round, answered or not (``pending`` lists only the unanswered), so a host can
+        say "2 of 3 still missing". Only here: a listing of thousands stays as small as it
+        was."""
         _check_id(session_id, "session_id")
         (await self.services.ready()).of(session_id)  # NotFound for an id of no shard
         snaps = await snapshot.read_many(
@@ -442,6 +446,7 @@ class SessionRegistry:
         if session_id not in snaps:
             raise NotFound(f"session {session_id} not found", session_id=session_id)
         snap = {"session_id": session_id, **snaps[session_id]}
+        await self._add_input_and_round(snap)
         if snap["phase"] == "paused":
             # The snapshot shows a pause, but not whether its round can be answered: read the
             # round at once, which fails a session whose questions are lost (``CorruptState``)
@@ -456,6 +461,26 @@ class SessionRegistry:
                     snap["error_type"] = event.error_type or "strategy_error"
                     snap["traceback"] = event.traceback
         return snap
+
+    async def _add_input_and_round(self, snap: dict[str, Any]) -> None:
+        """``input`` and, for a pause, ``round_query_ids`` into ``snap``. Read apart from the
+        snapshot, so the round ids are added only when the session is still at the round the
+        snapshot shows (a commit in between would pair them with another round's pause)."""
+        sid = snap["session_id"]
+        if snap["phase"] == "corrupt":
+            return  # its error says why; nothing more of it can be read
+        raw_input, qids, asked, phase = await self.redis.execute(
+            "HMGET", self.keys.session(sid).session, "input", "qids", "asked", "phase")
+        snap["input"] = None
+        with contextlib.suppress(CorruptState):  # shown as null rather than failing the read
+            if raw_input is not None:
+                snap["input"] = unpack(raw_input, what="input", session_id=sid)
+        if snap["phase"] == "paused" and phase == b"paused" and qids is not None \
+                and asked == str(snap.get("round")).encode():
+            with contextlib.suppress(CorruptState):
+                ids = unpack(qids, what="query ids", session_id=sid)
+                if isinstance(ids, list):
+                    snap["round_query_ids"] = [str(q) for q in ids]
 
     async def list_sessions(
         self,

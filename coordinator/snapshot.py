@@ -19,6 +19,7 @@ import collections
 import contextlib
 import gc
 from collections.abc import Awaitable, Callable, Iterable, Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import msgpack
@@ -48,7 +49,7 @@ _PHASES = {p.value.encode(): (p.state, p.value, p.terminal) for p in Phase}
 
 
 def _build(sid: str, fields: list[Any], logs: list[bytes], pending: Any, answered: Any,
-           journal: Any, pf: PendingView | None, now: int) -> dict[str, Any]:
+           journal: JournalTail | None, pf: PendingView | None, now: int) -> dict[str, Any]:
     (phase_b, strategy, started, last, remaining, finished, budget, progress, cq, qids,
      calls, rounds, ptok, rtok, asked, nlogs, error_type, custom, paused_at) = fields
     known = _PHASES.get(phase_b)
@@ -92,7 +93,7 @@ def _build(sid: str, fields: list[Any], logs: list[bytes], pending: Any, answere
     if pf is not None:
         snap["pending"] = [pf.project(q) for q in _pending(sid, qids, pending, answered)]
     if journal is not None:
-        metrics["conversation_history"] = history(sid, journal)
+        metrics["conversation_history"] = history(sid, journal.entries, journal.first_round)
     return snap
 
 
@@ -139,11 +140,13 @@ def _pending(sid: str, qids: bytes | None, flat: list[bytes] | dict[bytes, bytes
     return out
 
 
-def history(sid: str, journal_tail: list[bytes]) -> list[dict[str, Any]]:
+def history(sid: str, journal_tail: list[bytes], first_round: int = 1) -> list[dict[str, Any]]:
     """The last exchanges as algocline's ``conversation_history`` has them: text, tokens and
-    times (null where a round journaled before they were kept)."""
+    times (null where a round journaled before they were kept), and ours: the ``round`` each
+    belongs to (1-based, the snapshot's ``round`` when it was asked), ``first_round`` being
+    the round of the tail's first entry."""
     exchanges: list[dict[str, Any]] = []
-    for raw in journal_tail:
+    for n, raw in enumerate(journal_tail, start=first_round):
         entry = unpack(raw, what="journal entry", session_id=sid)
         for row in entry[1]:
             qid, prompt, response = row[:3]
@@ -151,8 +154,33 @@ def history(sid: str, journal_tail: list[bytes]) -> list[dict[str, Any]]:
             exchanges.append({"query_id": qid, "prompt": prompt, "response": response,
                               "prompt_tokens": facts.get("pt"),
                               "response_tokens": facts.get("rt"),
-                              "started_at": facts.get("s"), "completed_at": facts.get("c")})
+                              "started_at": facts.get("s"), "completed_at": facts.get("c"),
+                              "round": n})
     return exchanges[-HISTORY_EXCHANGES:]
+
+
+@dataclass(frozen=True)
+class JournalTail:
+    """The journal's last entries and the round of the first of them.
+
+    The journal holds one entry per answered round, appended in order and never trimmed
+    (it is the replay source), so entry i (from 1) is round i, and the tail of a journal of
+    n entries starts at round n - len(tail) + 1. The pipeline reads the length on both sides
+    of the tail (LLEN, LRANGE, LLEN): equal lengths mean no round was appended between them,
+    so the numbering is exact. Redis runs a pipeline's commands back to back except where a
+    read of its input buffer ends, so they differ only when a step commits right at such a
+    boundary (long listings); then ``racing`` is the length first read, and ``read_many``
+    reads the tail again by absolute index, which no later append can move.
+    """
+
+    entries: list[bytes]
+    first_round: int
+    racing: int | None = None
+
+    @classmethod
+    def of(cls, before: Any, entries: list[bytes], after: Any) -> JournalTail:
+        return cls(entries, int(before) - len(entries) + 1,
+                   None if before == after else int(before))
 
 
 _gc_pauses = [0, False]  # listings in progress; whether the GC was on before the first
@@ -188,30 +216,37 @@ def _commands(keys: Keys, pf: PendingView | None,
             if pf is not None:
                 cmds.append(("HGETALL", key + pending))
                 cmds.append(("HKEYS", key + answers))
-            if include_history:
+            if include_history:  # the tail, with the length on both sides: see JournalTail
+                cmds.append(("LLEN", key + journal))
                 cmds.append(("LRANGE", key + journal, -HISTORY_EXCHANGES, -1))
+                cmds.append(("LLEN", key + journal))
         return cmds
 
     return commands
 
 
 def _build_chunk(chunk: list[str], replies: list[Any], pf: PendingView | None,
-                 include_history: bool, out: dict[str, dict[str, Any]], now: int) -> None:
+                 include_history: bool, out: dict[str, dict[str, Any]], now: int,
+                 racing: dict[str, int]) -> None:
     it = iter(replies)
     for sid in chunk:
         fields, logs = next(it), next(it)
-        pending = answered = journal = None
+        pending = answered = None
+        journal: tuple[Any, ...] = ()
         if pf is not None:
             pending, answered = next(it), next(it)
         if include_history:
-            journal = next(it)
+            journal = (next(it), next(it), next(it))
         if type(fields) is list and fields[0] is None:
             continue  # gone
         try:
-            for part in (fields, logs, pending, answered, journal):
+            for part in (fields, logs, pending, answered, *journal):
                 if isinstance(part, Exception):
                     raise CorruptState(f"unreadable key: {part}", session_id=sid)
-            out[sid] = _build(sid, fields, logs, pending, answered, journal, pf, now)
+            tail = JournalTail.of(*journal) if journal else None
+            out[sid] = _build(sid, fields, logs, pending, answered, tail, pf, now)
+            if tail is not None and tail.racing is not None:
+                racing[sid] = tail.racing
         except (CorruptState, ValueError, TypeError, msgpack.UnpackException) as exc:
             out[sid] = {"state": "terminal", "phase": "corrupt",
                         "error": f"session {sid} cannot be read: {exc}"}
@@ -235,6 +270,7 @@ async def read_many(
     # collector waits until the listing is built (it runs as usual right after).
     with _gc_paused():
         out: dict[str, dict[str, Any]] = {}
+        racing: dict[str, int] = {}  # sid -> journal length, where a round was appended
         batch = list(sids)
         chunks = [batch[i : i + BATCH] for i in range(0, len(batch), BATCH)]
         commands = _commands(keys, pending_filter, include_history)
@@ -254,8 +290,33 @@ async def read_many(
                 replies = replies[1:]
             if n + AHEAD < len(chunks):
                 ahead.append(asyncio.ensure_future(run(commands(chunks[n + AHEAD]))))
-            _build_chunk(chunk, replies, pending_filter, include_history, out, now)
+            _build_chunk(chunk, replies, pending_filter, include_history, out, now, racing)
+        if racing:
+            await _reread_history(run, keys, racing, out)
         return out
+
+
+async def _reread_history(run: Batcher, keys: Keys, racing: dict[str, int],
+                          out: dict[str, dict[str, Any]]) -> None:
+    """The history of sessions that appended a round while their tail was read: the
+    ``HISTORY_EXCHANGES`` entries before the length first read, by absolute index (the
+    journal only grows), so the rounds are numbered exactly and match the snapshot's other
+    fields, read before that length."""
+    head, tail = keys.session_template()
+    suffix = SUFFIX["journal"]
+    sids = list(racing)
+    starts = [max(0, racing[sid] - HISTORY_EXCHANGES) for sid in sids]
+    replies = await run([("LRANGE", f"{head}{sid}{tail}{suffix}", start, racing[sid] - 1)
+                         for sid, start in zip(sids, starts, strict=True)])
+    for sid, start, entries in zip(sids, starts, replies, strict=True):
+        snap = out.get(sid)
+        if snap is None or isinstance(entries, Exception) or "metrics" not in snap:
+            continue
+        try:
+            snap["metrics"]["conversation_history"] = history(sid, entries, start + 1)
+        except (CorruptState, ValueError, TypeError, msgpack.UnpackException) as exc:
+            out[sid] = {"state": "terminal", "phase": "corrupt",
+                        "error": f"session {sid} cannot be read: {exc}"}
 
 
 def _server_time(reply: Any, learn: Callable[[Any], int]) -> int:

@@ -80,6 +80,9 @@ TOKEN_COUNT = {"tokens", "source"}
 SNAPSHOT = {"state", "phase", "started_at", "last_activity_at", "metrics", "strategy",
             "session_id"}
 OURS_SNAPSHOT = {"round"}
+#: A single session's status (not a listing's snapshots) also carries the input it was
+#: started with and, while paused, every query id of the round (answered ones too).
+OURS_STATUS = {"input", "round_query_ids"}
 METRICS = {"elapsed_ms", "llm_calls", "rounds", "tokens", "recent_logs"}
 TOKENS = {"prompt_total", "response_total", "total", "current_query"}
 CURRENT_QUERY = {"query_id", "prompt_tokens", "started_waiting_at"}
@@ -90,6 +93,9 @@ PROGRESS = {"step", "total", "message"}
 BUDGET_REMAINING = {"llm_calls", "elapsed_ms", "tokens"}
 HISTORY = {"query_id", "prompt", "response", "prompt_tokens", "response_tokens",
            "started_at", "completed_at"}
+#: Ours adds the round each exchange belongs to (1-based: the snapshot's ``round`` when the
+#: query was asked), so round 2's ``q-0`` is told from round 1's.
+OURS_HISTORY = {"round"}
 #: ``alc_status`` without a session; ours is a bounded page with the counts per phase.
 LISTING = {"active_sessions", "sessions"}
 OURS_LISTING = {"counts", "next_cursor"}
@@ -276,7 +282,10 @@ async def budget_and_usage(host: Host, *, ours_budget: bool = False) -> str:
             first["max_tokens"]) == ("needs_response", "q-0", "Q1: T", "be brief", 64)
 
     snap = await host.status(sid)
-    keys(snap, SNAPSHOT | OURS_SNAPSHOT | {"pending_queries"}, "snapshot (paused)")
+    keys(snap, SNAPSHOT | OURS_SNAPSHOT | OURS_STATUS | {"pending_queries"},
+         "snapshot (paused)")
+    assert snap["input"] == {"task": "T", "budget": limits}
+    assert snap["round_query_ids"] == ["q-0"]
     assert (snap["state"], snap["phase"], snap["strategy"], snap["session_id"],
             snap["pending_queries"]) == ("paused", "paused", "compat-steps", sid, 1)
     natural(snap["started_at"], "started_at")
@@ -486,13 +495,14 @@ async def test_snapshot_current_query_and_history_are_upstreams(workers: WorkerP
         history = snap["metrics"]["conversation_history"]
         answered = [h for h in history if h["response"] is not None]
         [entry] = answered
-        keys(entry, HISTORY, "a conversation_history entry")
+        keys(entry, HISTORY | OURS_HISTORY, "a conversation_history entry")
         assert (entry["query_id"], entry["prompt"], entry["response"],
                 entry["prompt_tokens"], entry["response_tokens"]) == ("q-0", "Q1: H", "A", 9, 2)
+        assert entry["round"] == 1
         natural(entry["started_at"], "history started_at")
         assert entry["completed_at"] >= entry["started_at"]
         for waiting in history:
-            keys(waiting, HISTORY, "a conversation_history entry")
+            keys(waiting, HISTORY | OURS_HISTORY, "a conversation_history entry")
 
         await host.cont(sid, responses=[{"query_id": "q-0", "response": "x"},
                                         {"query_id": "q-1", "response": "y"}])

@@ -33,6 +33,7 @@ from coordinator import (
     UnknownQuery,
     UnknownStrategy,
     WaitTimeout,
+    snapshot,
 )
 from coordinator.models import LlmQuery
 from tests.conftest import FakeCluster
@@ -178,7 +179,7 @@ STATS_KEYS = {
 
 def text_of(exchange: dict[str, Any]) -> dict[str, Any]:
     """An exchange of the conversation history without its tokens and times."""
-    return {k: exchange[k] for k in ("query_id", "prompt", "response")}
+    return {k: exchange[k] for k in ("query_id", "prompt", "response", "round")}
 
 
 def est(text: str) -> int:
@@ -899,11 +900,12 @@ async def test_conversation_history_only_on_request_last_ten(
     assert "conversation_history" not in (await registry.list_snapshots())[sid]["metrics"]
     history = (await registry.list_snapshots(include_history=True))[sid]["metrics"][
         "conversation_history"]
-    expected = [{"query_id": f"q-{i}", "prompt": f"r{r} i{i}", "response": f"ans r{r} i{i}"}
-                for r in range(3) for i in range(4)]
+    expected = [{"query_id": f"q-{i}", "prompt": f"r{r} i{i}", "response": f"ans r{r} i{i}",
+                 "round": r + 1} for r in range(3) for i in range(4)]
     assert [text_of(h) for h in history] == expected[-10:]
     status = await registry.status(sid, include_history=True)
     assert [text_of(h) for h in status["metrics"]["conversation_history"]] == expected[-10:]
+    assert status["round"] == 4  # the history's rounds are the ones a feed names
     for h in history:  # algocline's fields: tokens (estimated here) and times
         assert (h["prompt_tokens"], h["response_tokens"]) == (est(h["prompt"]),
                                                               est(h["response"]))
@@ -921,8 +923,43 @@ async def test_conversation_history_shorter_than_ten(registry: SessionRegistry,
     [entry] = snap["metrics"]["conversation_history"]
     assert {**entry, "started_at": 0, "completed_at": 0} == {
         "query_id": "q-0", "prompt": "r0 i0", "response": "one", "prompt_tokens": 7,
-        "response_tokens": 3, "started_at": 0, "completed_at": 0}
+        "response_tokens": 3, "started_at": 0, "completed_at": 0, "round": 1}
     assert snap["pending"] == [{"query_id": "q-0", "max_tokens": 1024}]
+
+
+async def test_history_rounds_stay_exact_when_a_round_is_journaled_mid_read(
+    registry: SessionRegistry, worker: Any
+) -> None:
+    """The journal's tail is read between two LLENs; when a step appends a round between
+    them (possible where Redis ends a read of a long pipeline), the tail is read again by
+    absolute index, so each exchange still carries its own round."""
+    sid, _ = await paused(registry, "treg-rounds", {"rounds": 14, "width": 1})
+    for r in range(12):
+        await registry.feed_response(sid, "q-0", f"ans r{r}")
+    journal = registry.keys.session(sid).journal
+    extra = (await registry.redis.execute("LRANGE", journal, -1, -1))[0]
+    pushed: list[bool] = []
+
+    async def racing_run(commands: list[tuple[Any, ...]]) -> list[Any]:
+        at = next((n for n, c in enumerate(commands) if c[:2] == ("LRANGE", journal)), None)
+        if at is None or pushed:
+            return await registry.redis.execute_many(commands)
+        first = await registry.redis.execute_many(commands[:at])
+        await registry.redis.execute("RPUSH", journal, extra)  # a round appended right here
+        pushed.append(True)
+        return first + await registry.redis.execute_many(commands[at:])
+
+    snaps = await snapshot.read_many(racing_run, registry.keys, [sid], pending_filter=None,
+                                     include_history=True)
+    history = snaps[sid]["metrics"]["conversation_history"]
+    assert pushed
+    assert [(h["round"], h["response"]) for h in history] == [
+        (r + 1, f"ans r{r}") for r in range(2, 12)]
+    # Without the race the same read numbers the appended entry as the next round.
+    plain = await snapshot.read_many(registry.redis.execute_many, registry.keys, [sid],
+                                     pending_filter=None, include_history=True)
+    assert [h["round"] for h in plain[sid]["metrics"]["conversation_history"]] == list(
+        range(4, 14))
 
 
 async def test_finished_sessions_leave_the_listing_but_keep_their_status(

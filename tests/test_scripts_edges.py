@@ -200,7 +200,8 @@ async def test_create_refuses_bad_arguments_before_writing(rig: Rig) -> None:
     sid = new_session_id()
     keys, args = bound("create", reg.scripts._session(sid, "create"), {
         "sid": sid, "strategy": STRATEGY, "input": pack({}), "budget": b"", "ttl_ms": 1000,
-        "backstop_ms": 2000, "wake_channel": reg.keys.jobs_wake})
+        "backstop_ms": 2000, "wake_channel": reg.keys.jobs_wake,
+        "activity": reg.keys.activity})
     for k, a in arity_cases(keys, args):
         problems += await raw_refused_without_a_write(reg, "create", k, a)
     assert problems == [], "\n".join(problems)
@@ -237,7 +238,7 @@ async def test_feed_refuses_bad_arguments_before_writing(rig: Rig) -> None:
         "sid": sid, "query_id": "q-1", "answer": b"x", "response_chars": 1,
         "response_tokens": 1, "backstop_ms": 2000, "wake_channel": reg.keys.jobs_wake,
         "token": "t", "lease_ms": 1000, "round": 0, "exact": "1", "channel": "c",
-        "prompt_delta": 0, "provided": ""})
+        "prompt_delta": 0, "provided": "", "activity": reg.keys.activity})
     for k, a in arity_cases(keys, args):
         problems += await raw_refused_without_a_write(reg, "feed", k, a)
     assert problems == [], "\n".join(problems)
@@ -265,6 +266,29 @@ async def test_feed_for_another_round_is_stale_and_writes_nothing(rig: Rig) -> N
     assert problems == [], "\n".join(problems)
     reply = await accepted_with_a_write(reg, feed(asked))
     assert reply.ready and reply.asked == asked
+
+
+async def test_phase_changes_are_published_on_the_activity_channel(rig: Rig) -> None:
+    """create.lua, feed.lua's last answer and terminate.lua each publish ``<sid> <phase>`` on
+    the shard's activity channel (commit_step.lua's pause and end: tests/test_http_activity);
+    a refused call publishes nothing (the first message heard is the call after it)."""
+    reg, sid = rig.reg, rig.paused
+    asked = int(await reg.client.hget(reg.keys.session(sid).session, "asked"))
+
+    def feed(round: int) -> Awaitable[Any]:
+        return reg.scripts.feed(
+            sid, "q-1", answer=pack({"r": "b"}), response_chars=1, response_tokens=1,
+            backstop_ms=120_000, token=secrets.token_hex(16), lease_ms=1000, round=round)
+
+    async with await reg.mux.subscribe(reg.keys.activity) as sub:
+        with pytest.raises(StaleRound):
+            await feed(asked + 1)
+        assert (await feed(asked)).ready  # the round's last answer: it runs again
+        await reg.cancel(rig.running)
+        created = await reg.submit(STRATEGY, {})
+        heard = [await sub.get(10.0) for _ in range(3)]
+    assert heard == [f"{sid} running".encode(), f"{rig.running} cancelled".encode(),
+                     f"{created} running".encode()]
 
 
 # -- commit_step.lua ----------------------------------------------------------------------------
@@ -319,7 +343,7 @@ async def test_commit_step_refuses_bad_arguments_before_writing(rig: Rig) -> Non
         "retention_ms": 1000, "journal_entry": b"", "progress": b"", "custom": b"",
         "query_deadline": "", "llm_calls": 0,
         "prompt_chars": 0, "prompt_tokens": 0, "outcome": "complete", "event": b"e",
-        "*rest": [0, pack(1)]})
+        "activity": reg.keys.activity, "*rest": [0, pack(1)]})
     for k, a in arity_cases(keys, args)[2:]:  # fewer or more ARGV: the rest cases above
         problems += await raw_refused_without_a_write(reg, "commit_step", k, a)
     assert problems == [], "\n".join(problems)
@@ -359,7 +383,7 @@ async def test_terminate_refuses_bad_arguments_before_writing(rig: Rig) -> None:
     keys, args = bound("terminate", reg.scripts._session(sid, "terminate"), {
         "sid": sid, "mode": "cancel", "group": "workers", "channel": "c",
         "retention_ms": 1000, "now_ms": "", "error": "", "dead_letter": "",
-        "error_type": "", "traceback": ""})
+        "error_type": "", "traceback": "", "activity": reg.keys.activity})
     for k, a in arity_cases(keys, args):
         problems += await raw_refused_without_a_write(reg, "terminate", k, a)
     assert problems == [], "\n".join(problems)

@@ -74,8 +74,8 @@ ACL_COMMANDS = (
     "info", "wait",
     # session hashes
     "hget", "hmget", "hgetall", "hkeys", "hset", "hdel", "hexists", "hincrby",
-    # journal and logs, strategy names
-    "lrange", "rpush", "ltrim", "sadd", "smembers",
+    # journal and logs, strategy names (LLEN: the rounds a history's exchanges belong to)
+    "llen", "lrange", "rpush", "ltrim", "sadd", "smembers",
     # registry / deadlines / workers indexes, and the phase indexes (listing, counts)
     "zadd", "zrange", "zrangebyscore", "zrevrangebyscore", "zrem", "zremrangebyscore",
     "zcard", "zcount",

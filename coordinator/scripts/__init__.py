@@ -246,7 +246,8 @@ class Scripts:
         reply = _parse(await self._run("create", self._session(sid, "create"), {
             "sid": sid, "strategy": strategy, "input": input, "budget": budget,
             "ttl_ms": ttl_ms, "backstop_ms": backstop_ms,
-            "wake_channel": self._shards.of(sid).jobs_wake}))
+            "wake_channel": self._shards.of(sid).jobs_wake,
+            "activity": self._shards.of(sid).activity}))
         _raise_refusal(reply, sid)
         return reply
 
@@ -257,14 +258,15 @@ class Scripts:
         """Raises the session errors (``raise_for``) for a refused answer; ``StaleRound``
         when ``round`` (0: not checked) is not the round the session is at (``exact``), or
         is past it (not ``exact``: the session went back, as after a failover)."""
-        sk = self._shards.of(sid).session(sid)
+        shard = self._shards.of(sid)
         reply = _parse(await self._run("feed", self._session(sid, "feed"), {
             "sid": sid, "query_id": query_id, "answer": answer,
             "response_chars": response_chars, "response_tokens": response_tokens,
-            "backstop_ms": backstop_ms, "wake_channel": self._shards.of(sid).jobs_wake,
+            "backstop_ms": backstop_ms, "wake_channel": shard.jobs_wake,
             "token": token,
             "lease_ms": lease_ms, "round": round, "exact": "1" if exact else "0",
-            "channel": sk.channel, "prompt_delta": prompt_delta, "provided": provided},
+            "channel": shard.session(sid).channel, "prompt_delta": prompt_delta,
+            "provided": provided, "activity": shard.activity},
             timeout))
         if reply.code == "ACCEPTED":
             return FeedReply(False, remaining=int(reply.args[0]))
@@ -290,7 +292,8 @@ class Scripts:
         """``OK`` | ``NOT_FOUND`` | ``FENCED`` (fence) | ``STALE`` (asked) |
         ``INVALID_TRANSITION`` (phase); ``rest`` as the script's header describes. Raises
         ``InvalidInput`` / ``CorruptState`` for a call the script refused before writing."""
-        sk = self._shards.of(sid).session(sid)
+        shard = self._shards.of(sid)
+        sk = shard.session(sid)
         reply = _parse(await self._run("commit_step", self._session(sid, "commit_step"), {
             "sid": sid, "fence": fence, "asked": asked, "token": token, "group": JOB_GROUP,
             "channel": sk.channel, "released_channel": Keys.lock_released(sk.lock),
@@ -301,7 +304,7 @@ class Scripts:
             "llm_calls": llm_calls,
             "prompt_chars": prompt_chars,
             "prompt_tokens": prompt_tokens, "outcome": outcome, "event": event,
-            "*rest": rest}))
+            "activity": shard.activity, "*rest": rest}))
         _raise_refusal(reply, sid)
         return reply
 
@@ -312,12 +315,13 @@ class Scripts:
         """``OK`` | ``NOT_FOUND`` | ``INVALID_TRANSITION`` (phase) | ``ALIVE`` (deadline) |
         ``BUSY`` (``expire`` of a running session: not idle). Raises ``InvalidInput`` /
         ``CorruptState`` for a call the script refused before writing."""
-        sk = self._shards.of(sid).session(sid)
+        shard = self._shards.of(sid)
         reply = _parse(await self._run("terminate", self._session(sid, "terminate"), {
             "sid": sid, "mode": mode, "group": JOB_GROUP,
-            "channel": sk.channel, "retention_ms": retention_ms,
+            "channel": shard.session(sid).channel, "retention_ms": retention_ms,
             "now_ms": "" if now_ms is None else now_ms, "error": error,
-            "dead_letter": dead_letter, "error_type": error_type, "traceback": traceback}))
+            "dead_letter": dead_letter, "error_type": error_type, "traceback": traceback,
+            "activity": shard.activity}))
         _raise_refusal(reply, sid)
         return reply
 

@@ -5,7 +5,7 @@
 --       running completed failed
 -- ARGV: sid fence asked token group channel released_channel holder holder_channel
 --       backstop_ms retention_ms journal_entry progress custom query_deadline llm_calls
---       prompt_chars prompt_tokens outcome event *rest
+--       prompt_chars prompt_tokens outcome event activity *rest
 -- Transitions: running -> paused | completed | failed.
 -- KEYS[1..5] session data keys (session, pending, answers, journal, logs)
 -- KEYS[6] registry zset   KEYS[7] deadlines zset   KEYS[8] jobs stream   KEYS[9] dead letters
@@ -24,7 +24,9 @@
 -- ARGV[19] outcome: 'pause' | 'complete' | 'fail'
 -- ARGV[20] event message for the session channel (a pause carries its queries, so waiters
 --          need not read them back)
--- ARGV[21] number of log entries L, then L packed log entries, then by outcome:
+-- ARGV[21] the shard's activity channel: the new phase is published there as
+--          '<sid> <phase>' (paused, completed or failed)
+-- ARGV[22] number of log entries L, then L packed log entries, then by outcome:
 --   pause:    packed query id list, N, then N pairs (query id, packed query)
 --   complete: packed result
 --   fail:     error text, and optionally its type (errors.FAILURE_TYPES) and traceback
@@ -37,7 +39,7 @@
 -- Arguments, and the numbers read from the session, are checked before the first write:
 -- Redis does not undo a script's writes when a later command fails.
 -- whole(i, lo, hi), ARGV[i] as a bounded whole number, comes from _prelude.lua.
-if #KEYS ~= 15 or #ARGV < 22 then
+if #KEYS ~= 15 or #ARGV < 23 then
   return {'BAD_ARG', 'arity'}
 end
 if ARGV[1] == '' then return {'BAD_ARG', 'sid'} end
@@ -58,9 +60,9 @@ if outcome ~= 'pause' and outcome ~= 'complete' and outcome ~= 'fail' then
   return {'BAD_ARG', 'outcome'}
 end
 -- The rest: L log entries, then by outcome exactly what the header says, nothing more.
-local nlogs = whole(21, 0, #ARGV)
+local nlogs = whole(22, 0, #ARGV)
 if not nlogs then return {'BAD_ARG', 'rest'} end
-local i = 22 + nlogs
+local i = 23 + nlogs
 if outcome == 'pause' then
   local n = whole(i + 1, 1, #ARGV)
   if not n or #ARGV ~= i + 1 + 2 * n then return {'BAD_ARG', 'rest'} end
@@ -111,7 +113,7 @@ redis.call('DEL', KEYS[2], KEYS[3], KEYS[12])
 if redis.call('EXISTS', KEYS[11]) == 1 then
   redis.call('RENAME', KEYS[11], KEYS[12])  -- a retried feed of this round is still known
 end
-i = 22
+i = 23
 if nlogs > 0 then
   each_chunk('RPUSH', KEYS[5], i, i + nlogs - 1)
   redis.call('LTRIM', KEYS[5], -20, -1)
@@ -195,4 +197,5 @@ if redis.call('GET', KEYS[10]) == ARGV[4] then
   redis.call('SPUBLISH', ARGV[7], '1')
 end
 redis.call('SPUBLISH', ARGV[6], ARGV[20])
+redis.call('SPUBLISH', ARGV[21], ARGV[1] .. ' ' .. add[2])  -- add[2]: the new phase
 return {'OK'}

@@ -1,12 +1,13 @@
 -- create.lua: a new session, and the start job that will run it to its first event.
 -- KEYS: session pending answers journal logs registry deadlines jobs dead running
--- ARGV: sid strategy input budget ttl_ms backstop_ms wake_channel
+-- ARGV: sid strategy input budget ttl_ms backstop_ms wake_channel activity
 -- Transition: (none) -> running.
 -- KEYS[1..5] session data keys (session, pending, answers, journal, logs)
 -- KEYS[6] registry zset   KEYS[7] deadlines zset   KEYS[8] jobs stream   KEYS[9] dead letters
 -- KEYS[10] running sessions zset (the phase index list_sessions reads)
 -- ARGV[1] session id   ARGV[2] strategy name   ARGV[3] packed input   ARGV[4] packed budget or ''
 -- ARGV[5] idle ttl ms  ARGV[6] backstop expiry ms   ARGV[7] jobs wake channel
+-- ARGV[8] the shard's activity channel: a new session publishes '<sid> running' there
 -- Returns {'OK', job id} | {'CONFLICT'} | {'BAD_ARG', name}. A random id (128 bits) can
 -- only exist already when this very call is retried after its reply was lost; an id made
 -- from an idempotency key exists when that key started a session before. Either way the
@@ -17,7 +18,7 @@
 -- Arguments are checked before the first write: Redis does not undo a script's writes when a
 -- later command fails, so a refused call must fail before it has written anything.
 -- whole(i, lo, hi), ARGV[i] as a bounded whole number, comes from _prelude.lua.
-if #KEYS ~= 10 or #ARGV ~= 7 then
+if #KEYS ~= 10 or #ARGV ~= 8 then
   return {'BAD_ARG', 'arity'}
 end
 if ARGV[1] == '' then return {'BAD_ARG', 'sid'} end
@@ -48,4 +49,5 @@ end
 redis.call('PEXPIRE', KEYS[1], ARGV[6])
 redis.call('ZADD', KEYS[10], now, ARGV[1])
 redis.call('SPUBLISH', ARGV[7], ARGV[1])
+redis.call('SPUBLISH', ARGV[8], ARGV[1] .. ' running')
 return {'OK', job}

@@ -2,7 +2,7 @@
 -- KEYS: session pending answers journal logs registry deadlines jobs dead lock fed fed_prev
 --       running
 -- ARGV: sid query_id answer response_chars response_tokens backstop_ms wake_channel token
---       lease_ms round exact channel prompt_delta provided
+--       lease_ms round exact channel prompt_delta provided activity
 -- KEYS[1..5] session data keys (session, pending, answers, journal, logs)
 -- KEYS[6] registry zset   KEYS[7] deadlines zset   KEYS[8] jobs stream   KEYS[9] dead letters
 -- KEYS[10] lock A   KEYS[11] feed tokens of this round   KEYS[12] of the round before
@@ -20,6 +20,8 @@
 -- ARGV[13] prompt token correction: the host's prompt_tokens for this query less the
 --          estimate counted when it was asked (a signed whole number; 0 when not given)
 -- ARGV[14] which counts the host provided: '' or 'p' (prompt) and/or 'c' (completion)
+-- ARGV[15] the shard's activity channel: the last answer of a round publishes
+--          '<sid> running' there (the namespace-wide event stream shows it)
 -- Transition: paused -> running (the last answer of a round).
 -- Returns {'ACCEPTED', remaining} | {'READY', asked} | {'NOT_FOUND'} | {'UNKNOWN_QUERY'}
 --       | {'ALREADY_RESPONDED'} | {'INVALID_TRANSITION', phase} | {'STALE_ROUND', asked}
@@ -32,7 +34,7 @@
 -- Arguments, and the numbers read from the session, are checked before the first write:
 -- Redis does not undo a script's writes when a later command fails.
 -- whole(i, lo, hi), ARGV[i] as a bounded whole number, comes from _prelude.lua.
-if #KEYS ~= 13 or #ARGV ~= 14 then
+if #KEYS ~= 13 or #ARGV ~= 15 then
   return {'BAD_ARG', 'arity'}
 end
 if ARGV[1] == '' then return {'BAD_ARG', 'sid'} end
@@ -197,4 +199,5 @@ for _, v in ipairs({'phase', 'running', 'ready_token', ARGV[8], 'ready_asked', a
   set[#set + 1] = v
 end
 redis.call('HSET', KEYS[1], unpack(set))
+redis.call('SPUBLISH', ARGV[15], ARGV[1] .. ' running')
 return {'READY', tonumber(asked)}

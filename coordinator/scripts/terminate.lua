@@ -3,6 +3,7 @@
 -- KEYS: session pending answers journal logs registry deadlines jobs dead fed fed_prev
 --       running failed cancelled
 -- ARGV: sid mode group channel retention_ms now_ms error dead_letter error_type traceback
+--       activity
 -- Transitions: running | paused -> cancelled (cancel), failed (fail).
 -- Transition: paused -> failed (expire).
 -- KEYS[1..5] session data keys (session, pending, answers, journal, logs)
@@ -15,6 +16,7 @@
 -- ARGV[8] for 'fail': '' or the reason to record the session's job as a dead letter
 -- ARGV[9] for 'fail': the failure's type (errors.FAILURE_TYPES; 'expire' is 'expired')
 -- ARGV[10] for 'fail': '' or the traceback to keep with the error
+-- ARGV[11] the shard's activity channel: the end is published there as '<sid> <phase>'
 -- Returns {'OK'} | {'NOT_FOUND'} | {'INVALID_TRANSITION', phase} | {'ALIVE', deadline}
 --       | {'DUE', query deadline} | {'BUSY'} | {'BAD_ARG', name} | {'CORRUPT', field}
 -- 'expire' of a session whose round has a query deadline (field qdl) that passed returns
@@ -28,7 +30,7 @@
 -- Arguments are checked before the first write (a refusal writes nothing, not even the
 -- index clean-up below): Redis does not undo a script's writes when a later command fails.
 -- whole(i, lo, hi), ARGV[i] as a bounded whole number, comes from _prelude.lua.
-if #KEYS ~= 14 or #ARGV ~= 10 then
+if #KEYS ~= 14 or #ARGV ~= 11 then
   return {'BAD_ARG', 'arity'}
 end
 local mode = ARGV[2]
@@ -118,5 +120,7 @@ local nudge = redis.call('HGET', KEYS[1], 'holder_ch')
 if nudge then
   redis.call('SPUBLISH', nudge, ARGV[1])
 end
-redis.call('SPUBLISH', ARGV[4], redis.call('HGET', KEYS[1], 'phase'))
+local ended = redis.call('HGET', KEYS[1], 'phase')
+redis.call('SPUBLISH', ARGV[4], ended)
+redis.call('SPUBLISH', ARGV[11], ARGV[1] .. ' ' .. ended)
 return {'OK'}
