@@ -312,6 +312,9 @@ def test_cancel_from_the_session_page(pages: Pages, stack: Stack, shots: Shots) 
     assert api_phase(stack, sid) == "cancelled"
     expect(cancel).to_have_count(0)
     expect(page.locator("form[data-query-id]")).to_have_count(0)
+    outcome = page.get_by_role("heading", name="Cancelled").locator("..")
+    expect(outcome).to_contain_text("This session was cancelled.")
+    assert "null" not in outcome.inner_text()  # an absent error or result shows as nothing
     shots.take(page, "desktop-session-cancelled")
     check_accessibility(page)
 

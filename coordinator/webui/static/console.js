@@ -10,7 +10,7 @@
 // phases.js, one view-*.js per route, session-questions.js (a session's query forms).
 
 import { AuthNeeded, forgetToken, getToken, saveToken, setLive, whenAuthNeeded } from './api.js';
-import { h } from './dom.js';
+import { fill, h } from './dom.js';
 import { keepTimesFresh } from './format.js';
 import { main, setTitle } from './page.js';
 import { sessionView } from './view-session.js';
@@ -72,7 +72,7 @@ function showFailure(err) {
   current?.abort();
   setLive('idle');
   setTitle('Error');
-  main.replaceChildren(
+  fill(main, 
     h('h1', { tabindex: '-1' }, 'Something went wrong'),
     h('div', { class: 'card' },
       h('p', { role: 'alert', class: 'alert' }, `The console could not load this page: ${err.message}`),
@@ -105,7 +105,7 @@ function showTokenForm() {
     saveToken(value);
     render({ focus: true });
   });
-  main.replaceChildren(
+  fill(main, 
     h('h1', { tabindex: '-1' }, 'API token needed'),
     h('p', { class: 'muted' }, 'This server asks for a bearer token before it shows sessions.'),
     form);

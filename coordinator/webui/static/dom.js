@@ -26,6 +26,13 @@ export function append(el, children) {
   return el;
 }
 
+/** Replace ``el``'s children; like append(), skips null/undefined/false (the DOM's own
+ * replaceChildren would show them as the text "null"). */
+export function fill(el, ...children) {
+  el.replaceChildren();
+  return append(el, children);
+}
+
 export function badge(phase, attrs = {}) {
   return h('span', { class: 'badge', dataset: { phase }, ...attrs }, phase);
 }

@@ -2,7 +2,7 @@
 // Send does (including the polite refusal when another tab answered first).
 
 import { ApiError, AuthNeeded, api, needToken } from './api.js';
-import { h } from './dom.js';
+import { fill, h } from './dom.js';
 import { fmtNumber } from './format.js';
 import { main } from './page.js';
 import { FINISHED } from './phases.js';
@@ -31,7 +31,7 @@ export function questionsPanel(url, signal, refresh) {
       placeForms(panel, snap.round, pending);
       missing.textContent = missingText(pending.map((q) => q.query_id), snap.round_query_ids);
       el.hidden = FINISHED.has(phase) && panel.forms.size === 0;
-      stateNote.replaceChildren(...stateNoteFor(phase, pending));
+      fill(stateNote, ...stateNoteFor(phase, pending));
     },
   };
 }
@@ -90,7 +90,7 @@ function queryForm(panel, q, round) {
   const textarea = h('textarea', { id: areaId, name: 'response', rows: '4', required: true });
   const send = h('button', { type: 'submit', class: 'primary' }, 'Send');
   const alert = h('div', { class: 'alert', role: 'alert', 'data-testid': 'error' });
-  if (q.carry) alert.replaceChildren(...q.carry.childNodes);
+  if (q.carry) fill(alert, ...q.carry.childNodes);
   const el = h('form', { class: 'query', 'aria-label': `Query ${qid}`, 'data-query-id': qid },
     h('div', { class: 'query-head' }, h('h3', {}, qid),
       q.max_tokens ? h('span', { class: 'muted small' }, `up to ${fmtNumber(q.max_tokens)} tokens`) : null),
@@ -132,7 +132,7 @@ async function answer(panel, f) {
   f.textarea.readOnly = true;
   f.send.disabled = true;
   f.send.textContent = 'Sending…';
-  f.alert.replaceChildren();
+  fill(f.alert);
   try {
     await api('POST', `${panel.url}/responses`,
       { body: { query_id: f.qid, response: f.textarea.value, round: f.round } });
@@ -150,7 +150,7 @@ async function answer(panel, f) {
     f.send.disabled = false;
     f.send.textContent = 'Send';
     const movedOn = err instanceof ApiError && (MOVED_ON.has(err.type) || err.status === 409);
-    f.alert.replaceChildren(
+    fill(f.alert, 
       movedOn ? MOVED_ON_TEXT : `Could not send the answer: ${err.message}. Try again.`,
       err instanceof ApiError && movedOn ? h('small', {}, err.message) : null);
   }

@@ -3,7 +3,7 @@
 // Cancel dialog.
 
 import { ApiError, AuthNeeded, api, follow, needToken, setLive } from './api.js';
-import { badge, h, pageHead } from './dom.js';
+import { badge, fill, h, pageHead } from './dom.js';
 import { enc, fmtDuration, fmtNumber, pretty, timeEl } from './format.js';
 import { background, debounce, main, setTitle } from './page.js';
 import { FINISHED } from './phases.js';
@@ -78,7 +78,7 @@ function layout(sid, questions) {
   };
   page.historyBox = h('section', { class: 'card', hidden: true },
     h('details', {}, page.historySummary, page.historyList));
-  main.replaceChildren(
+  fill(main, 
     pageHead(['Session ', h('span', { class: 'id' }, sid)], page.cancelBtn),
     page.pageAlert,
     h('section', { class: 'card', 'aria-label': 'Overview' }, page.facts, page.progress),
@@ -111,7 +111,7 @@ function update(page, snap) {
 
 function showGone(sid) {
   setLive('idle');
-  main.replaceChildren(
+  fill(main, 
     pageHead(['Session ', h('span', { class: 'id' }, sid)]),
     h('div', { class: 'card empty' },
       h('p', {}, 'No such session: it never existed here, or it finished and its retention ran out.'),
@@ -121,7 +121,7 @@ function showGone(sid) {
 // -- the parts of the page --------------------------------------------------------------------
 
 function renderFacts(dl, snap, phase) {
-  dl.replaceChildren(
+  fill(dl, 
     h('dt', {}, 'Strategy'), h('dd', {}, snap.strategy ?? '—'),
     h('dt', {}, 'Phase'), h('dd', {}, badge(phase, { 'data-testid': 'phase' })),
     h('dt', {}, 'Round'), h('dd', {}, String(snap.round ?? '—')),
@@ -144,7 +144,7 @@ function renderProgress(box, p) {
   }
   const words = [Number.isFinite(total) && total > 0 ? `${step} of ${total}` : null, p.message || null]
     .filter(Boolean).join(' · ');
-  box.replaceChildren(h('label', { for: 'session-progress' }, 'Progress'), bar,
+  fill(box, h('label', { for: 'session-progress' }, 'Progress'), bar,
     h('span', { class: 'muted small' }, words));
 }
 
@@ -165,22 +165,22 @@ function renderMetrics(dl, m) {
       .map(([k, unit]) => (k === 'elapsed_ms' ? fmtDuration(left[k]) : `${fmtNumber(left[k])} ${unit}`));
     if (parts.length) items.push(['Budget left', parts.join(', ')]);
   }
-  dl.replaceChildren(...items.map(([k, v]) => h('div', {}, h('dt', {}, k), h('dd', {}, v))));
+  fill(dl, ...items.map(([k, v]) => h('div', {}, h('dt', {}, k), h('dd', {}, v))));
 }
 
 function renderOutcome(box, snap, phase) {
   box.hidden = !FINISHED.has(phase);
   if (box.hidden) {
-    box.replaceChildren();
+    fill(box);
     return;
   }
   if (phase === 'completed') {
     box.className = 'card result-box';
-    box.replaceChildren(h('h2', { id: 'outcome-h' }, 'Result'),
+    fill(box, h('h2', { id: 'outcome-h' }, 'Result'),
       h('pre', { 'data-testid': 'result' }, pretty(snap.result ?? null)));
   } else if (phase === 'failed') {
     box.className = 'card';
-    box.replaceChildren(h('h2', { id: 'outcome-h' }, 'Error'),
+    fill(box, h('h2', { id: 'outcome-h' }, 'Error'),
       h('div', { class: 'error-box', 'data-testid': 'error' },
         h('div', { class: 'type' }, snap.error_type || 'error'),
         h('p', {}, snap.error || 'The session failed.')),
@@ -188,7 +188,7 @@ function renderOutcome(box, snap, phase) {
   } else {
     box.className = 'card';
     const why = snap.error_type && snap.error_type !== 'cancelled' ? ` (${snap.error_type})` : '';
-    box.replaceChildren(h('h2', { id: 'outcome-h' }, 'Cancelled'),
+    fill(box, h('h2', { id: 'outcome-h' }, 'Cancelled'),
       h('p', { class: 'note' }, `This session was cancelled${why}.`),
       snap.error ? h('p', { class: 'muted small' }, snap.error) : null);
   }
@@ -208,7 +208,7 @@ function renderHistory(page, items) {
   const list = Array.isArray(items) ? items : [];
   page.historyBox.hidden = list.length === 0;
   page.historySummary.textContent = `Conversation history (${list.length})`;
-  page.historyList.replaceChildren(...byRound(list).map(([round, exchanges]) => {
+  fill(page.historyList, ...byRound(list).map(([round, exchanges]) => {
     return h('div', { class: 'history-round' },
       round === null ? null : h('h3', {}, `Round ${round}`),
       h('ol', { class: 'history' }, exchanges.map(exchangeItem)));
@@ -239,10 +239,10 @@ function exchangeItem(x) {
 function renderLogs(list, logs) {
   const items = Array.isArray(logs) ? logs : [];
   if (!items.length) {
-    list.replaceChildren(h('li', { class: 'muted' }, 'No logs yet'));
+    fill(list, h('li', { class: 'muted' }, 'No logs yet'));
     return;
   }
-  list.replaceChildren(...items.slice().reverse().map((e) => h('li', {},
+  fill(list, ...items.slice().reverse().map((e) => h('li', {},
     timeEl(e.ts), h('span', { class: 'level', dataset: { level: String(e.level || '').toLowerCase() } }, e.level || ''),
     h('span', {}, e.message ?? pretty(e)))));
 }

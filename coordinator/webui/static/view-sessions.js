@@ -2,7 +2,7 @@
 // current by the namespace's event stream.
 
 import { ApiError, api, follow } from './api.js';
-import { badge, cell, h, pageHead, table } from './dom.js';
+import { badge, cell, fill, h, pageHead, table } from './dom.js';
 import { enc, plural, timeEl } from './format.js';
 import { PHASES } from './phases.js';
 import { background, debounce, main, setTitle } from './page.js';
@@ -36,7 +36,7 @@ export async function sessionsView(signal) {
   const pageNo = h('span', { class: 'muted small' });
   const alert = h('p', { class: 'alert', role: 'alert' });
 
-  main.replaceChildren(
+  fill(main, 
     pageHead('Sessions', h('a', { class: 'button primary', href: '#/start' }, 'New session')),
     counts,
     h('div', { class: 'filters' },
@@ -93,7 +93,7 @@ export async function sessionsView(signal) {
     empty.hidden = !none;
     if (none) {
       const total = Object.values(page.counts || {}).reduce((a, b) => a + b, 0);
-      empty.replaceChildren(...(total === 0 && !listState.phase && !listState.strategy
+      fill(empty, ...(total === 0 && !listState.phase && !listState.strategy
         ? [h('p', {}, 'No sessions yet'), h('a', { href: '#/start' }, 'Start the first session')]
         : [h('p', {}, 'No sessions match these filters')]));
     }
@@ -138,13 +138,13 @@ export async function sessionsView(signal) {
 
 function renderCounts(list, counts) {
   const names = [...PHASES, ...Object.keys(counts).filter((p) => !PHASES.includes(p))];
-  list.replaceChildren(...names.map((phase) => h('li', { dataset: { phase } },
+  fill(list, ...names.map((phase) => h('li', { dataset: { phase } },
     h('span', { class: 'label' }, phase), ' ', h('span', { class: 'n' }, String(counts[phase] ?? 0)))));
 }
 
 function renderRows(tbody, sessions) {
   const focused = document.activeElement?.closest?.('tr[data-session-id]')?.dataset.sessionId;
-  tbody.replaceChildren(...sessions.map((s) => h('tr', { 'data-session-id': s.session_id },
+  fill(tbody, ...sessions.map((s) => h('tr', { 'data-session-id': s.session_id },
     cell('Session', h('a', { href: `#/sessions/${enc(s.session_id)}`, class: 'id-text' }, s.session_id), { class: 'lead' }),
     cell('Strategy', s.strategy ?? '—'),
     cell('Phase', badge(s.phase)),

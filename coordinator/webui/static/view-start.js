@@ -2,7 +2,7 @@
 // new session's page.
 
 import { ApiError, AuthNeeded, api, needToken } from './api.js';
-import { h, pageHead } from './dom.js';
+import { fill, h, pageHead } from './dom.js';
 import { enc, plural, pretty } from './format.js';
 import { main, setTitle } from './page.js';
 
@@ -133,13 +133,13 @@ export async function startView(signal, route) {
     h('div', { class: 'actions' }, submit),
     alert);
 
-  main.replaceChildren(pageHead('Start a session'), form);
+  fill(main, pageHead('Start a session'), form);
 
   if (!strategies.length) {
     select.append(h('option', { value: '' }, 'No strategies'));
     select.disabled = true;
     submit.disabled = true;
-    desc.replaceChildren(h('span', { class: 'note warn', role: 'status' }, 'No live worker offers a strategy'));
+    fill(desc, h('span', { class: 'note warn', role: 'status' }, 'No live worker offers a strategy'));
     return;
   }
 
@@ -151,7 +151,7 @@ export async function startView(signal, route) {
       typeof s.workers === 'number' ? `Offered by ${plural(s.workers, 'live worker', 'live workers')}.` : null]
       .filter(Boolean).join(' ');
     fields = (s.params || []).map(paramField);
-    paramsBox.replaceChildren(...(fields.length
+    fill(paramsBox, ...(fields.length
       ? [h('fieldset', {}, h('legend', {}, 'Input'), fields.map((f) => f.el))]
       : [h('p', { class: 'muted' }, 'This strategy takes no input.')]));
   };

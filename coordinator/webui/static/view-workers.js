@@ -2,7 +2,7 @@
 // refreshed on namespace events and every 10 s (heartbeats are not events).
 
 import { ApiError, api, follow } from './api.js';
-import { cell, h, pageHead, table } from './dom.js';
+import { cell, fill, h, pageHead, table } from './dom.js';
 import { enc, fmtNumber, timeEl } from './format.js';
 import { background, debounce, main, setTitle } from './page.js';
 
@@ -14,7 +14,7 @@ export async function workersView(signal) {
   const live = table('Live workers', cols, { numeric: ['Concurrency', 'Busy', 'Live', 'Steps', 'Replays'] });
   const deadHead = h('h2', { id: 'dead-h' }, 'Dead letters');
   const dead = table('Dead letters', ['When', 'Session', 'Job', 'Reason', 'Error'], { hideCaption: true });
-  main.replaceChildren(
+  fill(main, 
     pageHead('Workers', refreshBtn),
     alert,
     h('div', { class: 'card flush table-wrap' }, live.el),
@@ -34,7 +34,7 @@ export async function workersView(signal) {
     if (signal.aborted) return;
     alert.textContent = '';
     const workers = data.workers || [];
-    live.tbody.replaceChildren(...(workers.length ? workers.map((w) => h('tr', { 'data-worker-id': w.worker_id },
+    fill(live.tbody, ...(workers.length ? workers.map((w) => h('tr', { 'data-worker-id': w.worker_id },
       cell('Worker', h('span', { class: 'id-text' }, w.worker_id), { class: 'lead nowrap' }),
       cell('Strategies', h('span', { class: 'small' }, Array.isArray(w.strategies) ? w.strategies.join(', ') : '—')),
       ...['concurrency', 'busy', 'live', 'steps', 'replays'].map((k, i) =>
@@ -44,7 +44,7 @@ export async function workersView(signal) {
     deadHead.textContent = `Dead letters (${fmtNumber(data.dead_letter_count ?? letters.length)})`;
     // A refresh replaces the rows: keep the keyboard focus on the same session link.
     const focused = dead.tbody.contains(document.activeElement) ? document.activeElement.getAttribute('href') : null;
-    dead.tbody.replaceChildren(...(letters.length ? letters.map((d) => h('tr', {},
+    fill(dead.tbody, ...(letters.length ? letters.map((d) => h('tr', {},
       cell('When', timeEl(d.at ?? (d.id ? Number(String(d.id).split('-')[0]) : null))),
       cell('Session', d.sid ? h('a', { href: `#/sessions/${enc(d.sid)}`, class: 'id-text' }, d.sid) : '—'),
       cell('Job', h('span', { class: 'id-text' }, d.job ?? '—')),
