@@ -9,9 +9,10 @@ consistent and makes accidental sleep-based tests easy to grep for.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import inspect
 import socket
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -94,3 +95,18 @@ def line_of(path: Path, marker: str) -> int:
         if line.rstrip().endswith(f"# {marker}"):
             return n
     raise AssertionError(f"no line of {path} is marked {marker!r}")
+
+
+@contextlib.asynccontextmanager
+async def offline_api(token: str | None = None) -> AsyncIterator[Any]:
+    """The HTTP app over a Redis nobody listens on, through httpx's ASGI transport: for what
+    the app must serve without ever reaching Redis (the docs, the console's files)."""
+    import httpx
+
+    from coordinator.http_api import create_app
+    from coordinator.registry import SessionRegistry
+
+    app = create_app(lambda: SessionRegistry.from_url("redis://127.0.0.1:1/0"), token)
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app),
+                                 base_url="http://api") as c:
+        yield c

@@ -22,6 +22,7 @@ import pytest
 from coordinator.http_activity import activity_stream
 from coordinator.http_api import create_app
 from coordinator.registry import SessionRegistry
+from tests.asgi_stream import KEEPALIVE, AsgiStream
 from tests.conftest import FakeCluster
 from tests.helpers import assert_eventually
 from workers import strategy
@@ -43,50 +44,19 @@ async def tact_rounds(ctx: Context, **_: Any) -> str:
     return await ctx.llm("d?") + "|" + ",".join(first)
 
 
-class RawSse:
+class RawSse(AsgiStream):
     """``GET /events`` straight on the ASGI app: the test decides when the client goes
     (``close`` sends ``http.disconnect`` and returns once the handler has finished)."""
 
     def __init__(self, app: Any, path: str = "/events") -> None:
-        self.chunks: asyncio.Queue[bytes | None] = asyncio.Queue()
-        self.status: asyncio.Future[int] = asyncio.get_running_loop().create_future()
-        self._gone = asyncio.Event()
-        self._asked = False
-        self._buf = ""
-        scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1",
-                 "method": "GET", "scheme": "http", "path": path, "raw_path": path.encode(),
-                 "root_path": "", "query_string": b"", "headers": [(b"host", b"api")],
-                 "client": ("127.0.0.1", 1), "server": ("api", 80), "state": {}}
-        self.task = asyncio.create_task(app(scope, self._receive, self._send))
-
-    async def _receive(self) -> dict[str, Any]:
-        if not self._asked:
-            self._asked = True
-            return {"type": "http.request", "body": b"", "more_body": False}
-        await self._gone.wait()
-        return {"type": "http.disconnect"}
-
-    async def _send(self, msg: dict[str, Any]) -> None:
-        if msg["type"] == "http.response.start":
-            self.status.set_result(msg["status"])
-        elif msg["type"] == "http.response.body":
-            if msg.get("body"):
-                await self.chunks.put(msg["body"])
-            if not msg.get("more_body", False):
-                await self.chunks.put(None)
+        super().__init__(app, path, wait_s=WAIT_S)
 
     async def next(self) -> tuple[str, Any] | None:
         """The next (event, data), ("keep-alive", None), or None at the stream's end."""
-        while "\n\n" not in self._buf:
-            chunk = await asyncio.wait_for(self.chunks.get(), WAIT_S)
-            if chunk is None:
-                return None
-            self._buf += chunk.decode()
-        block, self._buf = self._buf.split("\n\n", 1)
-        if block.startswith(":"):
-            return "keep-alive", None
-        fields = dict(line.split(": ", 1) for line in block.splitlines())
-        assert set(fields) == {"event", "data"}, block  # no ids: nothing to resume
+        fields = await self.block()
+        if fields is None or fields == KEEPALIVE:
+            return None if fields is None else (KEEPALIVE, None)
+        assert isinstance(fields, dict) and set(fields) == {"event", "data"}, fields  # no ids
         return fields["event"], json.loads(fields["data"])
 
     async def session(self) -> tuple[str, str]:
@@ -116,10 +86,6 @@ class RawSse:
             await asyncio.wait_for(read(), WAIT_S)
         except TimeoutError:
             raise AssertionError(f"no counts event showed {want}; seen: {seen}") from None
-
-    async def close(self) -> None:
-        self._gone.set()
-        await asyncio.wait_for(self.task, WAIT_S)
 
 
 @asynccontextmanager

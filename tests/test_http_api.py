@@ -31,6 +31,7 @@ from coordinator.codec import pack
 from coordinator.http_api import create_app, is_loopback
 from coordinator.keys import Keys
 from coordinator.registry import SessionRegistry
+from tests.asgi_stream import AsgiStream
 from tests.helpers import assert_eventually, free_port
 from tests.redis_proc import RedisProcess
 
@@ -626,50 +627,18 @@ async def test_healthz_503_when_redis_is_unreachable() -> None:
 
 # -- server-sent events --------------------------------------------------------------------
 
-class RawStream:
-    """One streaming request straight on the ASGI app, so the test sees each chunk when
-    the app sends it (httpx's ASGI transport would buffer the whole response)."""
+class RawStream(AsgiStream):
+    """A session's event stream, read as its events come (``tests.asgi_stream``)."""
 
     def __init__(self, app: Any, path: str) -> None:
-        self.chunks: asyncio.Queue[bytes | None] = asyncio.Queue()
-        self.status: asyncio.Future[int] = asyncio.get_running_loop().create_future()
-        self._gone = asyncio.Event()
-        self._asked = False
-        self._buf = ""
+        super().__init__(app, path, wait_s=WAIT_S)
         self.ids: list[tuple[int, ...]] = []
-        scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1",
-                 "method": "GET", "scheme": "http", "path": path, "raw_path": path.encode(),
-                 "root_path": "", "query_string": b"", "headers": [(b"host", b"api")],
-                 "client": ("127.0.0.1", 1), "server": ("api", 80), "state": {}}
-        self.task = asyncio.create_task(app(scope, self._receive, self._send))
-
-    async def _receive(self) -> dict[str, Any]:
-        if not self._asked:
-            self._asked = True
-            return {"type": "http.request", "body": b"", "more_body": False}
-        await self._gone.wait()
-        return {"type": "http.disconnect"}
-
-    async def _send(self, msg: dict[str, Any]) -> None:
-        if msg["type"] == "http.response.start":
-            self.status.set_result(msg["status"])
-        elif msg["type"] == "http.response.body":
-            if msg.get("body"):
-                await self.chunks.put(msg["body"])
-            if not msg.get("more_body", False):
-                await self.chunks.put(None)
 
     async def next(self) -> dict[str, Any] | str | None:
         """The next event as {event, id, data}, "keep-alive", or None at the stream's end."""
-        while "\n\n" not in self._buf:
-            chunk = await asyncio.wait_for(self.chunks.get(), WAIT_S)
-            if chunk is None:
-                return None
-            self._buf += chunk.decode()
-        block, self._buf = self._buf.split("\n\n", 1)
-        if block.startswith(":"):
-            return "keep-alive"
-        fields = dict(line.split(": ", 1) for line in block.splitlines())
+        fields = await self.block()
+        if not isinstance(fields, dict):
+            return fields
         return {"event": fields["event"], "id": fields["id"], "data": json.loads(fields["data"])}
 
     async def next_event(self) -> dict[str, Any] | None:
@@ -686,10 +655,6 @@ class RawStream:
                 item["event"] in ("log", "progress"):
             pass
         return item
-
-    async def close(self) -> None:
-        self._gone.set()
-        await asyncio.wait_for(self.task, WAIT_S)
 
 
 def key(event_id: str) -> tuple[int, ...]:

@@ -7,16 +7,12 @@ No Redis is needed: the docs never touch the registry.
 from __future__ import annotations
 
 import re
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from pathlib import Path
 
-import httpx
 import pytest
 from swagger_ui_bundle import swagger_ui_path
 
-from coordinator.http_api import create_app
-from coordinator.registry import SessionRegistry
+from tests.helpers import offline_api
 
 #: Every URL-like value in the page: attributes, and the spec URL the script loads.
 URL = re.compile(r"""(?:src|href)\s*=\s*["']([^"']*)["']|url:\s*'([^']*)'|(\w+:)?//[\w.-]+""")
@@ -24,12 +20,6 @@ TYPES = {".js": ("text/javascript", "application/javascript"), ".css": ("text/cs
          ".png": ("image/png",)}
 
 
-@asynccontextmanager
-async def api(token: str | None = None) -> AsyncIterator[httpx.AsyncClient]:
-    app = create_app(lambda: SessionRegistry.from_url("redis://127.0.0.1:1/0"), token)
-    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app),
-                                 base_url="http://api") as c:
-        yield c
 
 
 def page_urls(html: str) -> list[str]:
@@ -42,7 +32,7 @@ def page_urls(html: str) -> list[str]:
 
 @pytest.mark.parametrize("token", [None, "s3cret"])
 async def test_docs_page_and_assets_are_served_here(token: str | None) -> None:
-    async with api(token) as c:
+    async with offline_api(token) as c:
         res = await c.get("/docs")
         assert res.status_code == 200 and res.headers["content-type"].startswith("text/html")
         html = res.text
@@ -71,7 +61,7 @@ async def test_docs_page_and_assets_are_served_here(token: str | None) -> None:
 async def test_bundled_swagger_ui_renders_this_openapi_version() -> None:
     """Swagger UI renders OpenAPI 3.1 (what FastAPI writes) from version 5 on; an older
     bundle shows "Unable to render this definition" instead of the API."""
-    async with api() as c:
+    async with offline_api() as c:
         version = (await c.get("/openapi.json")).json()["openapi"]
         script = (await c.get("/docs/assets/swagger-ui-bundle.js")).text
     bundled = re.search(r"swagger-ui-(\d+)\.(\d+)\.(\d+)", Path(str(swagger_ui_path)).name)

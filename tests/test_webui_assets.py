@@ -10,16 +10,13 @@ No Redis is needed: these routes never touch the registry.
 from __future__ import annotations
 
 import re
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from importlib import resources
 
 import httpx
 import pytest
 
-from coordinator.http_api import create_app
-from coordinator.registry import SessionRegistry
 from coordinator.webui import CSP, load_assets
+from tests.helpers import offline_api
 
 #: The page's own files; the ES modules console.js imports are every other ``.js`` of the
 #: folder (``SCRIPTS``).
@@ -32,13 +29,6 @@ REFS = re.compile(r"""(?:src|href)\s*=\s*["']([^"']*)["']""")
 SVG_NS = 'xmlns="http://www.w3.org/2000/svg"'
 
 
-@asynccontextmanager
-async def api(token: str | None = None) -> AsyncIterator[httpx.AsyncClient]:
-    # A Redis nobody listens on: the console must be served without ever reaching it.
-    app = create_app(lambda: SessionRegistry.from_url("redis://127.0.0.1:1/0"), token)
-    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app),
-                                 base_url="http://api") as c:
-        yield c
 
 
 #: ``import … from './x.js'`` (and bare ``import './x.js'``) in a module.
@@ -69,7 +59,7 @@ def test_csp_is_the_contracts() -> None:
 
 @pytest.mark.parametrize("token", [None, "s3cret"])
 async def test_page_and_assets_are_served_without_a_token(token: str | None) -> None:
-    async with api(token) as c:
+    async with offline_api(token) as c:
         res = await c.get("/ui/")
         assert res.status_code == 200
         assert res.headers["content-type"].startswith("text/html")
@@ -95,7 +85,7 @@ async def test_page_and_assets_are_served_without_a_token(token: str | None) -> 
 
 
 async def test_revalidation_answers_304_by_etag() -> None:
-    async with api() as c:
+    async with offline_api() as c:
         first = await c.get("/ui/static/console.js")
         again = await c.get("/ui/static/console.js",
                             headers={"If-None-Match": first.headers["etag"]})
@@ -105,7 +95,7 @@ async def test_revalidation_answers_304_by_etag() -> None:
 
 
 async def test_console_routes_are_not_in_the_openapi_schema() -> None:
-    async with api() as c:
+    async with offline_api() as c:
         paths = (await c.get("/openapi.json")).json()["paths"]
     assert not [p for p in paths if p.startswith("/ui")]
 
@@ -172,7 +162,7 @@ def test_modules_import_only_their_siblings() -> None:
 async def test_modules_are_served_as_javascript() -> None:
     """A module script with another content type is refused by the browser (strict MIME
     checking), so each one must say text/javascript."""
-    async with api("s3cret") as c:
+    async with offline_api("s3cret") as c:
         for name in scripts():
             res = await c.get(f"/ui/static/{name}")
             assert res.status_code == 200, name
