@@ -39,7 +39,7 @@ from tests.test_cli_support import conn, registry, session_phase
 COMMANDS = ("worker", "run", "start", "continue", "wait", "cancel", "status", "sessions",
             "strategies", "serve", "mcp")
 #: The commands that fall back to the embedded in-process Redis without a URL.
-EMBEDDED = {"run", "mcp"}
+EMBEDDED = {"run", "serve", "mcp"}
 
 
 def in_process(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str]:
