@@ -387,6 +387,9 @@ def _front_parsers(command: _Command) -> None:
     sv.add_argument("--host", default="127.0.0.1",
                     help="bind address (default 127.0.0.1; any other needs a token)")
     sv.add_argument("--port", type=_port, default=8000, help="TCP port (default 8000)")
+    sv.add_argument("--grace", type=_int_in(1, 3600), default=10, metavar="S",
+                    help="on SIGTERM/SIGINT, seconds in-flight requests may finish; open "
+                         "event streams end before it runs out (default 10)")
     sv.add_argument("--token", default=os.environ.get("ALC_API_TOKEN") or None,
                     help="bearer token clients must send (default: $ALC_API_TOKEN)")
     _log_options(sv)
@@ -567,7 +570,7 @@ async def _serve(args: argparse.Namespace) -> int:
 
     configure_logging(args.log_level, args.log_format)
     await serve(_settings(args), args.host, args.port, args.token, log_level=args.log_level,
-                modules=args.modules)
+                grace_s=args.grace, modules=args.modules)
     return 0
 
 

@@ -36,6 +36,8 @@ from . import fronts
 from .errors import InvalidInput, SessionError
 from .http_activity import activity_stream
 from .http_docs import mount_docs
+from .http_drain import Drain
+from .http_drain import server as drain_server
 from .http_limits import PAYLOAD_TOO_LARGE, BodyLimit
 from .http_stream import EVENT_ID, event_stream, parse_event_id
 from .metrics import ApiMetrics, CountRequests, scrape
@@ -260,7 +262,8 @@ async def serve(
     log_level: str = "info", grace_s: int = 10, modules: list[str] | None = None,
 ) -> None:
     """Run the API under uvicorn until SIGTERM/SIGINT, then drain: stop accepting, let
-    in-flight requests finish for up to ``grace_s`` seconds, close the registry.
+    in-flight requests finish for up to ``grace_s`` seconds (event streams end by
+    themselves before that: ``coordinator.http_drain``), close the registry.
 
     Without a Redis URL it serves the embedded default (``coordinator.embedded``: an
     in-process Redis with two in-process workers importing ``modules``), so the console at
@@ -270,28 +273,32 @@ async def serve(
             f"refusing to serve on {host} without a bearer token: anyone who can reach it "
             "could drive and cancel sessions. Pass --token TOKEN or set ALC_API_TOKEN "
             "(or bind 127.0.0.1)")
+    drain = Drain(grace_s)
     if settings.url is not None:
-        await _run_uvicorn(create_app(settings, token or None), host, port, log_level, grace_s)
+        app = create_app(settings, token or None, drain=drain)
+        await _run_uvicorn(app, drain, host, port, log_level)
         return
     from .embedded import embedded
 
     async with embedded(settings, modules=modules) as reg:
         log.warning("no Redis URL given: serving the embedded in-process Redis with 2 "
                     "workers; its sessions are gone when the server stops")
-        await _run_uvicorn(create_app(lambda: reg, token or None), host, port, log_level,
-                           grace_s)
+        await _run_uvicorn(create_app(lambda: reg, token or None, drain=drain), drain, host,
+                           port, log_level)
 
 
-async def _run_uvicorn(app: FastAPI, host: str, port: int, log_level: str,
-                       grace_s: int) -> None:
+async def _run_uvicorn(app: FastAPI, drain: Drain, host: str, port: int,
+                       log_level: str) -> None:
     import uvicorn
 
     # log_config None: uvicorn keeps the handlers ``coordinator.logs.configure_logging`` set
     # (so ``--log-format json`` covers its lines too) instead of installing its own.
     config = uvicorn.Config(app, host=host, port=port, log_level=log_level.lower(),
-                            timeout_graceful_shutdown=grace_s, lifespan="on", log_config=None)
+                            timeout_graceful_shutdown=max(1, round(drain.grace_s)),
+                            lifespan="on", log_config=None)
+    drain.bind()
     try:
-        await uvicorn.Server(config).serve()
+        await drain_server(config, drain).serve()
     except SystemExit as exc:
         # uvicorn logs why it could not start (a host that does not resolve, a port in
         # use or not ours to bind) and exits the process; say it as the CLI's JSON error.
@@ -334,7 +341,8 @@ def _factory_for(source: RegistryFactory | Settings) -> RegistryFactory:
 
 
 def create_app(
-    source: RegistryFactory | Settings, token: str | None = None, *, keepalive_s: float = 15.0
+    source: RegistryFactory | Settings, token: str | None = None, *, keepalive_s: float = 15.0,
+    drain: Drain | None = None,
 ) -> FastAPI:
     """The API over the registry that ``source`` makes (a zero-argument factory, or Settings
     with a Redis URL). With ``token`` every route but /healthz and the docs needs
@@ -358,8 +366,9 @@ def create_app(
     deps = [Depends(_bearer(token))] if token else []
     router = APIRouter(dependencies=deps)
     _session_routes(router, holder, counters)
-    _event_route(router, holder, keepalive_s)
-    _activity_route(router, holder, keepalive_s)
+    drain = drain or Drain(0)  # unbound: streams run until they end, as in tests
+    _event_route(router, holder, keepalive_s, drain)
+    _activity_route(router, holder, keepalive_s, drain)
     _observer_routes(router, holder, counters)
     app.include_router(router)
     _health_route(app, holder)
@@ -463,7 +472,7 @@ def _session_routes(router: APIRouter, holder: _Holder, counters: ApiMetrics) ->
         return JSONResponse(await fronts.cancel(holder.get(), session_id))
 
 
-def _event_route(router: APIRouter, holder: _Holder, keepalive_s: float) -> None:
+def _event_route(router: APIRouter, holder: _Holder, keepalive_s: float, drain: Drain) -> None:
     @router.get("/sessions/{session_id}/events", response_class=StreamingResponse,
                 responses={200: {"content": {"text/event-stream": {"schema": _SSE_EVENT}},
                                  "description": "server-sent events"}, **_errors(404)})
@@ -482,7 +491,8 @@ def _event_route(router: APIRouter, holder: _Holder, keepalive_s: float) -> None
         reg = holder.get()
         await reg.status(session_id)  # a 404 now, not an error event in a 200 stream
         return StreamingResponse(
-            event_stream(reg, session_id, keepalive_s, after), media_type="text/event-stream",
+            drain.bounded(event_stream(reg, session_id, keepalive_s, after), at_once=False),
+            media_type="text/event-stream",
             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
 
@@ -504,7 +514,8 @@ _ACTIVITY_EVENT: dict[str, Any] = {
 }
 
 
-def _activity_route(router: APIRouter, holder: _Holder, keepalive_s: float) -> None:
+def _activity_route(router: APIRouter, holder: _Holder, keepalive_s: float,
+                    drain: Drain) -> None:
     @router.get("/events", response_class=StreamingResponse,
                 responses={200: {"content": {"text/event-stream": {"schema": _ACTIVITY_EVENT}},
                                  "description": "server-sent events"}, **_errors()})
@@ -517,7 +528,8 @@ def _activity_route(router: APIRouter, holder: _Holder, keepalive_s: float) -> N
         reg = holder.get()
         await reg.services.ready()  # Redis unreachable: a 503 now, not a broken 200 stream
         return StreamingResponse(
-            activity_stream(reg, keepalive_s), media_type="text/event-stream",
+            drain.bounded(activity_stream(reg, keepalive_s), at_once=True),
+            media_type="text/event-stream",
             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
 

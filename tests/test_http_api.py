@@ -841,6 +841,50 @@ async def test_serve_without_a_redis_url_runs_the_embedded_default(procs: Procs)
         assert event["result"] == expected_result("t", answers, "b")
 
 
+@pytest.mark.slow
+async def test_sigterm_ends_open_event_streams_cleanly_within_the_grace(procs: Procs) -> None:
+    """An event stream is open as long as its client wants (the console keeps one on the
+    namespace, and one on a session that may wait hours for a person). On SIGTERM the
+    namespace stream ends at once and a paused session's stream before the grace runs out,
+    so the server exits by itself: no cancellation by uvicorn, no traceback."""
+    from tests.strategies_console import QUIZ
+
+    port = free_port()
+    proc = procs.spawn("drain", cli("serve", "--port", str(port), "--grace", "2",
+                                    "--import", "tests.strategies_console"))
+    async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=WAIT_S) as c:
+        async def healthy() -> bool:
+            try:
+                return (await c.get("/healthz")).json().get("workers") == 2
+            except httpx.TransportError:
+                return False
+
+        await assert_eventually(healthy, timeout=WAIT_S, message=procs.log("drain"))
+        sid = (await c.post("/sessions", json={"strategy": QUIZ, "input": {"task": "t"}})
+               ).json()["session_id"]
+
+        async def read(path: str) -> list[str]:
+            """The stream's lines until the server ends it (bounded by the client)."""
+            async with c.stream("GET", path) as stream:
+                assert stream.status_code == 200
+                opened.set()
+                return [line async for line in stream.aiter_lines()]
+
+        streams = []
+        for path in ("/events", f"/sessions/{sid}/events"):
+            opened = asyncio.Event()
+            streams.append(asyncio.create_task(read(path)))
+            await asyncio.wait_for(opened.wait(), WAIT_S)
+        proc.send_signal(signal.SIGTERM)
+        namespace, session = await asyncio.wait_for(asyncio.gather(*streams), WAIT_S)
+    assert "event: counts" in namespace
+    assert "event: needs_response" in session  # what it had to say before the stop
+    code = await asyncio.to_thread(proc.wait, WAIT_S)
+    assert code in (0, -signal.SIGTERM), procs.log("drain")
+    log = procs.log("drain")
+    assert "Traceback" not in log and "graceful shutdown exceeded" not in log, log
+
+
 async def events_across_apis_and_graceful_shutdown(
     clients: list[httpx.AsyncClient], procs: Procs
 ) -> None:
