@@ -474,7 +474,7 @@ def test_answer_a_session_with_the_keyboard_only(pages: Pages, stack: Stack) -> 
     form = query_form(page, "q-0")
     tab_to(page, form.get_by_label("Answer q-0"))
     page.keyboard.type("three")
-    tab_to(page, form.get_by_role("button", name="Send"))
-    page.keyboard.press("Enter")
+    expect(form.get_by_label("Answer q-0")).to_have_accessible_description("Ctrl+Enter sends")
+    page.keyboard.press("Control+Enter")  # from the answer box itself
     expect(phase(page)).to_have_text("completed")
     assert rendered_json(page.get_by_test_id("result")) == expected_result(task, ideas, "three")

@@ -87,7 +87,9 @@ function placeForms(panel, round, pending) {
 function queryForm(panel, q, round) {
   const qid = q.query_id;
   const areaId = `answer-${round}-${qid}`.replace(/[^A-Za-z0-9_-]/g, '_');
-  const textarea = h('textarea', { id: areaId, name: 'response', rows: '4', required: true });
+  const hintId = `${areaId}-hint`;
+  const textarea = h('textarea', { id: areaId, name: 'response', rows: '4', required: true,
+    'aria-describedby': hintId });
   const send = h('button', { type: 'submit', class: 'primary' }, 'Send');
   const alert = h('div', { class: 'alert', role: 'alert', 'data-testid': 'error' });
   if (q.carry) fill(alert, ...q.carry.childNodes);
@@ -99,9 +101,18 @@ function queryForm(panel, q, round) {
     h('pre', { class: 'prompt' }, q.prompt ?? '(the prompt is not shown)'),
     h('label', { for: areaId, class: 'part-label' }, `Answer ${qid}`),
     textarea,
-    h('div', { class: 'actions' }, send),
+    h('div', { class: 'actions' }, send,
+      h('span', { id: hintId, class: 'muted small' }, 'Ctrl+Enter sends')),
     alert);
   const f = { el, qid, round, textarea, send, alert, state: 'open' };
+  // Someone answering many questions keeps their hands on the keys: Ctrl+Enter (⌘+Enter)
+  // sends from the answer box, with the same checks as the button (requestSubmit).
+  textarea.addEventListener('keydown', (ev) => {
+    if (ev.key === 'Enter' && (ev.ctrlKey || ev.metaKey)) {
+      ev.preventDefault();
+      el.requestSubmit(send);
+    }
+  });
   el.addEventListener('submit', (ev) => {
     ev.preventDefault();
     answer(panel, f);
