@@ -478,3 +478,38 @@ def test_answer_a_session_with_the_keyboard_only(pages: Pages, stack: Stack) -> 
     page.keyboard.press("Control+Enter")  # from the answer box itself
     expect(phase(page)).to_have_text("completed")
     assert rendered_json(page.get_by_test_id("result")) == expected_result(task, ideas, "three")
+
+
+# -- 6. behind a reverse proxy that adds a path prefix ------------------------------------------
+
+
+def test_the_console_works_behind_a_proxy_path_prefix(pages: Pages, stack: Stack) -> None:
+    """A proxy that mounts the server under ``/alc/`` (and strips it): the page, its files,
+    its API calls and its event streams all stay under the prefix, so the console works
+    there unchanged. The proxy is the browser's own request routing here; a request that
+    leaves the prefix never reaches the server and fails the test."""
+    sid = stack.start_session(QUIZ, {"task": "behind a proxy"})
+    prefix = f"{stack.base}/alc/"
+    stray: list[str] = []
+
+    def proxy(route: Route) -> None:
+        url = route.request.url
+        if not url.startswith(prefix):
+            stray.append(url)
+            route.abort()
+            return
+        route.continue_(url=f"{stack.base}/{url[len(prefix):]}")
+
+    page = pages.context().new_page()
+    page.route(f"{stack.base}/**", proxy)
+    # (/ui's redirect to ui/ is relative, so it keeps the prefix: test_webui_assets checks
+    # it; the browser's routing cannot stand in for a proxy across a redirect)
+    page.goto(f"{prefix}ui/#/")
+    heading(page, "Sessions")
+    expect(page.get_by_test_id("live")).to_have_text("Live")
+    session_row(page, sid).get_by_role("link", name=sid).click()
+    wait_paused_at(page, ["q-0", "q-1", "q-2"])
+    answer(page, "q-1", "through the proxy")
+    expect(missing(page)).to_have_text("Waiting for 2 of 3 answers: q-0, q-2")
+    assert stack.snapshot(sid)["round_query_ids"] == ["q-0", "q-1", "q-2"]
+    assert stray == [], f"requests that left the prefix: {stray}"
