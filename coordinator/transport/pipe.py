@@ -154,6 +154,9 @@ class Pipe:
             except BaseException:
                 await _close(conn)
                 raise
+            if self._closed:  # aclose ran while we connected: it waits for us, we close
+                await _close(conn)
+                raise RedisConnectionError("this client was closed")
             self._conn = conn
             self._reader = asyncio.create_task(self._read_loop(conn), name="redis-pipe")
             return conn
@@ -235,6 +238,11 @@ class Pipe:
         if self._watchdog is not None:
             self._watchdog.cancel()
             self._watchdog = None
+        # A connect in flight (bounded by its timeout) ends before the caller closes the pool
+        # under it: through Sentinel it may still open connections (to a sentinel, then to
+        # the primary) that nothing would close once the pool is gone.
+        async with self._connecting:
+            pass
 
 
 async def _close(conn: AbstractConnection) -> None:

@@ -625,6 +625,10 @@ class Multiplexer:
                 node.keeper.cancel()
                 with contextlib.suppress(asyncio.CancelledError, Exception):
                     await node.keeper
+            # a reconnect in flight (bounded) ends, and closes what it opened, before the
+            # caller closes the pool under it
+            async with node.lock:
+                pass
         # SUNSUBSCRIBE explicitly, not only by closing: nobody should count this process as
         # a listener for a moment longer than it is one.
         for node in self._nodes.values():
