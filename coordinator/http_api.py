@@ -218,27 +218,33 @@ def _pending_spec(raw: str | None) -> str | dict[str, Any] | None:
     return spec
 _HISTORY = Query(description="add the last 10 exchanges (conversation_history)")
 
-#: One event of GET /sessions/{id}/events (keep-alive comments are not events).
-_SSE_EVENT: dict[str, Any] = {
-    "type": "object",
-    "required": ["event", "data"],
-    "properties": {
-        "event": {"type": "string", "description": "what happened",
-                  "enum": ["log", "progress", "needs_response", "accepted", "completed",
-                           "error", "cancelled"]},
-        "id": {"type": "string", "pattern": EVENT_ID,
-               "description": "S.G.K.A, the same on every connection: S log entries written, "
-                              "G the pause (the round; the end is rounds + 1), K 0 progress / "
-                              "1 pause or end, A answers accepted since the pause; send the "
-                              "last one back as Last-Event-ID to resume. An error that ends "
-                              "the stream (the session is gone) has none"},
+def _sse_event(events: list[str], event_doc: str, data_doc: str,
+               id_schema: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The OpenAPI schema of one server-sent event (keep-alive comments are not events):
+    its name, its JSON data and, for a resumable stream, its id."""
+    props: dict[str, Any] = {
+        "event": {"type": "string", "enum": events, "description": event_doc},
         "data": {"type": "string", "contentMediaType": "application/json",
-                 "contentSchema": {"type": "object"},
-                 "description": "log: {ts, level, source, message, seq}; progress: the "
-                                "progress object; needs_response and the end: the to_json "
-                                "shape with session_id; accepted: {status, remaining, session_id}"},
-    },
-}
+                 "contentSchema": {"type": "object"}, "description": data_doc},
+    }
+    if id_schema is not None:
+        props["id"] = id_schema
+    return {"type": "object", "required": ["event", "data"], "properties": props}
+
+
+#: One event of GET /sessions/{id}/events.
+_SSE_EVENT = _sse_event(
+    ["log", "progress", "needs_response", "accepted", "completed", "error", "cancelled"],
+    "what happened",
+    "log: {ts, level, source, message, seq}; progress: the progress object; needs_response "
+    "and the end: the to_json shape with session_id; accepted: {status, remaining, "
+    "session_id}",
+    {"type": "string", "pattern": EVENT_ID,
+     "description": "S.G.K.A, the same on every connection: S log entries written, G the "
+                    "pause (the round; the end is rounds + 1), K 0 progress / 1 pause or "
+                    "end, A answers accepted since the pause; send the last one back as "
+                    "Last-Event-ID to resume. An error that ends the stream (the session is "
+                    "gone) has none"})
 
 
 def _errors(*codes: int) -> dict[int | str, dict[str, Any]]:
@@ -496,22 +502,13 @@ def _event_route(router: APIRouter, holder: _Holder, keepalive_s: float, drain: 
             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
 
-#: One event of GET /events (keep-alive comments are not events).
-_ACTIVITY_EVENT: dict[str, Any] = {
-    "type": "object",
-    "required": ["event", "data"],
-    "properties": {
-        "event": {"type": "string", "enum": ["counts", "session", "error"],
-                  "description": "counts: sessions per phase (on connect, then after "
-                                 "changes, at most ~4 a second); session: one session "
-                                 "changed phase; error: Redis could not be read (the stream "
-                                 "ends)"},
-        "data": {"type": "string", "contentMediaType": "application/json",
-                 "contentSchema": {"type": "object"},
-                 "description": 'counts: {"counts": {"running": n, "paused": n, ...}, '
-                                '"active_sessions": n}; session: {"session_id", "phase"}'},
-    },
-}
+#: One event of GET /events (no ids: a reconnecting client reads fresh counts).
+_ACTIVITY_EVENT = _sse_event(
+    ["counts", "session", "error"],
+    "counts: sessions per phase (on connect, then after changes, at most ~4 a second); "
+    "session: one session changed phase; error: Redis could not be read (the stream ends)",
+    'counts: {"counts": {"running": n, "paused": n, ...}, "active_sessions": n}; session: '
+    '{"session_id", "phase"}')
 
 
 def _activity_route(router: APIRouter, holder: _Holder, keepalive_s: float,

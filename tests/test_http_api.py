@@ -805,6 +805,17 @@ async def test_two_api_processes_two_workers_alternating(
             await c.aclose()
 
 
+async def embedded_ready(c: httpx.AsyncClient, procs: Procs, name: str) -> None:
+    """Until the embedded ``serve`` process ``name`` answers /healthz with its 2 workers."""
+    async def healthy() -> bool:
+        try:
+            return (await c.get("/healthz")).json().get("workers") == 2
+        except httpx.TransportError:
+            return False
+
+    await assert_eventually(healthy, timeout=WAIT_S, message=f"{name}: " + procs.log(name))
+
+
 @pytest.mark.slow
 async def test_serve_without_a_redis_url_runs_the_embedded_default(procs: Procs) -> None:
     """No ``--redis`` and no ``REDIS_URL``: ``serve`` runs the embedded in-process Redis with
@@ -816,14 +827,7 @@ async def test_serve_without_a_redis_url_runs_the_embedded_default(procs: Procs)
     procs.spawn("embedded", cli("serve", "--port", str(port),
                                 "--import", "tests.strategies_console"))
     async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=WAIT_S) as c:
-        async def healthy() -> bool:
-            try:
-                return (await c.get("/healthz")).json().get("workers") == 2
-            except httpx.TransportError:
-                return False
-
-        await assert_eventually(healthy, timeout=WAIT_S,
-                                message="embedded serve: " + procs.log("embedded"))
+        await embedded_ready(c, procs, "embedded")
         assert "no Redis URL given" in procs.log("embedded")
         ui = await c.get("/ui/")
         assert ui.status_code == 200 and ui.headers["content-type"].startswith("text/html")
@@ -853,13 +857,7 @@ async def test_sigterm_ends_open_event_streams_cleanly_within_the_grace(procs: P
     proc = procs.spawn("drain", cli("serve", "--port", str(port), "--grace", "2",
                                     "--import", "tests.strategies_console"))
     async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=WAIT_S) as c:
-        async def healthy() -> bool:
-            try:
-                return (await c.get("/healthz")).json().get("workers") == 2
-            except httpx.TransportError:
-                return False
-
-        await assert_eventually(healthy, timeout=WAIT_S, message=procs.log("drain"))
+        await embedded_ready(c, procs, "drain")
         sid = (await c.post("/sessions", json={"strategy": QUIZ, "input": {"task": "t"}})
                ).json()["session_id"]
 
