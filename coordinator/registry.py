@@ -51,6 +51,7 @@ from .scripts import raise_for
 from .services import Services
 from .settings import MAX_TTL_S, Settings
 from .shards import Shards
+from .states import Phase
 from .transport import Subscription, Transport, checked
 
 
@@ -372,6 +373,11 @@ class SessionRegistry:
 
     async def _read_event(self, sid: str) -> tuple[FeedResult | None, int]:
         """The settled event now (None while running) and the round the session is in."""
+        event, rec = await self._read_settled(sid)
+        return event, rec.asked
+
+    async def _read_settled(self, sid: str) -> tuple[FeedResult | None, SessionRecord]:
+        """The settled event now (None while running) and the session's record it came from."""
         sk = self.keys.session(sid)
         for _ in range(_READ_TRIES):
             # The session's phase and round are read again after the round: the reads are one
@@ -396,10 +402,10 @@ class SessionRegistry:
         try:
             event = settled_event(rec, pending, set(answered))
             self._shown(sid, event)
-            return event, rec.asked
+            return event, rec
         except CorruptState as exc:
             if not stable:
-                return None, rec.asked  # still moving: its next event will tell
+                return None, rec  # still moving: its next event will tell
             # A pause whose questions cannot all be read can never be answered (a feed is
             # refused as an unknown query) and no worker will ever look at it: fail it, as a
             # worker would, so every caller from now on sees a failed session, not a stuck one.
@@ -446,41 +452,33 @@ class SessionRegistry:
         if session_id not in snaps:
             raise NotFound(f"session {session_id} not found", session_id=session_id)
         snap = {"session_id": session_id, **snaps[session_id]}
-        await self._add_input_and_round(snap)
-        if snap["phase"] == "paused":
-            # The snapshot shows a pause, but not whether its round can be answered: read the
-            # round at once, which fails a session whose questions are lost (``CorruptState``)
-            # rather than show the host a pause it can never feed.
-            await self._read_event(session_id)
-        if snap["state"] == "terminal" and snap["phase"] != "corrupt":
-            event, _ = await self._read_event(session_id)
-            if isinstance(event, Finished):
-                snap["result"] = event.result
-                if event.error is not None:
-                    snap["error"] = event.error
-                    snap["error_type"] = event.error_type or "strategy_error"
-                    snap["traceback"] = event.traceback
+        if snap["phase"] == "corrupt":
+            return snap  # its error says why; nothing more of it can be read
+        if snap["phase"] != "paused" and snap["state"] != "terminal":  # running
+            snap["input"] = await self._started_with(session_id)
+            return snap
+        # A pause or an end: read it whole, which also fails a paused session whose questions
+        # are lost (``CorruptState``) rather than show the host a pause it can never feed.
+        event, rec = await self._read_settled(session_id)
+        snap["input"] = rec.input
+        if snap["phase"] == "paused" and rec.phase is Phase.PAUSED \
+                and rec.asked == snap["round"]:  # not a later round, read in between
+            snap["round_query_ids"] = list(rec.qids)
+        if snap["state"] == "terminal" and isinstance(event, Finished):
+            snap["result"] = event.result
+            if event.error is not None:
+                snap["error"] = event.error
+                snap["error_type"] = event.error_type or "strategy_error"
+                snap["traceback"] = event.traceback
         return snap
 
-    async def _add_input_and_round(self, snap: dict[str, Any]) -> None:
-        """``input`` and, for a pause, ``round_query_ids`` into ``snap``. Read apart from the
-        snapshot, so the round ids are added only when the session is still at the round the
-        snapshot shows (a commit in between would pair them with another round's pause)."""
-        sid = snap["session_id"]
-        if snap["phase"] == "corrupt":
-            return  # its error says why; nothing more of it can be read
-        raw_input, qids, asked, phase = await self.redis.execute(
-            "HMGET", self.keys.session(sid).session, "input", "qids", "asked", "phase")
-        snap["input"] = None
-        with contextlib.suppress(CorruptState):  # shown as null rather than failing the read
-            if raw_input is not None:
-                snap["input"] = unpack(raw_input, what="input", session_id=sid)
-        if snap["phase"] == "paused" and phase == b"paused" and qids is not None \
-                and asked == str(snap.get("round")).encode():
-            with contextlib.suppress(CorruptState):
-                ids = unpack(qids, what="query ids", session_id=sid)
-                if isinstance(ids, list):
-                    snap["round_query_ids"] = [str(q) for q in ids]
+    async def _started_with(self, sid: str) -> Any:
+        """A running session's input (null when it cannot be decoded: shown, not failed)."""
+        raw = await self.redis.execute("HGET", self.keys.session(sid).session, "input")
+        try:
+            return None if raw is None else unpack(raw, what="input", session_id=sid)
+        except CorruptState:
+            return None
 
     async def list_sessions(
         self,
