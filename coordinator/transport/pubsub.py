@@ -87,7 +87,9 @@ class Subscription:
         waiter = self._waiter
         if waiter is not None and not waiter.done():
             waiter.set_result(item)
-        else:
+        elif not (item is RESYNC and self._items and self._items[-1] is RESYNC):
+            # RESYNC means "re-read the state": one unread says all that several would (an
+            # outage queues one per failed reconnect, then one when the channel is back)
             self._items.append(item)
 
     async def get(self, timeout: float) -> bytes | _Resync | None:
